@@ -1,0 +1,13 @@
+"""gptoss_jax: a JAX/Flax research codebase for the architecture changes from GPT-2 to gpt-oss."""
+
+from gptoss_jax.config import ConfigError, ModelConfig
+from gptoss_jax.model import KVCache, ModelOutput, Transformer
+
+
+def load_pretrained(path, dtype: str = "float32"):
+  """Loads a Hugging Face folder (config.json + safetensors) into (ModelConfig, Transformer)."""
+  from gptoss_jax.convert.hf import load_pretrained as _load
+  return _load(path, dtype=dtype)
+
+
+__all__ = ["ConfigError", "KVCache", "ModelConfig", "ModelOutput", "Transformer", "load_pretrained"]

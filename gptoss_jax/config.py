@@ -1,0 +1,226 @@
+"""ModelConfig: the one place where every architectural switch is defined and validated."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope", "yarn", "llama3")
+FFNS = ("gelu", "swiglu", "clamped_swiglu")
+ROUTINGS = ("topk_softmax", "softmax_topk")
+DISPATCHES = ("grouped", "ragged", "dense")
+ATTN_IMPLS = ("auto", "masked", "chunked")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  # sizes
+  vocab_size: int = 256
+  d_model: int = 128
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 4
+  head_dim: int = 32
+  d_ff: int = 512
+  max_seq_len: int = 256
+  # dropout (0 = off)
+  embed_dropout: float = 0.0
+  attn_dropout: float = 0.0
+  resid_dropout: float = 0.0
+  # norms: pre-norm blocks and a final norm
+  norm: str = "rmsnorm"
+  norm_eps: float = 1e-5
+  # positions
+  position: str = "rope"
+  rope_theta: float = 10000.0
+  rope_factor: float = 1.0  # yarn / llama3 scaling factor
+  rope_original_max_len: int = 4096
+  yarn_beta_fast: float = 32.0
+  yarn_beta_slow: float = 1.0
+  yarn_truncate: bool = True
+  yarn_attention_factor: float = 0.0  # 0: 0.1 * ln(factor) + 1
+  llama3_low_freq_factor: float = 1.0
+  llama3_high_freq_factor: float = 4.0
+  # feed-forward (dense FFN and experts alike)
+  ffn: str = "swiglu"
+  ffn_bias: bool = False
+  swiglu_limit: float = 7.0
+  swiglu_alpha: float = 1.702
+  # attention
+  qkv_bias: bool = False
+  out_bias: bool = False
+  qk_norm: bool = False
+  attn_sinks: bool = False
+  sliding_window: int = 0  # 0: every layer is full causal
+  window_layers: str = "alternate"  # alternate (0, 2, 4, ...) | all | explicit indices "0,3,5"
+  attn_impl: str = "auto"
+  # mixture of experts (n_experts = 0: dense FFN)
+  n_experts: int = 0
+  top_k: int = 1
+  d_expert: int = 0
+  router_bias: bool = False
+  routing: str = "topk_softmax"
+  norm_topk_prob: bool = True
+  moe_aux_loss_weight: float = 0.0
+  moe_z_loss_weight: float = 0.0
+  moe_dispatch: str = "grouped"
+  moe_capacity_factor: float = 0.0  # 0: dropless
+  moe_mxfp4: bool = False
+  # embeddings and dtypes
+  tie_embeddings: bool = False
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    _check_types(self)
+    positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                "d_ff", "max_seq_len", "rope_theta", "rope_factor", "rope_original_max_len",
+                "norm_eps", "top_k")
+    for name in positive:
+      if getattr(self, name) <= 0:
+        raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+    for name in ("embed_dropout", "attn_dropout", "resid_dropout"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+    _check_choice("norm", self.norm, NORMS)
+    _check_choice("position", self.position, POSITIONS)
+    _check_choice("ffn", self.ffn, FFNS)
+    _check_choice("routing", self.routing, ROUTINGS)
+    _check_choice("moe_dispatch", self.moe_dispatch, DISPATCHES)
+    _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
+    _check_choice("param_dtype", self.param_dtype, DTYPES)
+    _check_choice("dtype", self.dtype, DTYPES)
+    if self.n_heads % self.n_kv_heads:
+      raise ConfigError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+    if self.position != "learned" and self.head_dim % 2:
+      raise ConfigError(f"head_dim must be even for rotary positions, got {self.head_dim}")
+    if self.sliding_window < 0:
+      raise ConfigError(f"sliding_window must be >= 1 (or 0 for none), got {self.sliding_window}")
+    self.sliding_layers  # validates window_layers
+    if self.n_experts < 0:
+      raise ConfigError(f"n_experts must be >= 0, got {self.n_experts}")
+    if self.n_experts:
+      if self.top_k > self.n_experts:
+        raise ConfigError(f"top_k ({self.top_k}) must be <= n_experts ({self.n_experts})")
+      if self.d_expert <= 0:
+        raise ConfigError(f"d_expert must be > 0 when n_experts > 0, got {self.d_expert}")
+      if self.moe_capacity_factor < 0:
+        raise ConfigError(f"moe_capacity_factor must be >= 0, got {self.moe_capacity_factor}")
+      if self.moe_mxfp4 and (self.d_model % 32 or self.d_expert % 32):
+        raise ConfigError("moe_mxfp4 needs d_model and d_expert divisible by 32 (the MXFP4 block)")
+    elif self.moe_mxfp4:
+      raise ConfigError("moe_mxfp4 needs n_experts > 0")
+    if self.moe_aux_loss_weight < 0 or self.moe_z_loss_weight < 0:
+      raise ConfigError("moe_aux_loss_weight and moe_z_loss_weight must be >= 0")
+
+  # ---- derived ----
+  @property
+  def sliding_layers(self) -> tuple[bool, ...]:
+    """Per layer: does it use the sliding window?"""
+    if not self.sliding_window:
+      return (False,) * self.n_layers
+    spec = self.window_layers.strip()
+    if spec == "alternate":
+      return tuple(i % 2 == 0 for i in range(self.n_layers))
+    if spec == "all":
+      return (True,) * self.n_layers
+    try:
+      idx = {int(s) for s in spec.split(",") if s.strip()}
+    except ValueError:
+      raise ConfigError(
+          f"window_layers must be 'alternate', 'all' or comma-separated layer indices, got {spec!r}"
+      ) from None
+    if any(not 0 <= i < self.n_layers for i in idx):
+      raise ConfigError(f"window_layers {spec!r} names a layer outside 0..{self.n_layers - 1}")
+    return tuple(i in idx for i in range(self.n_layers))
+
+  @property
+  def is_moe(self) -> bool:
+    return self.n_experts > 0
+
+  @property
+  def is_glu(self) -> bool:
+    return self.ffn != "gelu"
+
+  @property
+  def yarn_mscale(self) -> float:
+    if self.yarn_attention_factor:
+      return self.yarn_attention_factor
+    return 1.0 if self.rope_factor <= 1 else 0.1 * math.log(self.rope_factor) + 1.0
+
+  def replace(self, **changes) -> ModelConfig:
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+    if isinstance(d, ml_collections.ConfigDict):
+      d = d.to_dict()
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
+    return cls(**d)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]):
+  if value not in choices:
+    raise ConfigError(f"{name} must be one of {'|'.join(choices)}, got {value!r}")
+
+
+_HINTS: dict[str, type] = {}
+
+
+def _check_types(cfg: ModelConfig):
+  if not _HINTS:
+    _HINTS.update(typing.get_type_hints(ModelConfig))
+  for name, want in _HINTS.items():
+    value = getattr(cfg, name)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+      object.__setattr__(cfg, name, float(value))
+      continue
+    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if not ok:
+      raise ConfigError(f"{name} must be {want.__name__}, got {type(value).__name__} {value!r}")
+
+
+# ---- config files: configs/<file>.py[:<arg>] with get_config(arg) -> ConfigDict(model=...) ----
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/file.py[:arg]` by calling its get_config(arg)."""
+  path, _, arg = spec.partition(":")
+  file = Path(path)
+  if not file.is_file():
+    raise ConfigError(f"config file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location(f"_gptoss_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not isinstance(getattr(module, "get_config", None), types.FunctionType):
+    raise ConfigError(f"{path} has no get_config() function")
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except KeyError as e:
+    presets = ", ".join(getattr(module, "PRESETS", {}))
+    raise ConfigError(f"{path}: unknown preset {arg!r} (presets: {presets})") from e
+
+
+def model_config_from_file(spec: str) -> ModelConfig:
+  return ModelConfig.from_dict(load_config_file(spec).model)

@@ -1,0 +1,335 @@
+"""Hugging Face checkpoints -> ModelConfig + Transformer.
+
+Each family is a table of rules: one of our parameter paths, the Hugging Face tensors it is made of,
+and the function that builds it from them (torch Linear weights are [out, in]; ours are [in, ...]).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from gptoss_jax.config import ConfigError, ModelConfig
+from gptoss_jax.model import Transformer
+
+FAMILIES = ("gpt2", "gpt_oss", "qwen3", "qwen3_moe", "llama")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read into a model; the message names what is wrong."""
+
+
+# ---------------------------------------------------------------- config.json -> ModelConfig
+
+
+def read_hf_config(folder: str | Path) -> dict:
+  path = Path(folder) / "config.json"
+  if not path.is_file():
+    raise CheckpointError(f"{folder}: no config.json")
+  return json.loads(path.read_text())
+
+
+def _rope_fields(hf: dict) -> dict:
+  rp = dict(hf.get("rope_scaling") or {})
+  rp.update(hf.get("rope_parameters") or {})
+  theta = rp.get("rope_theta", hf.get("rope_theta", 10000.0))
+  kind = rp.get("rope_type", rp.get("type", "default"))
+  fields = {"rope_theta": float(theta)}
+  if kind == "default":
+    return fields | {"position": "rope"}
+  if kind == "yarn":
+    if rp.get("mscale") or rp.get("mscale_all_dim"):
+      raise CheckpointError("YaRN with mscale / mscale_all_dim is not supported")
+    return fields | {
+        "position": "yarn", "rope_factor": float(rp["factor"]),
+        "rope_original_max_len": int(rp["original_max_position_embeddings"]),
+        "yarn_beta_fast": float(rp.get("beta_fast") or 32.0), "yarn_beta_slow": float(rp.get("beta_slow") or 1.0),
+        "yarn_truncate": bool(rp.get("truncate", True)),
+        "yarn_attention_factor": float(rp.get("attention_factor") or 0.0),
+    }
+  if kind == "llama3":
+    return fields | {
+        "position": "llama3", "rope_factor": float(rp["factor"]),
+        "rope_original_max_len": int(rp["original_max_position_embeddings"]),
+        "llama3_low_freq_factor": float(rp["low_freq_factor"]),
+        "llama3_high_freq_factor": float(rp["high_freq_factor"]),
+    }
+  raise CheckpointError(f"rope type {kind!r} is not supported (default, yarn, llama3)")
+
+
+def _window_fields(hf: dict) -> dict:
+  types = hf.get("layer_types")
+  window = hf.get("sliding_window") or 0
+  if not types or not window or "sliding_attention" not in types:
+    return {"sliding_window": 0}
+  sliding = [str(i) for i, t in enumerate(types) if t == "sliding_attention"]
+  return {"sliding_window": int(window), "window_layers": ",".join(sliding)}
+
+
+def config_from_hf(hf: dict, dtype: str = "float32") -> ModelConfig:
+  kind = hf.get("model_type")
+  common = {"param_dtype": dtype, "dtype": dtype}
+  if kind == "gpt2":
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+      raise CheckpointError(f"gpt2 activation {hf['activation_function']!r} is not supported")
+    d = hf["n_embd"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"],
+        n_kv_heads=hf["n_head"], head_dim=d // hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
+        max_seq_len=hf["n_positions"], embed_dropout=hf.get("embd_pdrop", 0.0),
+        attn_dropout=hf.get("attn_pdrop", 0.0), resid_dropout=hf.get("resid_pdrop", 0.0),
+        norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), position="learned",
+        ffn="gelu", ffn_bias=True, qkv_bias=True, out_bias=True,
+        tie_embeddings=hf.get("tie_word_embeddings", True), **common)
+  if kind not in FAMILIES:
+    raise CheckpointError(f"model type {kind!r} is not supported ({', '.join(FAMILIES)})")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise CheckpointError(f"{kind} activation {hf['hidden_act']!r} is not supported (silu)")
+  n_heads = hf["num_attention_heads"]
+  fields = dict(
+      vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+      n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, d_ff=hf["intermediate_size"],
+      max_seq_len=hf["max_position_embeddings"], attn_dropout=float(hf.get("attention_dropout", 0.0)),
+      norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), ffn="swiglu",
+      qkv_bias=bool(hf.get("attention_bias", False)), out_bias=bool(hf.get("attention_bias", False)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      **_rope_fields(hf), **_window_fields(hf), **common)
+  if kind == "llama":
+    fields["ffn_bias"] = bool(hf.get("mlp_bias", False))
+  if kind in ("qwen3", "qwen3_moe"):
+    fields["qk_norm"] = True
+  if kind == "qwen3_moe":
+    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+      raise CheckpointError("qwen3_moe with dense layers (mlp_only_layers, decoder_sparse_step) is not supported")
+    fields.update(n_experts=hf.get("num_experts") or hf["num_local_experts"], top_k=hf["num_experts_per_tok"], d_expert=hf["moe_intermediate_size"],
+                  routing="softmax_topk", norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+  if kind == "gpt_oss":
+    fields.update(n_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"], d_expert=hf["intermediate_size"],
+                  routing="topk_softmax", router_bias=True, ffn="clamped_swiglu", ffn_bias=True,
+                  swiglu_limit=float(hf.get("swiglu_limit", 7.0)), swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
+                  attn_sinks=True, norm_eps=hf.get("rms_norm_eps", 1e-5))
+  try:
+    return ModelConfig(**fields)
+  except ConfigError as e:
+    raise CheckpointError(f"config.json does not make a valid model: {e}") from e
+
+
+# ---------------------------------------------------------------- tensor tables
+
+
+@dataclass(frozen=True)
+class Rule:
+  ours: str  # our parameter path, '{i}' for the layer
+  hf: tuple[str, ...]  # the Hugging Face tensors it is built from
+  build: Callable[..., np.ndarray]
+
+
+def _linear(*shape):  # torch Linear weight [out, in] -> ours [in, *shape]
+  return lambda w: w.T.reshape(w.shape[1], *shape)
+
+
+def _reshape(*shape):
+  return lambda b: b.reshape(*shape)
+
+
+def _ident(x):
+  return x
+
+
+def _glu_in(gate, up):  # two [F, D] torch weights -> [D, 2, F]
+  return np.stack([gate.T, up.T], axis=1)
+
+
+def _deinterleave(x):  # [..., 2F] with gate at even and up at odd -> [..., 2, F]
+  return np.swapaxes(x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2), -1, -2)
+
+
+def _norm_rules(cfg: ModelConfig, ours: str, hf: str) -> list[Rule]:
+  rules = [Rule(f"{ours}.scale", (f"{hf}.weight",), _ident)]
+  if cfg.norm == "layernorm":
+    rules.append(Rule(f"{ours}.bias", (f"{hf}.bias",), _ident))
+  return rules
+
+
+def gpt2_rules(cfg: ModelConfig) -> list[Rule]:
+  D, N, H, L = cfg.d_model, cfg.n_heads, cfg.head_dim, "transformer.h.{i}"
+  split = lambda j: lambda w: w[..., j * D:(j + 1) * D].reshape(*w.shape[:-1], N, H)
+  rules = [Rule("embed", ("transformer.wte.weight",), _ident),
+           Rule("pos_embed.table", ("transformer.wpe.weight",), _ident),
+           *_norm_rules(cfg, "final_norm", "transformer.ln_f"),
+           *_norm_rules(cfg, "blocks.{i}.attn_norm", f"{L}.ln_1"),
+           *_norm_rules(cfg, "blocks.{i}.ffn_norm", f"{L}.ln_2"),
+           Rule("blocks.{i}.attn.wo", (f"{L}.attn.c_proj.weight",), _reshape(N, H, D)),
+           Rule("blocks.{i}.attn.bo", (f"{L}.attn.c_proj.bias",), _ident),
+           Rule("blocks.{i}.ffn.w_in", (f"{L}.mlp.c_fc.weight",), lambda w: w[:, None, :]),
+           Rule("blocks.{i}.ffn.b_in", (f"{L}.mlp.c_fc.bias",), lambda b: b[None, :]),
+           Rule("blocks.{i}.ffn.w_out", (f"{L}.mlp.c_proj.weight",), _ident),
+           Rule("blocks.{i}.ffn.b_out", (f"{L}.mlp.c_proj.bias",), _ident)]
+  for j, name in enumerate("qkv"):
+    rules += [Rule(f"blocks.{{i}}.attn.w{name}", (f"{L}.attn.c_attn.weight",), split(j)),
+              Rule(f"blocks.{{i}}.attn.b{name}", (f"{L}.attn.c_attn.bias",), split(j))]
+  if not cfg.tie_embeddings:
+    rules.append(Rule("unembed", ("lm_head.weight",), lambda w: w.T))
+  return rules
+
+
+def llama_like_rules(cfg: ModelConfig, family: str) -> list[Rule]:
+  """llama, qwen3, qwen3_moe and gpt_oss share the attention and norm layout."""
+  D, N, K, H, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, "model.layers.{i}"
+  A = f"{L}.self_attn"
+  rules = [Rule("embed", ("model.embed_tokens.weight",), _ident),
+           *_norm_rules(cfg, "final_norm", "model.norm"),
+           *_norm_rules(cfg, "blocks.{i}.attn_norm", f"{L}.input_layernorm"),
+           *_norm_rules(cfg, "blocks.{i}.ffn_norm", f"{L}.post_attention_layernorm"),
+           Rule("blocks.{i}.attn.wq", (f"{A}.q_proj.weight",), _linear(N, H)),
+           Rule("blocks.{i}.attn.wk", (f"{A}.k_proj.weight",), _linear(K, H)),
+           Rule("blocks.{i}.attn.wv", (f"{A}.v_proj.weight",), _linear(K, H)),
+           Rule("blocks.{i}.attn.wo", (f"{A}.o_proj.weight",), lambda w: w.T.reshape(N, H, D))]
+  if not cfg.tie_embeddings:
+    rules.append(Rule("unembed", ("lm_head.weight",), lambda w: w.T))
+  if cfg.qkv_bias:
+    rules += [Rule("blocks.{i}.attn.bq", (f"{A}.q_proj.bias",), _reshape(N, H)),
+              Rule("blocks.{i}.attn.bk", (f"{A}.k_proj.bias",), _reshape(K, H)),
+              Rule("blocks.{i}.attn.bv", (f"{A}.v_proj.bias",), _reshape(K, H))]
+  if cfg.out_bias:
+    rules.append(Rule("blocks.{i}.attn.bo", (f"{A}.o_proj.bias",), _ident))
+  if cfg.qk_norm:
+    rules += [Rule("blocks.{i}.attn.q_norm.scale", (f"{A}.q_norm.weight",), _ident),
+              Rule("blocks.{i}.attn.k_norm.scale", (f"{A}.k_norm.weight",), _ident)]
+  if cfg.attn_sinks:
+    rules.append(Rule("blocks.{i}.attn.sinks", (f"{A}.sinks",), _ident))
+  M = f"{L}.mlp"
+  if family in ("llama", "qwen3"):
+    rules += [Rule("blocks.{i}.ffn.w_in", (f"{M}.gate_proj.weight", f"{M}.up_proj.weight"), _glu_in),
+              Rule("blocks.{i}.ffn.w_out", (f"{M}.down_proj.weight",), lambda w: w.T)]
+    if cfg.ffn_bias:
+      rules += [Rule("blocks.{i}.ffn.b_in", (f"{M}.gate_proj.bias", f"{M}.up_proj.bias"), lambda g, u: np.stack([g, u])),
+                Rule("blocks.{i}.ffn.b_out", (f"{M}.down_proj.bias",), _ident)]
+  elif family == "qwen3_moe":
+    E = cfg.n_experts
+    names = lambda proj: tuple(f"{M}.experts.{e}.{proj}.weight" for e in range(E))
+    rules += [Rule("blocks.{i}.ffn.router_w", (f"{M}.gate.weight",), lambda w: w.T),
+              Rule("blocks.{i}.ffn.w_in", names("gate_proj") + names("up_proj"),
+                   lambda *w: np.stack([_glu_in(g, u) for g, u in zip(w[:E], w[E:])])),
+              Rule("blocks.{i}.ffn.w_out", names("down_proj"), lambda *w: np.stack([x.T for x in w]))]
+  elif family == "gpt_oss":
+    rules += [Rule("blocks.{i}.ffn.router_w", (f"{M}.router.weight",), lambda w: w.T),
+              Rule("blocks.{i}.ffn.router_b", (f"{M}.router.bias",), _ident),
+              Rule("blocks.{i}.ffn.w_in", (f"{M}.experts.gate_up_proj",), _deinterleave),
+              Rule("blocks.{i}.ffn.b_in", (f"{M}.experts.gate_up_proj_bias",), _deinterleave),
+              Rule("blocks.{i}.ffn.w_out", (f"{M}.experts.down_proj",), _ident),
+              Rule("blocks.{i}.ffn.b_out", (f"{M}.experts.down_proj_bias",), _ident)]
+  return rules
+
+
+def rules_for(family: str, cfg: ModelConfig) -> list[Rule]:
+  return gpt2_rules(cfg) if family == "gpt2" else llama_like_rules(cfg, family)
+
+
+def expand(rules: list[Rule], n_layers: int) -> Iterator[Rule]:
+  for rule in rules:
+    if "{i}" in rule.ours:
+      for i in range(n_layers):
+        yield Rule(rule.ours.format(i=i), tuple(h.format(i=i) for h in rule.hf), rule.build)
+    else:
+      yield rule
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+class SafetensorsFolder:
+  """Tensor name -> file for a folder with one or more *.safetensors files (index optional)."""
+
+  def __init__(self, folder: str | Path):
+    self.folder = Path(folder)
+    self._handles: dict[Path, object] = {}
+    index = self.folder / "model.safetensors.index.json"
+    if index.is_file():
+      weight_map = json.loads(index.read_text())["weight_map"]
+      self.files = {name: self.folder / f for name, f in weight_map.items()}
+    else:
+      self.files = {name: f for f in sorted(self.folder.glob("*.safetensors")) for name in self._open(f).keys()}
+    if not self.files:
+      raise CheckpointError(f"{folder}: no *.safetensors files")
+
+  def _open(self, path: Path):
+    if path not in self._handles:
+      try:
+        self._handles[path] = safe_open(str(path), framework="np")
+      except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+    return self._handles[path]
+
+  def names(self) -> set[str]:
+    return set(self.files)
+
+  def get(self, name: str) -> np.ndarray:
+    try:
+      return self._open(self.files[name]).get_tensor(name)
+    except CheckpointError:
+      raise
+    except Exception as e:
+      raise CheckpointError(f"{self.files[name]}: cannot read tensor {name} ({e})") from None
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _path_str(path: tuple) -> str:
+  return ".".join(str(p) for p in path)
+
+
+def _fresh(variable: nnx.Variable) -> jax.Array:
+  """A concrete value for non-parameter state (dropout RNG keys and counters)."""
+  abstract = variable.get_value()
+  if jax.dtypes.issubdtype(abstract.dtype, jax.dtypes.prng_key):
+    return jax.random.key(0)
+  return jnp.zeros(abstract.shape, abstract.dtype)
+
+
+def load_pretrained(path: str | Path, dtype: str = "float32") -> tuple[ModelConfig, Transformer]:
+  """A Hugging Face folder (config.json + safetensors) -> (config, model in eval mode)."""
+  hf = read_hf_config(path)
+  cfg = config_from_hf(hf, dtype)
+  tensors = SafetensorsFolder(path)
+  family = hf["model_type"]
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+  wanted = {_path_str(p): v for p, v in nnx.to_flat_state(abstract)}
+  rules = list(expand(rules_for(family, cfg), cfg.n_layers))
+  required = {h for r in rules for h in r.hf}
+  optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
+  if family == "gpt2":  # non-persistent causal-mask buffers that older files carry
+    optional |= {n for n in tensors.names() if n.endswith((".attn.bias", ".attn.masked_bias"))}
+  missing = sorted(required - tensors.names())
+  unexpected = sorted(tensors.names() - required - optional)
+  if missing or unexpected:
+    raise CheckpointError(f"{path}: tensors do not match a {family} model: "
+                          f"missing {missing[:20] or 'none'}, unexpected {unexpected[:20] or 'none'}")
+  wanted = {name: v for name, v in wanted.items() if isinstance(v, nnx.Param)}
+  not_covered = sorted(set(wanted) - {r.ours for r in rules})
+  if not_covered:
+    raise CheckpointError(f"internal: no rule fills {not_covered}")
+  values = {}
+  for rule in rules:
+    variable = wanted[rule.ours]
+    target = variable.get_value()
+    array = rule.build(*(tensors.get(h) for h in rule.hf))
+    if array.shape != target.shape:
+      raise CheckpointError(f"{path}: {', '.join(rule.hf[:2])} has shape {array.shape} after mapping to "
+                            f"{rule.ours}, the config needs {target.shape}")
+    values[rule.ours] = jnp.asarray(array, target.dtype)
+  state = nnx.from_flat_state([(p, v.replace(values[_path_str(p)] if isinstance(v, nnx.Param) else _fresh(v)))
+                               for p, v in nnx.to_flat_state(abstract)])
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  return cfg, model

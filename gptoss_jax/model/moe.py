@@ -1,0 +1,167 @@
+"""Mixture of experts: router, auxiliary losses, and three dispatch strategies.
+
+grouped (default): sort the (token, expert) assignments by expert, gather them into per-expert
+  buckets of a static capacity, one batched matmul, scatter back. Compute grows with the active
+  experts. Dropless by default: a capacity of 2x the mean load is tried, and an exact fallback with
+  room for every token runs only when some expert overflows (lax.cond runs one branch).
+ragged: jax.lax.ragged_dot over the sorted assignments (fast grouped GEMM on GPU/TPU; on CPU it
+  lowers to a dense dot over all experts).
+dense: every expert on every token, combined with the routing weights (the test reference).
+"""
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptoss_jax.config import ModelConfig
+from gptoss_jax.model import mxfp4
+from gptoss_jax.model.ffn import activate, init_std_out, n_in_proj
+
+
+def route(cfg: ModelConfig, logits_NxE: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Returns routing weights [N, k] and expert indices [N, k]."""
+  logits = logits_NxE.astype(jnp.float32)
+  if cfg.routing == "topk_softmax":  # gpt-oss: softmax over the k selected logits
+    top, idx = jax.lax.top_k(logits, cfg.top_k)
+    return jax.nn.softmax(top, axis=-1), idx
+  weights, idx = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.top_k)  # Qwen3 / Mixtral
+  if cfg.norm_topk_prob:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return weights, idx
+
+
+def aux_losses(logits_NxE: jax.Array, idx_NxK: jax.Array) -> dict[str, jax.Array]:
+  """Load-balancing loss (E * sum_e load_e * mean_prob_e; 1 when balanced) and router z-loss."""
+  n_experts = logits_NxE.shape[-1]
+  logits = logits_NxE.astype(jnp.float32)
+  load_E = jnp.bincount(idx_NxK.reshape(-1), length=n_experts) / idx_NxK.size
+  mean_prob_E = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
+  return {
+      "moe_aux_loss": n_experts * jnp.sum(jax.lax.stop_gradient(load_E) * mean_prob_E),
+      "moe_z_loss": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
+      "expert_load": load_E,
+  }
+
+
+ExpertFn = Callable[[jax.Array], jax.Array]  # [E, C, D] -> [E, C, D]
+
+
+def grouped_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, capacity: int, expert_fn: ExpertFn):
+  N, K = idx_NxK.shape
+  D = x_NxD.shape[-1]
+  E, C = n_experts, capacity
+  e_A = idx_NxK.reshape(-1)
+  order_A = jnp.argsort(e_A, stable=True)
+  e_sorted_A = e_A[order_A]
+  counts_E = jnp.bincount(e_A, length=E)
+  rank_A = jnp.arange(N * K) - (jnp.cumsum(counts_E) - counts_E)[e_sorted_A]
+  slot_A = jnp.where(rank_A < C, e_sorted_A * C + rank_A, E * C)  # E * C: dropped
+  bucket_token = jnp.full((E * C + 1,), N, jnp.int32).at[slot_A].set(order_A // K)[:E * C]
+  x_pad = jnp.concatenate([x_NxD, jnp.zeros((1, D), x_NxD.dtype)])
+  y_ExCxD = expert_fn(x_pad[bucket_token].reshape(E, C, D))
+  y_pad = jnp.concatenate([y_ExCxD.reshape(E * C, D), jnp.zeros((1, D), y_ExCxD.dtype)])
+  slot_of_assignment = jnp.zeros((N * K,), jnp.int32).at[order_A].set(slot_A)
+  y_NxKxD = y_pad[slot_of_assignment].reshape(N, K, D)
+  return jnp.einsum("nkd,nk->nd", y_NxKxD, w_NxK.astype(y_NxKxD.dtype))
+
+
+def grouped_capacity(cfg: ModelConfig, n_tokens: int) -> int:
+  factor = cfg.moe_capacity_factor or 2.0
+  capacity = math.ceil(factor * n_tokens * cfg.top_k / cfg.n_experts / 8) * 8
+  return min(capacity, n_tokens)
+
+
+class MoE(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    E, D, F, G = cfg.n_experts, cfg.d_model, cfg.d_expert, n_in_proj(cfg)
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.router_w = nnx.Param(jax.random.normal(rngs.params(), (D, E), pdt) * cfg.init_std,
+                              axes=("embed", None))
+    if cfg.router_bias:
+      self.router_b = nnx.Param(jnp.zeros((E,), pdt), axes=(None,))
+    w_in = jax.random.normal(rngs.params(), (E, D, G, F), pdt) * cfg.init_std
+    w_out = jax.random.normal(rngs.params(), (E, F, D), pdt) * init_std_out(cfg)
+    if cfg.moe_mxfp4:  # stored as the checkpoints do: [E, out, in / 32, 16], blocks along the input
+      blocks, scales = mxfp4.quantize(jnp.transpose(w_in, (0, 2, 3, 1)))
+      self.w_in_blocks = mxfp4.Packed(blocks, axes=("expert", None, "mlp", None, None))
+      self.w_in_scales = mxfp4.Packed(scales, axes=("expert", None, "mlp", None))
+      blocks, scales = mxfp4.quantize(jnp.transpose(w_out, (0, 2, 1)))
+      self.w_out_blocks = mxfp4.Packed(blocks, axes=("expert", "embed", None, None))
+      self.w_out_scales = mxfp4.Packed(scales, axes=("expert", "embed", None))
+    else:
+      self.w_in = nnx.Param(w_in, axes=("expert", "embed", None, "mlp"))
+      self.w_out = nnx.Param(w_out, axes=("expert", "mlp", "embed"))
+    if cfg.ffn_bias:
+      self.b_in = nnx.Param(jnp.zeros((E, G, F), pdt), axes=("expert", None, "mlp"))
+      self.b_out = nnx.Param(jnp.zeros((E, D), pdt), axes=("expert", "embed"))
+
+  def expert_weights(self, dtype) -> tuple[jax.Array, jax.Array]:
+    """w_in [E, D, G, F] and w_out [E, F, D] in the compute dtype (MXFP4 dequantized here)."""
+    if self.cfg.moe_mxfp4:
+      w_in = mxfp4.dequantize(self.w_in_blocks[...], self.w_in_scales[...], dtype)  # [E, G, F, D]
+      w_out = mxfp4.dequantize(self.w_out_blocks[...], self.w_out_scales[...], dtype)  # [E, D, F]
+      return jnp.transpose(w_in, (0, 3, 1, 2)), jnp.transpose(w_out, (0, 2, 1))
+    return self.w_in[...].astype(dtype), self.w_out[...].astype(dtype)
+
+  def biases(self, dtype):
+    if not self.cfg.ffn_bias:
+      E, G, F, D = self.cfg.n_experts, n_in_proj(self.cfg), self.cfg.d_expert, self.cfg.d_model
+      return jnp.zeros((E, G, F), dtype), jnp.zeros((E, D), dtype)
+    return self.b_in[...].astype(dtype), self.b_out[...].astype(dtype)
+
+  def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, dict]:
+    cfg = self.cfg
+    B, T, D = x_BxTxD.shape
+    dt = x_BxTxD.dtype
+    x_NxD = x_BxTxD.reshape(B * T, D)
+    logits_NxE = x_NxD.astype(jnp.float32) @ self.router_w[...].astype(jnp.float32)
+    if cfg.router_bias:
+      logits_NxE = logits_NxE + self.router_b[...].astype(jnp.float32)
+    w_NxK, idx_NxK = route(cfg, logits_NxE)
+    w_in, w_out = self.expert_weights(dt)
+    b_in, b_out = self.biases(dt)
+    if cfg.moe_dispatch == "dense":
+      y = dense_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out)
+    elif cfg.moe_dispatch == "ragged":
+      y = ragged_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out)
+    else:
+      def expert_fn(x_ExCxD):
+        h = jnp.einsum("ecd,edgf->ecgf", x_ExCxD, w_in) + b_in[:, None]
+        return jnp.einsum("ecf,efd->ecd", activate(cfg, h), w_out) + b_out[:, None]
+
+      N = B * T
+      capacity = grouped_capacity(cfg, N)
+      dispatch = lambda c: grouped_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, c, expert_fn)
+      if cfg.moe_capacity_factor or capacity == N:
+        y = dispatch(capacity)
+      else:  # dropless: exact fallback only when an expert overflows the fast capacity
+        overflow = jnp.max(jnp.bincount(idx_NxK.reshape(-1), length=cfg.n_experts)) > capacity
+        y = jax.lax.cond(overflow, lambda: dispatch(N), lambda: dispatch(capacity))
+    return y.reshape(B, T, D).astype(dt), aux_losses(logits_NxE, idx_NxK)
+
+
+def dense_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out):
+  h = jnp.einsum("nd,edgf->negf", x_NxD, w_in) + b_in
+  y_NxExD = jnp.einsum("nef,efd->ned", activate(cfg, h), w_out) + b_out
+  N = x_NxD.shape[0]
+  combine_NxE = jnp.zeros((N, cfg.n_experts), jnp.float32).at[jnp.arange(N)[:, None], idx_NxK].add(w_NxK)
+  return jnp.einsum("ned,ne->nd", y_NxExD, combine_NxE.astype(y_NxExD.dtype))
+
+
+def ragged_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out):
+  N, K = idx_NxK.shape
+  E, D, G, F = w_in.shape
+  e_A = idx_NxK.reshape(-1)
+  order_A = jnp.argsort(e_A, stable=True)
+  e_sorted = e_A[order_A]
+  group_sizes = jnp.bincount(e_A, length=E).astype(jnp.int32)
+  xs_AxD = x_NxD[order_A // K]
+  h = jax.lax.ragged_dot(xs_AxD, w_in.reshape(E, D, G * F), group_sizes).reshape(-1, G, F)
+  ys_AxD = jax.lax.ragged_dot(activate(cfg, h + b_in[e_sorted]), w_out, group_sizes) + b_out[e_sorted]
+  y_NxKxD = jnp.zeros_like(ys_AxD).at[order_A].set(ys_AxD).reshape(N, K, D)
+  return jnp.einsum("nkd,nk->nd", y_NxKxD, w_NxK.astype(y_NxKxD.dtype))

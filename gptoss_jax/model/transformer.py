@@ -1,0 +1,95 @@
+"""The decoder-only transformer: embeddings -> pre-norm blocks -> final norm -> logits."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptoss_jax.config import ModelConfig
+from gptoss_jax.model.attention import Attention, KVCache
+from gptoss_jax.model.ffn import MLP
+from gptoss_jax.model.moe import MoE
+from gptoss_jax.model.norms import make_norm
+from gptoss_jax.model.positions import LearnedPositions, rope_cos_sin
+
+
+class ModelOutput(NamedTuple):
+  logits_BxTxV: jax.Array  # float32
+  aux: dict  # moe_aux_loss, moe_z_loss (means over MoE layers), expert_load [L, E]
+  cache: list[KVCache] | None
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    self.attn_norm = make_norm(cfg)
+    self.attn = Attention(cfg, cfg.sliding_layers[layer], rngs)
+    self.ffn_norm = make_norm(cfg)
+    self.ffn = MoE(cfg, rngs) if cfg.is_moe else MLP(cfg, rngs)
+    self.dropout = nnx.Dropout(cfg.resid_dropout, rngs=rngs)
+
+  def __call__(self, x_BxTxD, positions_BxT, rope, cache):
+    h, cache = self.attn(self.attn_norm(x_BxTxD), positions_BxT, rope, cache)
+    x_BxTxD = x_BxTxD + self.dropout(h)
+    h, aux = self.ffn(self.ffn_norm(x_BxTxD))
+    return x_BxTxD + self.dropout(h), aux, cache
+
+
+class Transformer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.embed = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), pdt) * cfg.init_std,
+                           axes=("vocab", "embed"))
+    if cfg.position == "learned":
+      self.pos_embed = LearnedPositions(cfg, rngs)
+    self.embed_dropout = nnx.Dropout(cfg.embed_dropout, rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layers)])
+    self.final_norm = make_norm(cfg)
+    if not cfg.tie_embeddings:
+      self.unembed = nnx.Param(jax.random.normal(rngs.params(), (cfg.d_model, cfg.vocab_size), pdt) * cfg.init_std,
+                               axes=("embed", "vocab"))
+
+  def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+    return self.forward(tokens_BxT).logits_BxTxV
+
+  def forward(self, tokens_BxT, positions_BxT=None, cache: list[KVCache] | None = None) -> ModelOutput:
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    B, T = tokens_BxT.shape
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
+    if cfg.position == "learned":
+      x = x + self.pos_embed(positions_BxT).astype(dt)
+    x = self.embed_dropout(x)
+    rope = None if cfg.position == "learned" else rope_cos_sin(cfg, positions_BxT)
+    auxes, new_cache = [], []
+    for i, block in enumerate(self.blocks):
+      x, aux, layer_cache = block(x, positions_BxT, rope, None if cache is None else cache[i])
+      auxes.append(aux)
+      new_cache.append(layer_cache)
+    x = self.final_norm(x)
+    unembed = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
+    logits = jnp.einsum("btd,dv->btv", x, unembed.astype(dt)).astype(jnp.float32)
+    return ModelOutput(logits, _merge_aux(auxes), None if cache is None else new_cache)
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
+    """Per-layer caches: max_len slots for full layers, the window for sliding ones."""
+    cfg = self.cfg
+    dtype = dtype or jnp.dtype(cfg.dtype)
+    return [KVCache.empty(batch, b.attn.cache_slots(max_len), cfg.n_kv_heads, cfg.head_dim, dtype)
+            for b in self.blocks]
+
+
+def _merge_aux(auxes: list[dict]) -> dict:
+  auxes = [a for a in auxes if a]
+  if not auxes:
+    return {}
+  return {
+      "moe_aux_loss": jnp.mean(jnp.stack([a["moe_aux_loss"] for a in auxes])),
+      "moe_z_loss": jnp.mean(jnp.stack([a["moe_z_loss"] for a in auxes])),
+      "expert_load": jnp.stack([a["expert_load"] for a in auxes]),
+  }

@@ -1,0 +1,52 @@
+"""Tiny random Hugging Face models built offline, saved with save_pretrained (the parity references)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import transformers
+
+COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256)
+
+
+def hf_config(family: str):
+  if family == "gpt2":
+    return transformers.GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+  if family == "gpt_oss":
+    return transformers.GptOssConfig(
+        **COMMON | {"num_hidden_layers": 4, "max_position_embeddings": 2048}, intermediate_size=64, num_key_value_heads=2, head_dim=16,
+        num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+        rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "truncate": False, "original_max_position_embeddings": 64, "rope_theta": 150000.0})
+  if family == "qwen3":
+    return transformers.Qwen3Config(**COMMON, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                                    tie_word_embeddings=False)
+  if family == "qwen3_moe":
+    return transformers.Qwen3MoeConfig(**COMMON, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                                       num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                       norm_topk_prob=True, tie_word_embeddings=False)
+  if family == "llama":
+    return transformers.LlamaConfig(
+        **COMMON, intermediate_size=128, num_key_value_heads=1, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32, "rope_theta": 10000.0})
+  raise ValueError(family)
+
+
+def build_hf_model(family: str, seed: int = 0):
+  """A float32 model whose every parameter (biases, sinks and norms included) is randomized."""
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(hf_config(family), attn_implementation="eager",
+                                                        dtype=torch.float32)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.add_(torch.randn_like(p) * (0.5 if "router" in name or "gate.weight" in name else 0.05))
+  return model.eval()
+
+
+def save_hf_model(family: str, folder, seed: int = 0):
+  model = build_hf_model(family, seed)
+  model.save_pretrained(folder)
+  return model
