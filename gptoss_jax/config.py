@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
 import math
@@ -204,6 +205,13 @@ def _check_types(cfg: ModelConfig):
 # ---- config files: configs/<file>.py[:<arg>] with get_config(arg) -> ConfigDict(model=...) ----
 
 
+def preset_config(presets: Mapping[str, dict], name: str) -> ml_collections.ConfigDict:
+  """A config file's get_config(): ConfigDict(model=<every ModelConfig field>) for a named preset."""
+  if name not in presets:
+    raise ConfigError(f"unknown preset {name!r} (presets: {', '.join(presets)})")
+  return ml_collections.ConfigDict({"model": ModelConfig(**presets[name]).to_dict()})
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """Loads `path/to/file.py[:arg]` by calling its get_config(arg)."""
   path, _, arg = spec.partition(":")
@@ -215,12 +223,56 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   module_spec.loader.exec_module(module)
   if not isinstance(getattr(module, "get_config", None), types.FunctionType):
     raise ConfigError(f"{path} has no get_config() function")
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, str]) -> None:
+  """Applies {"model.n_layers": "12", ...} (strings from the command line) in place, typed by the
+  current value; an unknown key or a value of the wrong type raises ConfigError naming it."""
+  for key, text in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+        raise ConfigError(f"unknown config key: {key}")
+      node = node[name]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise ConfigError(f"unknown config key: {key}")
+    node[leaf] = _parse_like(node[leaf], text, key)
+
+
+def _parse_like(current: Any, text: str, key: str) -> Any:
   try:
-    return module.get_config(arg) if arg else module.get_config()
-  except KeyError as e:
-    presets = ", ".join(getattr(module, "PRESETS", {}))
-    raise ConfigError(f"{path}: unknown preset {arg!r} (presets: {presets})") from e
+    if isinstance(current, bool):
+      if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError
+      return text.lower() in ("true", "1")
+    if isinstance(current, int):
+      return int(text)
+    if isinstance(current, float):
+      return float(text)
+    if isinstance(current, str) or current is None:
+      return text
+    if isinstance(current, (tuple, list)):
+      value = ast.literal_eval(text)
+      return type(current)(value if isinstance(value, (tuple, list)) else (value,))
+  except (ValueError, SyntaxError):
+    raise ConfigError(f"{key}: cannot read {text!r} as {type(current).__name__}") from None
+  raise ConfigError(f"{key}: cannot override a value of type {type(current).__name__}")
 
 
-def model_config_from_file(spec: str) -> ModelConfig:
-  return ModelConfig.from_dict(load_config_file(spec).model)
+def model_config_from_file(spec: str, overrides: Mapping[str, str] | None = None) -> ModelConfig:
+  config = load_config_file(spec)
+  apply_overrides(config, overrides or {})
+  return ModelConfig.from_dict(config.model)
+
+
+def parse_override_args(args: list[str]) -> dict[str, str]:
+  """['--config.model.n_layers=12', ...] -> {'model.n_layers': '12'}."""
+  overrides = {}
+  for arg in args:
+    key, eq, value = arg.partition("=")
+    if not key.startswith("--config.") or not eq:
+      raise ConfigError(f"unrecognized argument: {arg} (overrides look like --config.model.n_layers=12)")
+    overrides[key.removeprefix("--config.")] = value
+  return overrides

@@ -1,0 +1,131 @@
+"""Parameters, active parameters, FLOPs, KV cache and weight memory of a config, read off the real
+modules by abstract evaluation (nnx.eval_shape: shapes only, nothing allocated).
+
+  python -m gptoss_jax.inspect --config configs/gpt_oss.py:20b [--seq-len N] [--json] [--config.model.X=V]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+
+from flax import nnx
+
+from gptoss_jax.config import ConfigError, ModelConfig, model_config_from_file, parse_override_args
+from gptoss_jax.model import Transformer
+
+EXPERT_WEIGHTS = ("w_in", "w_out", "b_in", "b_out")
+MXFP4_BYTES_PER_PARAM = 17 / 32  # 4-bit values plus one 8-bit scale per 32
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStats:
+  total_params: int
+  embedding_params: int  # lookup tables (token embedding if untied, learned positions)
+  expert_params: int  # all experts' weights and biases
+  active_params: int  # per token: total - embedding lookups - inactive experts
+  seq_len: int
+  train_flops_per_token: float  # 3 x forward: matmuls with active weights + attention scores
+  kv_bytes_per_token: int  # bf16 K and V of the full-attention layers
+  kv_window_bytes: int  # bf16 K and V held by the sliding layers (fixed: window tokens each)
+  weight_bytes_bf16: int
+  weight_bytes_mxfp4: int  # experts' w_in / w_out in MXFP4, everything else bf16
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Every parameter of the model by path, from abstract evaluation (unpacked expert weights)."""
+  model = nnx.eval_shape(lambda: Transformer(cfg.replace(moe_mxfp4=False), nnx.Rngs(0)))
+  return {".".join(map(str, path)): tuple(v.get_value().shape)
+          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def mean_context(seq_len: int, window: int) -> float:
+  """Average number of keys a causal query attends to over positions 0..seq_len-1."""
+  if not window or window >= seq_len:
+    return (seq_len + 1) / 2
+  return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+
+
+def stats(cfg: ModelConfig, seq_len: int | None = None) -> ModelStats:
+  seq_len = seq_len or cfg.max_seq_len
+  shapes = param_shapes(cfg)
+  size = {path: math.prod(shape) for path, shape in shapes.items()}
+  total = sum(size.values())
+  embedding = size.get("pos_embed.table", 0) + (0 if cfg.tie_embeddings else size["embed"])
+  is_expert = lambda p: cfg.is_moe and ".ffn." in p and p.rsplit(".", 1)[-1] in EXPERT_WEIGHTS
+  experts = sum(n for p, n in size.items() if is_expert(p))
+  inactive = experts * (cfg.n_experts - cfg.top_k) // cfg.n_experts if cfg.is_moe else 0
+  active = total - embedding - inactive
+
+  # forward FLOPs per token: 2 per active matmul weight (not lookups, norms, biases) + attention
+  lookups = {"pos_embed.table"} | (set() if cfg.tie_embeddings else {"embed"})  # tied: it is the unembedding
+  active_share = lambda p: cfg.top_k / cfg.n_experts if is_expert(p) else 1.0
+  matmul = sum(n * active_share(p) for p, n in size.items() if len(shapes[p]) >= 2 and p not in lookups)
+  attention = sum(4 * cfg.n_heads * cfg.head_dim * mean_context(seq_len, cfg.sliding_window if s else 0)
+                  for s in cfg.sliding_layers)
+  kv_per_layer = 2 * cfg.n_kv_heads * cfg.head_dim * 2
+  n_sliding = sum(cfg.sliding_layers)
+  expert_matrices = sum(n for p, n in size.items() if is_expert(p) and len(shapes[p]) >= 3)
+  return ModelStats(
+      total_params=total, embedding_params=embedding, expert_params=experts, active_params=active,
+      seq_len=seq_len, train_flops_per_token=3 * (2 * matmul + attention),
+      kv_bytes_per_token=kv_per_layer * (cfg.n_layers - n_sliding),
+      kv_window_bytes=kv_per_layer * n_sliding * min(cfg.sliding_window, seq_len),
+      weight_bytes_bf16=2 * total,
+      weight_bytes_mxfp4=round(2 * (total - expert_matrices) + MXFP4_BYTES_PER_PARAM * expert_matrices))
+
+
+def _human(n: float, unit: str = "") -> str:
+  for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+    if abs(n) >= scale:
+      return f"{n / scale:.2f}{suffix}{unit}"
+  return f"{n:.0f}{unit}"
+
+
+def _bytes(n: float) -> str:
+  for scale, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+    if n >= scale:
+      return f"{n / scale:.2f} {suffix}"
+  return f"{n:.0f} B"
+
+
+def format_stats(s: ModelStats) -> str:
+  rows = [
+      ("total parameters", f"{s.total_params:,} ({_human(s.total_params)})"),
+      ("active parameters / token", f"{s.active_params:,} ({_human(s.active_params)})"),
+      ("embedding parameters", f"{s.embedding_params:,} ({_human(s.embedding_params)})"),
+      ("expert parameters", f"{s.expert_params:,} ({_human(s.expert_params)})"),
+      (f"training FLOPs / token (seq {s.seq_len})", f"{s.train_flops_per_token:.4g} ({_human(s.train_flops_per_token, 'FLOP')})"),
+      ("KV cache / token (bf16, full layers)", _bytes(s.kv_bytes_per_token)),
+      ("KV cache of sliding layers (fixed)", _bytes(s.kv_window_bytes)),
+      ("weights in bf16", _bytes(s.weight_bytes_bf16)),
+      ("weights with MXFP4 experts", _bytes(s.weight_bytes_mxfp4)),
+  ]
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m gptoss_jax.inspect", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", required=True, help="configs/<file>.py[:<preset>]")
+  parser.add_argument("--seq-len", type=int, default=None, help="sequence length for attention FLOPs")
+  parser.add_argument("--json", action="store_true", help="print one JSON object")
+  args, rest = parser.parse_known_args(argv)
+  try:
+    overrides = parse_override_args(rest)
+    cfg = model_config_from_file(args.config, overrides)
+    if args.seq_len is not None and args.seq_len <= 0:
+      raise ConfigError(f"--seq-len must be > 0, got {args.seq_len}")
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  s = stats(cfg, args.seq_len)
+  print(json.dumps(dataclasses.asdict(s) | {"config": args.config}) if args.json else format_stats(s))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
