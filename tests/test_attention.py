@@ -1,0 +1,130 @@
+"""Attention against a per-query loop written here; window, sink and GQA invariances; KV cache decoding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gptoss_jax import ModelConfig, Transformer
+from gptoss_jax.model.attention import Attention, attend, attend_local
+
+
+def _reference(q, k, v, window=0, sinks=None):
+  """One query at a time: causal (and windowed) softmax over keys, plus a sink column if given."""
+  B, T, N, H = q.shape
+  group = N // k.shape[2]
+  out = np.zeros_like(q)
+  for b in range(B):
+    for n in range(N):
+      for i in range(T):
+        lo = max(0, i - window + 1) if window else 0
+        keys = range(lo, i + 1)
+        logits = np.array([q[b, i, n] @ k[b, j, n // group] / np.sqrt(H) for j in keys])
+        column = np.append(logits, sinks[n]) if sinks is not None else logits
+        p = np.exp(column - column.max())
+        p = p[:len(logits)] / p.sum()
+        out[b, i, n] = sum(p_j * v[b, j, n // group] for p_j, j in zip(p, keys))
+  return out
+
+
+def _qkv(rng, B=2, T=11, N=4, K=2, H=8):
+  f = lambda *s: rng.normal(size=s).astype(np.float32)
+  return f(B, T, N, H), f(B, T, K, H), f(B, T, K, H)
+
+
+@pytest.mark.parametrize("window, with_sinks", [(0, False), (0, True), (4, False), (4, True), (3, True)])
+def test_kernels_match_reference(rng, window, with_sinks):
+  q, k, v = _qkv(rng)
+  sinks = rng.normal(size=4).astype(np.float32) if with_sinks else None
+  want = _reference(q, k, v, window, sinks)
+  pos = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+  s = None if sinks is None else jnp.asarray(sinks)
+  got = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), pos, pos, window=window, sinks_N=s)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  if window:
+    local = attend_local(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), window=window, sinks_N=s)
+    np.testing.assert_allclose(local, want, rtol=1e-4, atol=1e-5)
+
+
+def test_sink_rows_sum_below_one(rng):
+  q, k, v = _qkv(rng, T=5)
+  pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
+  ones = jnp.ones_like(jnp.asarray(v))  # output = row sum of the probabilities
+  out = attend(jnp.asarray(q), jnp.asarray(k), ones, pos, pos, sinks_N=jnp.zeros(4))
+  assert float(out.max()) < 1.0
+  out = attend(jnp.asarray(q), jnp.asarray(k), ones, pos, pos)
+  np.testing.assert_allclose(out, 1.0, rtol=1e-6)
+
+
+def test_minus_infinite_sink_is_no_sink(rng):
+  q, k, v = map(jnp.asarray, _qkv(rng))
+  pos = jnp.broadcast_to(jnp.arange(11), (2, 11))
+  a = attend(q, k, v, pos, pos, window=4, sinks_N=jnp.full((4,), -jnp.inf))
+  np.testing.assert_allclose(a, attend(q, k, v, pos, pos, window=4), rtol=1e-6)
+  b = attend_local(q, k, v, window=4, sinks_N=jnp.full((4,), -jnp.inf))
+  np.testing.assert_allclose(b, attend_local(q, k, v, window=4), rtol=1e-6)
+
+
+def test_window_at_least_sequence_is_full_attention(rng):
+  q, k, v = map(jnp.asarray, _qkv(rng))
+  pos = jnp.broadcast_to(jnp.arange(11), (2, 11))
+  full = attend(q, k, v, pos, pos)
+  np.testing.assert_allclose(attend(q, k, v, pos, pos, window=11), full, rtol=1e-6)
+  np.testing.assert_allclose(attend_local(q, k, v, window=16), full, rtol=1e-5, atol=1e-6)
+
+
+def test_gqa_with_kv_heads_equal_heads_is_mha(rng):
+  """A GQA layer equals an MHA layer whose k/v projections repeat each kv head for its query group."""
+  gqa_cfg = ModelConfig(d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, qkv_bias=True, sliding_window=3)
+  mha_cfg = gqa_cfg.replace(n_kv_heads=4)
+  gqa, mha = Attention(gqa_cfg, True, nnx.Rngs(0)), Attention(mha_cfg, True, nnx.Rngs(1))
+  for name in ("wk", "wv", "bk", "bv"):
+    getattr(gqa, name)[...] = jnp.asarray(rng.normal(size=getattr(gqa, name)[...].shape), jnp.float32)
+    getattr(mha, name)[...] = jnp.repeat(getattr(gqa, name)[...], 2, axis=-2)
+  for name in ("wq", "bq", "wo"):
+    getattr(mha, name)[...] = getattr(gqa, name)[...]
+  x = jnp.asarray(rng.normal(size=(2, 9, 16)), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+  np.testing.assert_allclose(gqa(x, pos)[0], mha(x, pos)[0], rtol=1e-5, atol=1e-6)
+
+
+def _oss_tiny(**changes):
+  return ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=32,
+                     position="yarn", rope_factor=4.0, rope_original_max_len=16, qkv_bias=True, out_bias=True,
+                     attn_sinks=True, sliding_window=5, ffn="clamped_swiglu", ffn_bias=True, n_experts=4,
+                     top_k=2, d_expert=32, router_bias=True, max_seq_len=64).replace(**changes)
+
+
+def _randomize(model, seed=0):
+  """Biases and sinks start at zero; give every parameter a random value so they matter."""
+  rng = np.random.default_rng(seed)
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    var[...] = var[...] + jnp.asarray(rng.normal(size=var.shape) * 0.2, var.dtype)
+
+
+def test_chunked_and_masked_models_agree(rng):
+  tokens = jnp.asarray(rng.integers(0, 64, (2, 23)), jnp.int32)
+  masked = Transformer(_oss_tiny(attn_impl="masked"), nnx.Rngs(0))
+  chunked = Transformer(_oss_tiny(attn_impl="chunked"), nnx.Rngs(0))
+  _randomize(masked), _randomize(chunked)
+  forward = jax.jit(lambda m, t: m(t))
+  np.testing.assert_allclose(forward(masked, tokens), forward(chunked, tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_decoding_with_cache_matches_full_forward(rng):
+  model = Transformer(_oss_tiny(), nnx.Rngs(0))
+  _randomize(model)
+  tokens = jnp.asarray(rng.integers(0, 64, (2, 20)), jnp.int32)
+  step = jax.jit(lambda m, t, p, c: m.forward(t, p, c)[::2])
+  full, _ = step(model, tokens, None, None)
+  cache = model.init_cache(batch=2, max_len=32)
+  assert [c.k_BxSxKxH.shape[1] for c in cache] == [5, 32, 5, 32]  # sliding layers keep only the window
+  prompt = 7  # longer than the window: the prefill writes only its last 5 keys in sliding layers
+  first, cache = step(model, tokens[:, :prompt], None, cache)
+  logits = [first]
+  for t in range(prompt, 20):
+    pos = jnp.full((2, 1), t, jnp.int32)
+    lg, cache = step(model, tokens[:, t:t + 1], pos, cache)
+    logits.append(lg)
+  np.testing.assert_allclose(jnp.concatenate(logits, axis=1), full, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,83 @@
+import glob
+import os
+
+import pytest
+
+from conftest import REPO
+from gptoss_jax.config import (ConfigError, ModelConfig, apply_overrides, load_config_file, model_config_from_file,
+                               parse_override_args)
+
+
+@pytest.mark.parametrize("fields, field_named", [
+    (dict(n_heads=6, n_kv_heads=4), "n_kv_heads"),
+    (dict(n_experts=4, top_k=5, d_expert=8), "top_k"),
+    (dict(n_experts=4, top_k=2, d_expert=0), "d_expert"),
+    (dict(sliding_window=-1), "sliding_window"),
+    (dict(sliding_window=4, window_layers="0,9"), "window_layers"),
+    (dict(sliding_window=4, window_layers="odd"), "window_layers"),
+    (dict(norm="batchnorm"), "norm"),
+    (dict(position="alibi"), "position"),
+    (dict(ffn="relu"), "ffn"),
+    (dict(routing="random"), "routing"),
+    (dict(moe_dispatch="magic"), "moe_dispatch"),
+    (dict(resid_dropout=1.5), "resid_dropout"),
+    (dict(d_model=0), "d_model"),
+    (dict(n_layers="2"), "n_layers"),
+    (dict(qk_norm=1), "qk_norm"),
+    (dict(head_dim=15), "head_dim"),
+    (dict(moe_mxfp4=True), "moe_mxfp4"),
+    (dict(dtype="float8"), "dtype"),
+])
+def test_bad_values_name_the_field(fields, field_named):
+  with pytest.raises(ConfigError, match=field_named):
+    ModelConfig(**fields)
+
+
+def test_unknown_field_is_named():
+  with pytest.raises(ConfigError, match="n_layer_typo"):
+    ModelConfig.from_dict({"n_layer_typo": 3})
+
+
+def test_window_layers_patterns():
+  assert ModelConfig(n_layers=4, sliding_window=8).sliding_layers == (True, False, True, False)
+  assert ModelConfig(n_layers=3, sliding_window=8, window_layers="all").sliding_layers == (True,) * 3
+  assert ModelConfig(n_layers=4, sliding_window=8, window_layers="1,3").sliding_layers == (False, True, False, True)
+  assert ModelConfig(n_layers=4, sliding_window=0).sliding_layers == (False,) * 4
+
+
+def test_ints_are_accepted_for_floats():
+  assert ModelConfig(rope_theta=10000).rope_theta == 10000.0
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))))
+def test_every_preset_is_valid(path):
+  module = {}
+  exec(open(path).read(), module)
+  for name in module["PRESETS"]:
+    cfg = model_config_from_file(f"{path}:{name}")
+    assert isinstance(cfg, ModelConfig)
+
+
+def test_overrides_are_typed():
+  config = load_config_file(os.path.join(REPO, "configs/gpt_oss.py:tiny"))
+  apply_overrides(config, parse_override_args(["--config.model.n_layers=6", "--config.model.qk_norm=true",
+                                               "--config.model.rope_theta=5e4", "--config.model.norm=layernorm"]))
+  cfg = ModelConfig.from_dict(config.model)
+  assert (cfg.n_layers, cfg.qk_norm, cfg.rope_theta, cfg.norm) == (6, True, 5e4, "layernorm")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.model.n_layerz=3"], "unknown config key: model.n_layerz"),
+    (["--config.model.n_layers=three"], "model.n_layers"),
+    (["--config.model.qk_norm=maybe"], "model.qk_norm"),
+    (["--n_layers=3"], "unrecognized argument"),
+])
+def test_bad_overrides(args, message):
+  config = load_config_file(os.path.join(REPO, "configs/gpt2.py:tiny"))
+  with pytest.raises(ConfigError, match=message):
+    apply_overrides(config, parse_override_args(args))
+
+
+def test_unknown_preset_lists_presets():
+  with pytest.raises(ConfigError, match="124m"):
+    load_config_file(os.path.join(REPO, "configs/gpt2.py:huge"))

@@ -1,0 +1,180 @@
+"""Routing, dispatch strategies and auxiliary losses against numpy written here; MXFP4 against a
+plain decode and transformers' converter."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gptoss_jax import ModelConfig
+from gptoss_jax.model import mxfp4
+from gptoss_jax.model.ffn import MLP
+from gptoss_jax.model.moe import MoE, aux_losses, route
+
+BASE = ModelConfig(d_model=32, n_experts=8, top_k=2, d_expert=32, ffn="clamped_swiglu", ffn_bias=True,
+                   router_bias=True)
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_routing_orders(rng):
+  logits = rng.normal(size=(6, 8)).astype(np.float32)
+  top = np.argsort(-logits, axis=-1)[:, :2]
+  w, idx = route(BASE, jnp.asarray(logits))
+  np.testing.assert_array_equal(idx, top)
+  np.testing.assert_allclose(w, _softmax(np.take_along_axis(logits, top, -1)), rtol=1e-5)  # gpt-oss
+  probs = _softmax(logits)
+  w, _ = route(BASE.replace(routing="softmax_topk", norm_topk_prob=False), jnp.asarray(logits))
+  np.testing.assert_allclose(w, np.take_along_axis(probs, top, -1), rtol=1e-5)
+  w, _ = route(BASE.replace(routing="softmax_topk", norm_topk_prob=True), jnp.asarray(logits))
+  picked = np.take_along_axis(probs, top, -1)
+  np.testing.assert_allclose(w, picked / picked.sum(-1, keepdims=True), rtol=1e-5)
+
+
+def test_aux_losses_formula(rng):
+  logits = rng.normal(size=(10, 4)).astype(np.float32)
+  idx = np.argsort(-logits, axis=-1)[:, :2]
+  load = np.array([(idx == e).sum() for e in range(4)]) / idx.size
+  out = aux_losses(jnp.asarray(logits), jnp.asarray(idx))
+  np.testing.assert_allclose(out["expert_load"], load, rtol=1e-6)
+  assert float(out["moe_aux_loss"]) == pytest.approx(4 * np.sum(load * _softmax(logits).mean(0)), rel=1e-5)
+  lse = np.log(np.exp(logits).sum(-1))
+  assert float(out["moe_z_loss"]) == pytest.approx(np.mean(lse**2), rel=1e-5)
+
+
+def _randomized(cfg, seed=0):
+  moe = MoE(cfg, nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  for _, var in nnx.to_flat_state(nnx.state(moe, nnx.Param)):
+    var[...] = jnp.asarray(rng.normal(size=var.shape) * 0.3, var.dtype)
+  return moe
+
+
+def _numpy_moe(moe, cfg, x):
+  """Per token: its top-k experts, each a clamped SwiGLU, mixed by the routing weights."""
+  w_in, b_in = np.asarray(moe.w_in[...]), np.asarray(moe.b_in[...])
+  w_out, b_out = np.asarray(moe.w_out[...]), np.asarray(moe.b_out[...])
+  logits = x @ np.asarray(moe.router_w[...]) + np.asarray(moe.router_b[...])
+  out = np.zeros_like(x)
+  for n in range(x.shape[0]):
+    top = np.argsort(-logits[n])[:cfg.top_k]
+    for weight, e in zip(_softmax(logits[n, top]), top):
+      gate = np.minimum(x[n] @ w_in[e, :, 0] + b_in[e, 0], 7)
+      up = np.clip(x[n] @ w_in[e, :, 1] + b_in[e, 1], -7, 7)
+      out[n] += weight * ((gate / (1 + np.exp(-1.702 * gate)) * (up + 1)) @ w_out[e] + b_out[e])
+  return out
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "ragged", "dense"])
+def test_dispatch_matches_numpy(rng, dispatch):
+  cfg = BASE.replace(moe_dispatch=dispatch)
+  moe = _randomized(cfg)
+  x = rng.normal(size=(2, 12, 32)).astype(np.float32)
+  y, aux = moe(jnp.asarray(x))
+  np.testing.assert_allclose(y.reshape(24, 32), _numpy_moe(moe, cfg, x.reshape(24, 32)), rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_is_dropless_when_one_expert_takes_everything(rng):
+  """The fast capacity overflows; the exact fallback must still route every token."""
+  cfg = BASE
+  moe, ref = _randomized(cfg), _randomized(cfg.replace(moe_dispatch="dense"))
+  for m in (moe, ref):
+    m.router_b[...] = jnp.zeros(8).at[3].set(100.0)  # expert 3 is everyone's first choice
+  x = jnp.asarray(rng.normal(size=(1, 40, 32)), jnp.float32)
+  np.testing.assert_allclose(moe(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
+  assert float(moe(x)[1]["expert_load"][3]) == pytest.approx(0.5)
+
+
+def test_capacity_factor_drops_overflow(rng):
+  """With a capacity, an overflowing expert keeps its first tokens (in token order) only."""
+  cfg = BASE.replace(top_k=1, moe_capacity_factor=1.0, n_experts=8)
+  moe = _randomized(cfg)
+  moe.router_b[...] = jnp.zeros(8).at[5].set(100.0)  # every token picks expert 5
+  x = jnp.asarray(rng.normal(size=(1, 32, 32)), jnp.float32)
+  y = moe(x)[0][0]
+  capacity = 8  # ceil(1.0 * 32 tokens * 1 / 8 experts / 8) * 8
+  dense = _randomized(cfg.replace(moe_dispatch="dense", moe_capacity_factor=0.0))
+  dense.router_b[...] = moe.router_b[...]
+  want = dense(x)[0][0]
+  np.testing.assert_allclose(y[:capacity], want[:capacity], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y[capacity:], 0.0)
+
+
+def test_one_expert_top1_is_the_dense_ffn(rng):
+  moe_cfg = ModelConfig(d_model=16, n_experts=1, top_k=1, d_expert=24, ffn="swiglu")
+  moe = _randomized(moe_cfg)
+  mlp = MLP(moe_cfg.replace(n_experts=0, d_ff=24), nnx.Rngs(0))
+  mlp.w_in[...], mlp.w_out[...] = moe.w_in[...][0], moe.w_out[...][0]
+  x = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
+  np.testing.assert_allclose(moe(x)[0], mlp(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_gradients_match_dense(rng):
+  x = jnp.asarray(rng.normal(size=(2, 10, 32)), jnp.float32)
+  grads = {}
+  for dispatch in ("grouped", "dense"):
+    moe = _randomized(BASE.replace(moe_dispatch=dispatch))
+    loss = lambda m: jnp.sum(jnp.sin(m(x)[0]))
+    grads[dispatch] = nnx.grad(loss)(moe)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(grads["grouped"]), nnx.to_flat_state(grads["dense"])):
+    np.testing.assert_allclose(a[...], b[...], rtol=1e-4, atol=1e-5, err_msg=str(path))
+
+
+# ------------------------------------------------------------------ MXFP4
+
+
+def _plain_dequant(blocks, scales):
+  table = [0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6]
+  out = []
+  for row_blocks, row_scales in zip(blocks.reshape(-1, *blocks.shape[-2:]), scales.reshape(-1, scales.shape[-1])):
+    row = []
+    for block, scale in zip(row_blocks, row_scales):
+      for byte in block:
+        row += [table[byte & 15] * 2.0**(int(scale) - 127), table[byte >> 4] * 2.0**(int(scale) - 127)]
+    out.append(row)
+  return np.array(out, np.float32).reshape(*blocks.shape[:-2], -1)
+
+
+def test_mxfp4_dequantize_plain_decode(rng):
+  blocks = rng.integers(0, 256, (3, 2, 16), dtype=np.uint8)
+  scales = rng.integers(120, 134, (3, 2), dtype=np.uint8)
+  np.testing.assert_array_equal(mxfp4.dequantize(blocks, scales, jnp.float32), _plain_dequant(blocks, scales))
+
+
+def test_mxfp4_round_trip(rng):
+  w = rng.normal(size=(4, 64)).astype(np.float32)
+  blocks, scales = mxfp4.quantize(w)
+  assert blocks.shape == (4, 2, 16) and scales.shape == (4, 2)
+  back = np.asarray(mxfp4.dequantize(blocks, scales, jnp.float32))
+  amax = np.abs(w.reshape(4, 2, 32)).max(-1, keepdims=True)
+  assert np.all(np.abs(back - w).reshape(4, 2, 32) <= amax / 6 + 1e-7)  # half the widest FP4 gap, scaled
+  again = mxfp4.quantize(back)  # representable values survive exactly
+  np.testing.assert_array_equal(mxfp4.dequantize(*again, jnp.float32), back)
+
+
+def test_mxfp4_matches_transformers(rng):
+  from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+  import torch
+  w = rng.normal(size=(2, 8, 64)).astype(np.float32)  # [E, out, in]
+  blocks, scales = mxfp4.quantize(w)
+  ref = convert_moe_packed_tensors(torch.from_numpy(np.array(blocks)), torch.from_numpy(np.array(scales)),
+                                   dtype=torch.float32)  # [E, in, out]
+  np.testing.assert_array_equal(np.swapaxes(np.asarray(mxfp4.dequantize(blocks, scales, jnp.float32)), 1, 2),
+                                ref.numpy())
+
+
+def test_packed_experts_equal_dequantized_weights(rng):
+  packed = MoE(BASE.replace(moe_mxfp4=True), nnx.Rngs(0))
+  assert packed.w_in_blocks[...].dtype == jnp.uint8 and not nnx.state(packed, nnx.Param).get("w_in")
+  plain = MoE(BASE, nnx.Rngs(0))
+  w_in, w_out = packed.expert_weights(jnp.float32)
+  plain.w_in[...], plain.w_out[...] = w_in, w_out
+  plain.router_w[...], plain.router_b[...] = packed.router_w[...], packed.router_b[...]
+  x = jnp.asarray(rng.normal(size=(2, 6, 32)), jnp.float32)
+  np.testing.assert_allclose(packed(x)[0], plain(x)[0], rtol=1e-6)
