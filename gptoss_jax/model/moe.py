@@ -2,8 +2,9 @@
 
 grouped (default): sort the (token, expert) assignments by expert, gather them into per-expert
   buckets of a static capacity, one batched matmul, scatter back. Compute grows with the active
-  experts. Dropless by default: a capacity of 2x the mean load is tried, and an exact fallback with
-  room for every token runs only when some expert overflows (lax.cond runs one branch).
+  experts. Dropless by default: buckets hold 2x the mean load, and on a batch where some expert
+  overflows, lax.cond runs the exact ragged path instead (one branch runs; the ragged path's
+  memory does not grow with the number of experts, as buckets with room for every token would).
 ragged: jax.lax.ragged_dot over the sorted assignments (fast grouped GEMM on GPU/TPU; on CPU it
   lowers to a dense dot over all experts).
 dense: every expert on every token, combined with the routing weights (the test reference).
@@ -139,9 +140,10 @@ class MoE(nnx.Module):
       dispatch = lambda c: grouped_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, c, expert_fn)
       if cfg.moe_capacity_factor or capacity == N:
         y = dispatch(capacity)
-      else:  # dropless: exact fallback only when an expert overflows the fast capacity
+      else:  # dropless: an exact fallback runs only on a batch where some expert overflows
         overflow = jnp.max(jnp.bincount(idx_NxK.reshape(-1), length=cfg.n_experts)) > capacity
-        y = jax.lax.cond(overflow, lambda: dispatch(N), lambda: dispatch(capacity))
+        exact = lambda: ragged_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out)
+        y = jax.lax.cond(overflow, exact, lambda: dispatch(capacity))
     return y.reshape(B, T, D).astype(dt), aux_losses(logits_NxE, idx_NxK)
 
 

@@ -1,0 +1,67 @@
+"""inspect: model-card counts, formulas for FLOPs and KV bytes, the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from gptoss_jax import ModelConfig
+from gptoss_jax.config import model_config_from_file
+from gptoss_jax.inspect import mean_context, stats
+
+
+def _stats(spec, seq_len=None):
+  return stats(model_config_from_file(os.path.join(REPO, "configs", spec)), seq_len)
+
+
+def test_gpt2_124m():
+  s = _stats("gpt2.py:124m", 1024)
+  assert s.total_params == 124_439_808
+  assert s.embedding_params == 1024 * 768  # tied: the token table is the unembedding and counts as active
+  assert s.active_params == 124_439_808 - 1024 * 768
+
+
+def test_model_cards():
+  s20, s120 = _stats("gpt_oss.py:20b"), _stats("gpt_oss.py:120b")
+  assert s20.total_params == 20_914_757_184 and round(s20.active_params / 1e9, 2) == 3.61
+  assert s120.total_params == 116_829_156_672 and round(s120.active_params / 1e9, 2) == 5.13
+  assert round(_stats("qwen3.py:30b-a3b").total_params / 1e9, 1) == 30.5
+  assert s20.embedding_params == 201088 * 2880
+  assert s20.weight_bytes_mxfp4 < 16e9 < s20.weight_bytes_bf16  # 20b with MXFP4 experts fits 16 GB
+
+
+def test_flops_and_kv_formulas():
+  cfg = ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+                    sliding_window=4, n_experts=4, top_k=1, d_expert=16, tie_embeddings=False)
+  s = stats(cfg, seq_len=16)
+  per_layer = 32 * 4 * 8 * 2 + 32 * 2 * 8 * 2 + 32 * 4 + (32 * 2 * 16 + 16 * 32)  # q,o + k,v + router + 1 expert
+  matmul = 2 * per_layer + 32 * 100  # + unembedding; the embedding lookup is free
+  attention = 4 * 4 * 8 * (mean_context(16, 4) + mean_context(16, 0))
+  assert s.train_flops_per_token == pytest.approx(3 * (2 * matmul + attention))
+  assert mean_context(16, 0) == 8.5 and mean_context(16, 4) == pytest.approx((1 + 2 + 3 + 4 * 13) / 16)
+  assert s.kv_bytes_per_token == 2 * 2 * 8 * 2  # one full layer, bf16 K and V
+  assert s.kv_window_bytes == 4 * 2 * 2 * 8 * 2
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "gptoss_jax.inspect", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_cli_json_and_text():
+  out = _cli("--config", "configs/gpt2.py:124m", "--json")
+  assert out.returncode == 0 and json.loads(out.stdout)["total_params"] == 124_439_808
+  out = _cli("--config", "configs/gpt2.py:tiny", "--config.model.n_layers=4")
+  assert out.returncode == 0 and "total parameters" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/nope.py"], "config file not found"),
+    (["--config", "configs/gpt2.py:tiny", "--config.model.n_heads=3"], "n_heads"),
+    (["--config", "configs/gpt2.py:tiny", "--config.model.wat=3"], "unknown config key"),
+])
+def test_cli_bad_input_is_one_line(args, message):
+  out = _cli(*args)
+  assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
