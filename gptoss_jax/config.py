@@ -206,10 +206,11 @@ def _check_types(cfg: ModelConfig):
 
 
 def preset_config(presets: Mapping[str, dict], name: str) -> ml_collections.ConfigDict:
-  """A config file's get_config(): ConfigDict(model=<every ModelConfig field>) for a named preset."""
+  """A config file's get_config(): the run config (model, data, train, ...) for a named preset."""
+  from gptoss_jax.train.config import run_config  # the run sections beside the model
   if name not in presets:
     raise ConfigError(f"unknown preset {name!r} (presets: {', '.join(presets)})")
-  return ml_collections.ConfigDict({"model": ModelConfig(**presets[name]).to_dict()})
+  return run_config(ModelConfig(**presets[name]).to_dict())
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

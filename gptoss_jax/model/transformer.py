@@ -55,7 +55,9 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
     return self.forward(tokens_BxT).logits_BxTxV
 
-  def forward(self, tokens_BxT, positions_BxT=None, cache: list[KVCache] | None = None) -> ModelOutput:
+  def forward(self, tokens_BxT, positions_BxT=None, cache: list[KVCache] | None = None,
+              remat: bool = False) -> ModelOutput:
+    """remat: recompute each block's activations in the backward pass instead of storing them."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     B, T = tokens_BxT.shape
@@ -67,8 +69,9 @@ class Transformer(nnx.Module):
     x = self.embed_dropout(x)
     rope = None if cfg.position == "learned" else rope_cos_sin(cfg, positions_BxT)
     auxes, new_cache = [], []
+    call = nnx.remat(_call_block) if remat else _call_block
     for i, block in enumerate(self.blocks):
-      x, aux, layer_cache = block(x, positions_BxT, rope, None if cache is None else cache[i])
+      x, aux, layer_cache = call(block, x, positions_BxT, rope, None if cache is None else cache[i])
       auxes.append(aux)
       new_cache.append(layer_cache)
     x = self.final_norm(x)
@@ -82,6 +85,10 @@ class Transformer(nnx.Module):
     dtype = dtype or jnp.dtype(cfg.dtype)
     return [KVCache.empty(batch, b.attn.cache_slots(max_len), cfg.n_kv_heads, cfg.head_dim, dtype)
             for b in self.blocks]
+
+
+def _call_block(block: Block, *args):
+  return block(*args)
 
 
 def _merge_aux(auxes: list[dict]) -> dict:

@@ -1,0 +1,1 @@
+"""Data: tokenizers, text sources, `prepare` (text -> tokens on disk) and grain pipelines."""

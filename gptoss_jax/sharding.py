@@ -1,0 +1,88 @@
+"""Device mesh with named axes and logical-axis rules: parameters name their axes ("embed", "mlp", ...),
+a table maps those names to mesh axes, so changing parallelism is a config change, never a model change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from gptoss_jax.config import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both: fsdp is data parallel with sharded weights
+
+# logical axis -> mesh axis (None: replicated)
+LOGICAL_RULES: dict[str, str | None] = {
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "vocab": "tensor",
+    "expert": "expert",
+    "norm": None,
+}
+
+
+def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
+  """Sizes per MESH_AXES; one of them may be -1 to take the remaining devices."""
+  unknown = sorted(set(sizes) - set(MESH_AXES))
+  if unknown:
+    raise ConfigError(f"mesh: unknown axis {', '.join(unknown)} (axes: {', '.join(MESH_AXES)})")
+  shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ConfigError(f"mesh: sizes must be >= 1 with at most one -1, got {dict(zip(MESH_AXES, shape))}")
+  fixed = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if n_devices % fixed:
+      raise ConfigError(f"mesh: {dict(zip(MESH_AXES, shape))} does not divide {n_devices} devices")
+    shape[shape.index(-1)] = n_devices // fixed
+  if math.prod(shape) != n_devices:
+    raise ConfigError(f"mesh: {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+                      f"there are {n_devices}")
+  return tuple(shape)
+
+
+def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(sizes, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_spec(axes: tuple[str | None, ...] | None, shape: tuple[int, ...], mesh: Mesh,
+                    rules: Mapping[str, str | None] = LOGICAL_RULES) -> P:
+  """PartitionSpec for an array whose dimensions carry logical names; a dimension the mesh axis does
+  not divide, or a mesh axis already used by an earlier dimension, stays replicated."""
+  if not axes:
+    return P()
+  spec, used = [], set()
+  for name, dim in zip(axes, shape):
+    mesh_axis = rules.get(name) if name else None
+    if mesh_axis and mesh_axis not in used and mesh.shape[mesh_axis] > 1 and dim % mesh.shape[mesh_axis] == 0:
+      spec.append(mesh_axis)
+      used.add(mesh_axis)
+    else:
+      spec.append(None)
+  return P(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+  """NamedSharding for every variable of an nnx state, from its `axes` metadata (replicated if none)."""
+  def one(variable):
+    value = variable.get_value()
+    spec = logical_to_spec(variable.get_metadata().get("axes"), np.shape(value), mesh)
+    return variable.replace(NamedSharding(mesh, spec))
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)

@@ -1,0 +1,1 @@
+"""Training: optimizer, loss, sharded train step, checkpoints, metrics, and the loop."""

@@ -1,0 +1,43 @@
+"""python -m gptoss_jax.train --config configs/<file>.py[:<preset>] --workdir DIR [--config.a.b=value ...]
+
+Trains, or resumes from the newest checkpoint in DIR. Bad input: one line on stderr, exit status 2.
+"""
+
+import argparse
+import json
+import sys
+
+from gptoss_jax.config import ConfigError, apply_overrides, load_config_file, parse_override_args
+
+DEFAULT_CONFIG = "configs/gpt_oss.py:tiny"
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m gptoss_jax.train", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default=DEFAULT_CONFIG, help="configs/<file>.py[:<preset>]")
+  parser.add_argument("--workdir", required=True, help="checkpoints, TensorBoard logs, metrics.jsonl")
+  args, rest = parser.parse_known_args(argv)
+  try:
+    config = load_config_file(args.config)
+    apply_overrides(config, parse_override_args(rest))
+    from gptoss_jax.train.loop import TrainingError, train, validate
+    validate(config)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(config.to_dict(), indent=1))
+  try:
+    metrics = train(config, args.workdir)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except TrainingError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("train/loss", "eval/loss") if k in metrics)
+  print(f"done: {summary}. TensorBoard: tensorboard --logdir {args.workdir}/tb")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,224 @@
+"""The training loop: validate, prepare data, build or resume the state, step, evaluate, log, save."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from gptoss_jax.config import ConfigError, ModelConfig
+from gptoss_jax.data.pipeline import eval_batches, train_dataset
+from gptoss_jax.data.prepare import load_meta, prepare
+from gptoss_jax.data.sources import SOURCES, cache_dir
+from gptoss_jax.data.tokenizers import TOKENIZERS
+from gptoss_jax.inspect import stats
+from gptoss_jax.sharding import batch_divisor, make_mesh
+from gptoss_jax.train.checkpoint import Checkpointer
+from gptoss_jax.train.metrics import MetricsLogger, peak_flops_per_device
+from gptoss_jax.train.optimizer import SCHEDULES
+from gptoss_jax.train.step import Trainer
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (a non-finite loss); the message says which checkpoint is the last good one."""
+
+
+def init_distributed(d: ml_collections.ConfigDict) -> None:
+  """Several hosts: every process runs the same command with its own process_id."""
+  if d.coordinator and not jax.distributed.is_initialized():
+    jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
+
+
+def validate(config: ml_collections.ConfigDict) -> tuple[ModelConfig, int]:
+  """Every check that needs no data and no writes. Returns the model config and the local batch size."""
+  cfg = ModelConfig.from_dict(config.model)
+  t, d = config.train, config.data
+  mesh = make_mesh(config.mesh)
+  for name in ("steps", "batch_size", "microbatches", "eval_every", "eval_batches"):
+    if t[name] <= 0:
+      raise ConfigError(f"train.{name} must be > 0, got {t[name]}")
+  if t.lr <= 0 or t.warmup_steps < 0 or t.weight_decay < 0:
+    raise ConfigError("train.lr must be > 0; train.warmup_steps and train.weight_decay >= 0")
+  if t.schedule not in SCHEDULES:
+    raise ConfigError(f"train.schedule must be one of {'|'.join(SCHEDULES)}, got {t.schedule!r}")
+  if t.stop_at < 0:
+    raise ConfigError(f"train.stop_at must be >= 0, got {t.stop_at}")
+  divisor = batch_divisor(mesh) * t.microbatches
+  if t.batch_size % divisor:
+    raise ConfigError(f"train.batch_size {t.batch_size} does not divide into {t.microbatches} microbatch(es) "
+                      f"over the data x fsdp mesh axes ({batch_divisor(mesh)} shards)")
+  if t.batch_size % jax.process_count():
+    raise ConfigError(f"train.batch_size {t.batch_size} does not divide over {jax.process_count()} processes")
+  if not 0 < d.seq_len <= cfg.max_seq_len:
+    raise ConfigError(f"data.seq_len must be in 1..model.max_seq_len ({cfg.max_seq_len}), got {d.seq_len}")
+  if d.source not in SOURCES:
+    raise ConfigError(f"data.source must be one of {'|'.join(SOURCES)}, got {d.source!r}")
+  if d.tokenizer not in TOKENIZERS:
+    raise ConfigError(f"data.tokenizer must be one of {'|'.join(TOKENIZERS)}, got {d.tokenizer!r}")
+  if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0 or config.log.every <= 0:
+    raise ConfigError("checkpoint.every, checkpoint.keep and log.every must be > 0")
+  return cfg, t.batch_size // jax.process_count()
+
+
+def dataset_dir(d: ml_collections.ConfigDict) -> Path:
+  if d.dir:
+    return Path(d.dir)
+  key = hashlib.sha1(f"{d.source}|{d.path}|{d.tokenizer}|{d.vocab_file}|{d.eval_fraction}".encode()).hexdigest()[:8]
+  return cache_dir() / "data" / f"{d.source}-{d.tokenizer}-{key}"
+
+
+def ensure_dataset(d: ml_collections.ConfigDict, progress: bool) -> Path:
+  folder = dataset_dir(d)
+  if not (folder / "meta.json").is_file():
+    if jax.process_index() == 0:
+      print(f"preparing {d.source} with the {d.tokenizer} tokenizer into {folder}", file=sys.stderr)
+      prepare(folder, d.source, d.tokenizer, d.path, d.vocab_file, d.eval_fraction, d.hf_split, d.hf_field,
+              progress=progress)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("dataset prepared")
+  return folder
+
+
+class StopRequest:
+  """SIGTERM or Ctrl-C asks the loop to save and exit at the end of the current step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+      raise KeyboardInterrupt
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Trains (resuming from the newest checkpoint in workdir); returns the last logged metrics."""
+  init_distributed(config.distributed)
+  cfg, local_batch = validate(config)
+  t = config.train
+  is_main = jax.process_index() == 0
+  progress = config.log.progress and is_main
+  data = ensure_dataset(config.data, progress)
+  meta = load_meta(data)
+  if meta["vocab_size"] > cfg.vocab_size:
+    raise ConfigError(f"model.vocab_size {cfg.vocab_size} is smaller than the {meta['tokenizer']} "
+                      f"tokenizer's {meta['vocab_size']}")
+
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if is_main:
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+  mesh = make_mesh(config.mesh)
+  trainer = Trainer(cfg, t, mesh)
+  checkpoints = Checkpointer(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
+  batches = iter(train_dataset(data, config.data.seq_len, local_batch, t.seed, jax.process_index(),
+                               jax.process_count()))
+  restored = checkpoints.restore(trainer.abstract_state())
+  if restored:
+    state, record = restored
+    batches.set_state(record["data"])
+    if is_main:
+      print(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}", file=sys.stderr)
+  else:
+    state = trainer.init_state()
+  held_out = [trainer.global_batch(b) for b in eval_batches(data, config.data.seq_len, local_batch, t.eval_batches,
+                                                             jax.process_index(), jax.process_count())]
+
+  flops_per_token = stats(cfg, config.data.seq_len).train_flops_per_token
+  peak, peak_source = peak_flops_per_device(config.log.peak_flops)
+  tokens_per_step = t.batch_size * config.data.seq_len
+  logger = MetricsLogger(workdir, enabled=is_main)
+  logger.hparams(_flat_hparams(config), ("eval/loss", "train/loss"))
+  if is_main:
+    print(f"MFU is relative to {peak / 1e12:.3g} TFLOP/s per device ({peak_source}) x {jax.device_count()} devices",
+          file=sys.stderr)
+
+  start, end = int(state.step), t.stop_at or t.steps
+  end = min(end, t.steps)
+  bar = _progress_bar(progress, start, t.steps)
+  last, last_saved = {}, start if restored else None
+  clock, clock_step = time.perf_counter(), start
+  with StopRequest() as stop:
+    for step in range(start, end):
+      state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
+      done = step + 1
+      final = done == end or stop.requested
+      if done % config.log.every == 0 or final or done % config.checkpoint.every == 0:
+        metrics = jax.device_get(metrics)
+        if not math.isfinite(float(metrics["loss"])):
+          checkpoints.wait()
+          good = f"step {last_saved}" if last_saved is not None else "none"
+          raise TrainingError(f"loss is {float(metrics['loss'])} at step {done}; stopping "
+                              f"(last good checkpoint: {good} in {workdir / 'checkpoints'})")
+        now = time.perf_counter()
+        tokens_per_s = tokens_per_step * (done - clock_step) / (now - clock)
+        clock, clock_step = now, done
+        last = _log(logger, done, metrics, tokens_per_s, tokens_per_step, flops_per_token, peak)
+        if bar:
+          bar.update(done - bar.n)
+          bar.set_postfix(loss=f"{last['train/loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+      if done % t.eval_every == 0 or final:
+        last["eval/loss"] = float(np.mean([trainer.eval_step(state.params, state.rest, b) for b in held_out]))
+        logger.write(done, {"eval/loss": last["eval/loss"]})
+      if done % config.checkpoint.every == 0 or final:
+        checkpoints.save(done, state, {"data": batches.get_state(), "step": done})
+        last_saved = done
+      if stop.requested:
+        if is_main:
+          print(f"\nstopped by signal at step {done}; checkpoint saved", file=sys.stderr)
+        break
+  checkpoints.close()
+  logger.close()
+  if bar:
+    bar.close()
+  return last
+
+
+def _log(logger: MetricsLogger, step: int, metrics: dict, tokens_per_s: float, tokens_per_step: int,
+         flops_per_token: float, peak: float) -> dict:
+  scalars = {f"train/{k}": float(v) for k, v in metrics.items() if k != "expert_load"}
+  scalars |= {"perf/tokens_per_s": tokens_per_s, "perf/step_time_s": tokens_per_step / tokens_per_s,
+              "perf/mfu": tokens_per_s * flops_per_token / (peak * jax.device_count())}
+  histograms = {}
+  if "expert_load" in metrics:  # [layers, experts], fractions of the routed assignments
+    load = np.asarray(metrics["expert_load"])
+    for layer, row in enumerate(load):
+      scalars[f"moe/max_load_ratio/layer{layer:02d}"] = float(row.max() * len(row))
+      histograms[f"moe/expert_load/layer{layer:02d}"] = row
+  logger.write(step, scalars, histograms)
+  return scalars
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
+  flat = {}
+  for section, values in config.to_dict().items():
+    if isinstance(values, dict):
+      flat |= {f"{section}.{k}": v for k, v in values.items()}
+  return flat
+
+
+def _progress_bar(enabled: bool, start: int, total: int):
+  if not enabled:
+    return None
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)

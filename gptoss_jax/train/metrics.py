@@ -1,0 +1,75 @@
+"""Logging: TensorBoard scalars and HParams (tensorboardX), the same metrics as JSON lines, and MFU."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# dense bf16 peak FLOP/s per device, by substring of jax's device_kind
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+    "V100": 125e12, "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v4": 275e12, "TPU v3": 123e12,
+}
+
+
+def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
+  """(FLOP/s, where it came from): the config's value, a known accelerator's, or measured on CPU."""
+  if configured > 0:
+    return configured, "config"
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops, f"{kind} bf16 peak"
+  return measured_matmul_flops(), f"{kind}: measured float32 matmul rate"
+
+
+def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+  """Achievable matmul FLOP/s of one device (used where no peak is known, e.g. CPU)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    f(a).block_until_ready()
+  return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+class MetricsLogger:
+  """Writes on process 0 only; every other process gets a logger that does nothing."""
+
+  def __init__(self, workdir: Path, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter
+    self.writer = SummaryWriter(str(workdir / "tb"))
+    self.jsonl = open(workdir / "metrics.jsonl", "a")
+
+  def hparams(self, hparams: dict, metrics: tuple[str, ...]) -> None:
+    if not self.enabled:
+      return
+    from tensorboardX.summary import hparams as hparams_summary
+    clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+    for summary in hparams_summary(clean, {m: 0.0 for m in metrics}):
+      self.writer.file_writer.add_summary(summary)
+
+  def write(self, step: int, scalars: dict[str, float], histograms: dict[str, np.ndarray] | None = None) -> None:
+    if not self.enabled:
+      return
+    for name, value in scalars.items():
+      self.writer.add_scalar(name, value, step)
+    for name, values in (histograms or {}).items():
+      self.writer.add_histogram(name, np.asarray(values), step)
+    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self.jsonl.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self.writer.close()
+      self.jsonl.close()

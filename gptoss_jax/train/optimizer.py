@@ -1,0 +1,51 @@
+"""AdamW with warmup and cosine / linear decay, a weight-decay mask, global-norm clipping."""
+
+from __future__ import annotations
+
+import ml_collections
+import optax
+from flax import nnx
+
+from gptoss_jax.config import ConfigError
+
+SCHEDULES = ("cosine", "linear", "constant")
+BIASES = ("bq", "bk", "bv", "bo", "b_in", "b_out", "router_b", "bias", "sinks")
+EMBEDDINGS = ("embed", "pos_embed", "unembed")
+
+
+def lr_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
+  if t.schedule not in SCHEDULES:
+    raise ConfigError(f"train.schedule must be one of {'|'.join(SCHEDULES)}, got {t.schedule!r}")
+  warmup = min(t.warmup_steps, t.steps)
+  decay_steps = max(t.steps - warmup, 1)
+  end = t.lr * t.min_lr_ratio
+  if t.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(t.lr, decay_steps, alpha=t.min_lr_ratio)
+  elif t.schedule == "linear":
+    decay = optax.linear_schedule(t.lr, end, decay_steps)
+  else:
+    decay = optax.constant_schedule(t.lr)
+  return optax.join_schedules([optax.linear_schedule(0.0, t.lr, warmup), decay], [warmup])
+
+
+def decays(path: tuple, t: ml_collections.ConfigDict) -> bool:
+  names = [str(p) for p in path]
+  if any("norm" in n for n in names):
+    return t.decay_norms
+  if names[-1] in BIASES:
+    return t.decay_biases
+  if names[0] in EMBEDDINGS:
+    return t.decay_embeddings
+  return True
+
+
+def weight_decay_mask(params: nnx.State, t: ml_collections.ConfigDict) -> nnx.State:
+  return nnx.map_state(lambda path, v: decays(path, t), params)
+
+
+def make_optimizer(t: ml_collections.ConfigDict, params: nnx.State) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(t.clip_norm) if t.clip_norm > 0 else optax.identity(),
+      optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
+                  mask=weight_decay_mask(params, t)),
+  )
