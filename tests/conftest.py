@@ -2,6 +2,7 @@ import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -32,3 +33,22 @@ def hf_folder(tmp_path_factory):
     return cache[family]
 
   return get
+
+
+TEXT = """It is a truth universally acknowledged, that a single man in possession of a good fortune, must be
+in want of a wife. However little known the feelings or views of such a man may be on his first entering a
+neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered
+the rightful property of some one or other of their daughters.
+"""
+
+
+@pytest.fixture(scope="session")
+def text_dataset(tmp_path_factory):
+  """A small prepared byte-level dataset (no network)."""
+  from gptoss_jax.data.prepare import prepare
+  folder = tmp_path_factory.mktemp("text")
+  for i in range(8):
+    (folder / f"doc{i}.txt").write_text(f"Chapter {i}.\n" + TEXT * (6 + i))
+  out = folder / "prepared"
+  prepare(out, "text", "byte", path=str(folder / "doc*.txt"), eval_fraction=0.1, progress=False)
+  return out

@@ -39,6 +39,7 @@ def init_distributed(d: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> tuple[ModelConfig, int]:
   """Every check that needs no data and no writes. Returns the model config and the local batch size."""
+  init_distributed(config.distributed)  # before anything asks JAX for devices
   cfg = ModelConfig.from_dict(config.model)
   t, d = config.train, config.data
   mesh = make_mesh(config.mesh)
@@ -112,7 +113,6 @@ class StopRequest:
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Trains (resuming from the newest checkpoint in workdir); returns the last logged metrics."""
-  init_distributed(config.distributed)
   cfg, local_batch = validate(config)
   t = config.train
   is_main = jax.process_index() == 0

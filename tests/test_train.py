@@ -1,0 +1,238 @@
+"""The training system on 8 fake CPU devices: sharded == single device, exact resume, multi-process,
+command-line errors, NaN handling, accumulation, logs."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from conftest import REPO
+from gptoss_jax.config import ModelConfig, apply_overrides, load_config_file
+from gptoss_jax.sharding import make_mesh
+from gptoss_jax.train.checkpoint import Checkpointer
+from gptoss_jax.train.loop import TrainingError, train
+from gptoss_jax.train.optimizer import decays, lr_schedule
+from gptoss_jax.train.step import Trainer
+
+DENSE = "configs/gpt2.py:tiny"
+MOE = "configs/gpt_oss.py:tiny"
+
+
+def run_config(spec, dataset, **overrides):
+  config = load_config_file(os.path.join(REPO, spec))
+  base = {"data.dir": str(dataset), "data.seq_len": "32", "train.batch_size": "8", "train.steps": "6",
+          "train.warmup_steps": "2", "train.eval_every": "3", "train.eval_batches": "2", "log.every": "1",
+          "log.progress": "false", "checkpoint.every": "100", "checkpoint.async_save": "false",
+          "log.peak_flops": "1e12", "model.embed_dropout": "0", "model.attn_dropout": "0", "model.resid_dropout": "0"}
+  apply_overrides(config, base | {k: str(v) for k, v in overrides.items()})
+  return config
+
+
+def losses(workdir):
+  out = {}
+  for line in open(os.path.join(workdir, "metrics.jsonl")):
+    row = json.loads(line)
+    if "train/loss" in row:
+      out[row["step"]] = row["train/loss"]
+  return out
+
+
+def final_params(config, workdir):
+  cfg = ModelConfig.from_dict(config.model)
+  trainer = Trainer(cfg, config.train, make_mesh(config.mesh))
+  state, _ = Checkpointer(os.path.join(workdir, "checkpoints")).restore(trainer.abstract_state())
+  return state
+
+
+@pytest.mark.parametrize("spec, mesh, specs", [
+    (DENSE, dict(data=2, fsdp=2, tensor=2, expert=1),
+     {"blocks.0.attn.wq": P("fsdp", "tensor", None), "embed": P("tensor", "fsdp"),
+      "blocks.0.ffn.w_in": P("fsdp", None, "tensor"), "blocks.0.attn_norm.scale": P(None)}),
+    (MOE, dict(data=2, fsdp=1, tensor=2, expert=2),
+     {"blocks.0.ffn.w_in": P("expert", None, None, "tensor"), "blocks.0.ffn.w_out": P("expert", "tensor", None),
+      "blocks.0.attn.wk": P(None, "tensor", None), "unembed": P(None, "tensor")}),
+])
+def test_sharded_step_matches_single_device(text_dataset, spec, mesh, specs):
+  config = run_config(spec, text_dataset, **{"model.n_layers": 2})
+  cfg = ModelConfig.from_dict(config.model)
+  batch = np.random.default_rng(0).integers(0, 256, (8, 33)).astype(np.int32)
+  results = []
+  for m in (mesh, dict(data=1, fsdp=1, tensor=1, expert=1)):
+    devices = jax.devices()[:math.prod(m.values())]
+    trainer = Trainer(cfg, config.train, make_mesh(m, devices))
+    state = trainer.init_state()
+    tokens = trainer.global_batch(batch)
+    grads = jax.jit(jax.grad(lambda p: trainer._loss(p, state.rest, tokens)[0]))(state.params)
+    state, metrics = trainer.train_step(state, tokens)
+    results.append((grads, state, metrics))
+    if len(devices) == 8:
+      for path, var in nnx.to_flat_state(state.params):
+        name = ".".join(map(str, path))
+        if name in specs:
+          assert var.get_value().sharding.spec == specs[name], name
+  (g8, s8, m8), (g1, s1, m1) = results
+  assert float(m8["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_is_exact(text_dataset, tmp_path):
+  """6 steps straight == 3 steps, stop, resume, 3 more: losses and parameters (dropout on: RNG resumes too)."""
+  dropout = {"model.embed_dropout": 0.1, "model.resid_dropout": 0.1, "model.attn_dropout": 0.1}
+  straight = run_config(DENSE, text_dataset, **dropout)
+  train(straight, tmp_path / "straight")
+  train(run_config(DENSE, text_dataset, **dropout, **{"train.stop_at": 3}), tmp_path / "resumed")
+  assert sorted(losses(tmp_path / "resumed")) == [1, 2, 3]
+  train(run_config(DENSE, text_dataset, **dropout), tmp_path / "resumed")
+  assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+  a, b = final_params(straight, tmp_path / "straight"), final_params(straight, tmp_path / "resumed")
+  assert int(a.step) == int(b.step) == 6
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(x, y)
+
+
+def _cli(workdir, *extra, env=None, **popen):
+  args = [sys.executable, "-m", "gptoss_jax.train", "--config", DENSE, "--workdir", str(workdir), *extra]
+  return subprocess.Popen(args, cwd=REPO, env=env or os.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, **popen)
+
+
+def _overrides(config_args: dict) -> list[str]:
+  return [f"--config.{k}={v}" for k, v in config_args.items()]
+
+
+def test_sigterm_saves_and_resume_is_exact(text_dataset, tmp_path):
+  args = _overrides({"data.dir": text_dataset, "data.seq_len": 32, "train.batch_size": 8, "train.steps": 200,
+                     "train.warmup_steps": 2, "train.eval_every": 1000, "train.eval_batches": 1, "log.every": 1,
+                     "log.progress": "false", "checkpoint.every": 1000, "log.peak_flops": 1e12,
+                     "model.n_layers": 1, "model.d_model": 32, "model.d_ff": 64, "train.schedule": "constant"})
+  proc = _cli(tmp_path / "run", *args)
+  metrics = tmp_path / "run" / "metrics.jsonl"
+  deadline = time.time() + 120
+  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  assert "stopped by signal" in err
+  stopped = max(losses(tmp_path / "run"))
+  assert stopped < 200
+  resumed = _cli(tmp_path / "run", *args, "--config.train.steps=" + str(stopped + 3))
+  assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+  straight = _cli(tmp_path / "straight", *args, "--config.train.steps=" + str(stopped + 3))
+  assert straight.wait(timeout=300) == 0
+  assert losses(tmp_path / "run") == losses(tmp_path / "straight")  # a constant schedule ignores train.steps
+
+
+def test_two_processes_agree_with_one(text_dataset, tmp_path):
+  args = _overrides({"data.dir": text_dataset, "data.seq_len": 32, "train.batch_size": 8, "train.steps": 3,
+                     "train.eval_every": 1000, "train.eval_batches": 1, "log.every": 1, "log.progress": "false",
+                     "log.peak_flops": 1e12, "model.embed_dropout": 0, "model.attn_dropout": 0,
+                     "model.resid_dropout": 0})
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  port = 20000 + os.getpid() % 20000
+  procs = [_cli(tmp_path / "two", *args, f"--config.distributed.coordinator=localhost:{port}",
+                "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}", env=env)
+           for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+  one = _cli(tmp_path / "one", *args, env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+  assert one.wait(timeout=300) == 0
+  a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
+  assert sorted(a) == [1, 2, 3]
+  for step in a:
+    assert a[step] == pytest.approx(b[step], rel=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config.train.stepz=3"], "unknown config key: train.stepz"),
+    (["--config.train.steps=many"], "train.steps"),
+    (["--config.mesh.tensor=3"], "mesh"),
+    (["--config.train.batch_size=12"], "batch_size 12 does not divide"),
+    (["--config.model.n_kv_heads=3"], "n_kv_heads"),
+    (["--config.data.seq_len=100000"], "data.seq_len"),
+    (["--config.data.source=web"], "data.source"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, message):
+  proc = _cli(tmp_path / "w", *extra)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2
+  assert message in err and len(err.strip().splitlines()) == 1, err
+  assert not (tmp_path / "w").exists()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(text_dataset, tmp_path):
+  config = run_config(DENSE, text_dataset, **{"train.lr": 1e38, "train.warmup_steps": 0, "train.steps": 8,
+                                              "checkpoint.every": 1, "train.clip_norm": 0.0})
+  with pytest.raises(TrainingError, match="loss is (nan|inf).*last good checkpoint: step"):
+    train(config, tmp_path)
+  steps = Checkpointer(tmp_path / "checkpoints").steps()
+  state = final_params(config, tmp_path)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params)) and steps
+
+
+def test_microbatches_equal_one_batch(text_dataset):
+  batch = np.random.default_rng(0).integers(0, 256, (8, 33)).astype(np.int32)
+  params = []
+  for m in (1, 4):
+    config = run_config(DENSE, text_dataset, **{"train.microbatches": m})
+    trainer = Trainer(ModelConfig.from_dict(config.model), config.train, make_mesh(config.mesh))
+    state, metrics = trainer.train_step(trainer.init_state(), trainer.global_batch(batch))
+    params.append((state.params, float(metrics["loss"]), float(metrics["grad_norm"])))
+  assert params[0][1] == pytest.approx(params[1][1], rel=1e-6)
+  assert params[0][2] == pytest.approx(params[1][2], rel=1e-5)
+  for a, b in zip(jax.tree.leaves(params[0][0]), jax.tree.leaves(params[1][0])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_schedule_and_decay_mask():
+  t = run_config(DENSE, "unused", **{"train.lr": 1.0, "train.warmup_steps": 10, "train.steps": 110,
+                                     "train.min_lr_ratio": 0.1}).train
+  schedule = lr_schedule(t)
+  assert float(schedule(0)) == 0 and float(schedule(5)) == pytest.approx(0.5)
+  assert float(schedule(10)) == pytest.approx(1.0)
+  assert float(schedule(60)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+  assert float(schedule(110)) == pytest.approx(0.1)
+  assert decays(("blocks", 0, "attn", "wq"), t) and not decays(("blocks", 0, "attn", "bq"), t)
+  assert not decays(("blocks", 0, "attn_norm", "scale"), t) and decays(("embed",), t)
+  t.decay_embeddings = False
+  assert not decays(("embed",), t) and not decays(("pos_embed", "table"), t)
+
+
+def test_logs_tensorboard_and_jsonl(text_dataset, tmp_path):
+  config = run_config(MOE, text_dataset, **{"train.steps": 3})
+  last = train(config, tmp_path)
+  assert {"train/loss", "train/grad_norm", "train/param_norm", "train/lr", "perf/tokens_per_s", "perf/mfu",
+          "perf/step_time_s", "train/moe_aux_loss", "train/moe_z_loss", "moe/max_load_ratio/layer00",
+          "eval/loss"} <= set(last)
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["n_experts"] == 8
+  tags = set()
+  for event in _read_events(tmp_path / "tb"):
+    tags |= {v.tag for v in event.summary.value}
+  assert {"train/loss", "eval/loss", "moe/expert_load/layer00", "_hparams_/session_start_info"} <= tags
+
+
+def _read_events(folder):
+  """TFRecord framing: u64 length, u32 crc, payload, u32 crc."""
+  import struct
+  from tensorboardX.proto.event_pb2 import Event
+  for path in folder.glob("events.out.tfevents.*"):
+    data = path.read_bytes()
+    i = 0
+    while i < len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      yield Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
