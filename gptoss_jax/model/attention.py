@@ -15,6 +15,7 @@ from flax import nnx
 
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model.ffn import init_std_out
+from gptoss_jax.model.linear import project
 from gptoss_jax.model.norms import RMSNorm
 from gptoss_jax.model.positions import apply_rope
 
@@ -128,9 +129,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxTxD, positions_BxT, rope=None, cache: KVCache | None = None):
     cfg, dt = self.cfg, x_BxTxD.dtype
-    q = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.wq[...].astype(dt))
-    k = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.wk[...].astype(dt))
-    v = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.wv[...].astype(dt))
+    N, K = cfg.n_heads, cfg.n_kv_heads  # one matmul for q, k and v: fewer, larger GEMMs
+    qkv = project(x_BxTxD, jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1))
+    q, k, v = qkv[:, :, :N], qkv[:, :, N:N + K], qkv[:, :, N + K:]
     if cfg.qkv_bias:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if cfg.qk_norm:
@@ -150,7 +151,7 @@ class Attention(nnx.Module):
     else:
       out = attend(q, k, v, positions_BxT, positions_BxT, window=self.window, sinks_N=sinks,
                    dropout=self.dropout)
-    y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt))
+    y = project(out, self.wo[...], n_in=2)
     if cfg.out_bias:
       y = y + self.bo[...].astype(dt)
     return y, cache

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptoss_jax.config import ModelConfig
+from gptoss_jax.model.linear import project
 
 
 def activate(cfg: ModelConfig, h_xGxF: jax.Array) -> jax.Array:
@@ -49,10 +50,10 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, dict]:
     dt = x_BxTxD.dtype
-    h = jnp.einsum("btd,dgf->btgf", x_BxTxD, self.w_in[...].astype(dt))
+    h = project(x_BxTxD, self.w_in[...])
     if self.cfg.ffn_bias:
       h = h + self.b_in[...].astype(dt)
-    y = jnp.einsum("btf,fd->btd", activate(self.cfg, h), self.w_out[...].astype(dt))
+    y = project(activate(self.cfg, h), self.w_out[...])
     if self.cfg.ffn_bias:
       y = y + self.b_out[...].astype(dt)
     return y, {}

@@ -1,10 +1,9 @@
 """Mixture of experts: router, auxiliary losses, and three dispatch strategies.
 
-grouped (default): sort the (token, expert) assignments by expert, gather them into per-expert
-  buckets of a static capacity, one batched matmul, scatter back. Compute grows with the active
-  experts. Dropless by default: buckets hold 2x the mean load, and on a batch where some expert
-  overflows, lax.cond runs the exact ragged path instead (one branch runs; the ragged path's
-  memory does not grow with the number of experts, as buckets with room for every token would).
+grouped (default): sort the (token, expert) assignments by expert and compute only those; compute grows
+  with the active experts, not the total. Dropless (moe_capacity_factor = 0): each expert's rows padded
+  to whole blocks, each block owned by one expert, a static bound on the number of blocks. With a
+  capacity factor: per-expert buckets of a fixed size, one batched matmul, overflow dropped.
 ragged: jax.lax.ragged_dot over the sorted assignments (fast grouped GEMM on GPU/TPU; on CPU it
   lowers to a dense dot over all experts).
 dense: every expert on every token, combined with the routing weights (the test reference).
@@ -69,10 +68,38 @@ def grouped_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, capacity: int, exper
   return jnp.einsum("nkd,nk->nd", y_NxKxD, w_NxK.astype(y_NxKxD.dtype))
 
 
+def block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, block: int, expert_fn):
+  """Dropless: each expert's assignments padded to a multiple of `block` rows, every block owned by one
+  expert. The number of blocks is bounded statically (A / block + E), so no token is ever dropped."""
+  N, K = idx_NxK.shape
+  D = x_NxD.shape[-1]
+  A, E = N * K, n_experts
+  n_blocks = -(-A // block) + E
+  e_A = idx_NxK.reshape(-1)
+  order_A = jnp.argsort(e_A, stable=True)
+  e_sorted_A = e_A[order_A]
+  counts_E = jnp.bincount(e_A, length=E)
+  padded_E = -(-counts_E // block) * block
+  padded_end_E = jnp.cumsum(padded_E)
+  row_A = (padded_end_E - padded_E)[e_sorted_A] + jnp.arange(A) - (jnp.cumsum(counts_E) - counts_E)[e_sorted_A]
+  row_token = jnp.full((n_blocks * block,), N, jnp.int32).at[row_A].set(order_A // K)
+  x_pad = jnp.concatenate([x_NxD, jnp.zeros((1, D), x_NxD.dtype)])
+  block_expert = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_blocks) * block, side="right"), E - 1)
+  y_rows = expert_fn(x_pad[row_token].reshape(n_blocks, block, D), block_expert).reshape(-1, D)
+  row_of_assignment = jnp.zeros((A,), jnp.int32).at[order_A].set(row_A)
+  y_NxKxD = y_rows[row_of_assignment].reshape(N, K, D)
+  return jnp.einsum("nkd,nk->nd", y_NxKxD, w_NxK.astype(y_NxKxD.dtype))
+
+
 def grouped_capacity(cfg: ModelConfig, n_tokens: int) -> int:
-  factor = cfg.moe_capacity_factor or 2.0
-  capacity = math.ceil(factor * n_tokens * cfg.top_k / cfg.n_experts / 8) * 8
+  capacity = math.ceil(cfg.moe_capacity_factor * n_tokens * cfg.top_k / cfg.n_experts / 8) * 8
   return min(capacity, n_tokens)
+
+
+def dropless_block(cfg: ModelConfig, n_tokens: int) -> int:
+  """Rows per block: about half the mean load (padding stays under ~1.5x), a power of two in [8, 128]."""
+  mean_load = n_tokens * cfg.top_k / cfg.n_experts
+  return int(min(128, max(8, 2 ** math.floor(math.log2(max(mean_load / 2, 1))))))
 
 
 class MoE(nnx.Module):
@@ -130,20 +157,19 @@ class MoE(nnx.Module):
       y = dense_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out)
     elif cfg.moe_dispatch == "ragged":
       y = ragged_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out)
-    else:
+    elif cfg.moe_capacity_factor:  # fixed capacity per expert, overflow dropped
       def expert_fn(x_ExCxD):
         h = jnp.einsum("ecd,edgf->ecgf", x_ExCxD, w_in) + b_in[:, None]
         return jnp.einsum("ecf,efd->ecd", activate(cfg, h), w_out) + b_out[:, None]
 
-      N = B * T
-      capacity = grouped_capacity(cfg, N)
-      dispatch = lambda c: grouped_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, c, expert_fn)
-      if cfg.moe_capacity_factor or capacity == N:
-        y = dispatch(capacity)
-      else:  # dropless: an exact fallback runs only on a batch where some expert overflows
-        overflow = jnp.max(jnp.bincount(idx_NxK.reshape(-1), length=cfg.n_experts)) > capacity
-        exact = lambda: ragged_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out)
-        y = jax.lax.cond(overflow, exact, lambda: dispatch(capacity))
+      capacity = grouped_capacity(cfg, B * T)
+      y = grouped_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, capacity, expert_fn)
+    else:  # dropless
+      def block_fn(x_nxbxD, expert_n):
+        h = jnp.einsum("nbd,ndgf->nbgf", x_nxbxD, w_in[expert_n]) + b_in[expert_n][:, None]
+        return jnp.einsum("nbf,nfd->nbd", activate(cfg, h), w_out[expert_n]) + b_out[expert_n][:, None]
+
+      y = block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, dropless_block(cfg, B * T), block_fn)
     return y.reshape(B, T, D).astype(dt), aux_losses(logits_NxE, idx_NxK)
 
 

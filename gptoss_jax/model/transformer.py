@@ -9,6 +9,7 @@ from flax import nnx
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model.attention import Attention, KVCache
 from gptoss_jax.model.ffn import MLP
+from gptoss_jax.model.linear import project
 from gptoss_jax.model.moe import MoE
 from gptoss_jax.model.norms import make_norm
 from gptoss_jax.model.positions import LearnedPositions, rope_cos_sin
@@ -76,7 +77,7 @@ class Transformer(nnx.Module):
       new_cache.append(layer_cache)
     x = self.final_norm(x)
     unembed = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
-    logits = jnp.einsum("btd,dv->btv", x, unembed.astype(dt)).astype(jnp.float32)
+    logits = project(x, unembed).astype(jnp.float32)
     return ModelOutput(logits, _merge_aux(auxes), None if cache is None else new_cache)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:

@@ -32,8 +32,13 @@ class TrainingError(RuntimeError):
 
 
 def init_distributed(d: ml_collections.ConfigDict) -> None:
-  """Several hosts: every process runs the same command with its own process_id."""
-  if d.coordinator and not jax.distributed.is_initialized():
+  """Several hosts: every process runs the same command with its own process_id; "auto" lets JAX find
+  the cluster itself (TPU pods, SLURM, Kubernetes)."""
+  if not d.coordinator or jax.distributed.is_initialized():
+    return
+  if d.coordinator == "auto":
+    jax.distributed.initialize()
+  else:
     jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
 
 
