@@ -123,7 +123,8 @@ def test_grouped_gradients_match_dense(rng):
     loss = lambda m: jnp.sum(jnp.sin(m(x)[0]))
     grads[dispatch] = nnx.grad(loss)(moe)
   for (path, a), (_, b) in zip(nnx.to_flat_state(grads["grouped"]), nnx.to_flat_state(grads["dense"])):
-    np.testing.assert_allclose(a[...], b[...], rtol=1e-4, atol=1e-5, err_msg=str(path))
+    scale = float(jnp.abs(b[...]).max())  # float32 sums in another order: compare at the array's scale
+    np.testing.assert_allclose(a[...], b[...], rtol=1e-4, atol=1e-5 * scale, err_msg=str(path))
 
 
 # ------------------------------------------------------------------ MXFP4

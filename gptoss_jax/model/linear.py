@@ -3,6 +3,7 @@
 import math
 
 import jax
+import jax.numpy as jnp
 
 
 def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
@@ -17,3 +18,12 @@ def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
   w2 = w.reshape(math.prod(ins), math.prod(outs)).astype(x.dtype)
   y = jax.lax.dot_general(x2, w2.T, (((1,), (1,)), ((), ())))
   return y.reshape(*lead, *outs)
+
+
+def project_batched(x_ExCxI: jax.Array, w_ExIxO: jax.Array) -> jax.Array:
+  """Per-group projection [E, C, in] x [E, in, *out] -> [E, C, *out], in the same [out, in] form."""
+  E, I = w_ExIxO.shape[:2]
+  outs = w_ExIxO.shape[2:]
+  w = jnp.swapaxes(w_ExIxO.reshape(E, I, math.prod(outs)), 1, 2).astype(x_ExCxI.dtype)
+  y = jax.lax.dot_general(x_ExCxI, w, (((2,), (2,)), ((0,), (0,))))
+  return y.reshape(*x_ExCxI.shape[:2], *outs)

@@ -19,6 +19,7 @@ from flax import nnx
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model import mxfp4
 from gptoss_jax.model.ffn import activate, init_std_out, n_in_proj
+from gptoss_jax.model.linear import project_batched
 
 
 def route(cfg: ModelConfig, logits_NxE: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -159,15 +160,15 @@ class MoE(nnx.Module):
       y = ragged_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out)
     elif cfg.moe_capacity_factor:  # fixed capacity per expert, overflow dropped
       def expert_fn(x_ExCxD):
-        h = jnp.einsum("ecd,edgf->ecgf", x_ExCxD, w_in) + b_in[:, None]
-        return jnp.einsum("ecf,efd->ecd", activate(cfg, h), w_out) + b_out[:, None]
+        h = project_batched(x_ExCxD, w_in) + b_in[:, None]
+        return project_batched(activate(cfg, h), w_out) + b_out[:, None]
 
       capacity = grouped_capacity(cfg, B * T)
       y = grouped_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, capacity, expert_fn)
     else:  # dropless
       def block_fn(x_nxbxD, expert_n):
-        h = jnp.einsum("nbd,ndgf->nbgf", x_nxbxD, w_in[expert_n]) + b_in[expert_n][:, None]
-        return jnp.einsum("nbf,nfd->nbd", activate(cfg, h), w_out[expert_n]) + b_out[expert_n][:, None]
+        h = project_batched(x_nxbxD, w_in[expert_n]) + b_in[expert_n][:, None]
+        return project_batched(activate(cfg, h), w_out[expert_n]) + b_out[expert_n][:, None]
 
       y = block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, dropless_block(cfg, B * T), block_fn)
     return y.reshape(B, T, D).astype(dt), aux_losses(logits_NxE, idx_NxK)
