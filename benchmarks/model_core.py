@@ -1,7 +1,7 @@
 """Model-core speed, measured side by side in one run (CPU by default; any JAX backend works).
 
 (a) forward+backward of one MoE layer at 8, 32 and 64 experts, top_k fixed: grouped dispatch
-    (the default) against the all-experts dense path and ragged_dot.
+    (the default; dropless, and with a capacity factor) against the all-experts dense path and ragged_dot.
 (b) forward+backward of one sliding-window attention layer (blockwise kernel) against a full causal
     layer at sequence 4096, window 128.
 
@@ -44,15 +44,17 @@ def bench_moe(tokens: int, repeats: int) -> None:
   print(f"(a) MoE layer fwd+bwd: {tokens} tokens, d_model 256, d_expert 256, top_k 2, clamped SwiGLU")
   x = jax.random.normal(jax.random.key(0), (1, tokens, 256))
   results = {}
-  for dispatch in ("grouped", "dense", "ragged"):
+  variants = {"grouped, dropless": ("grouped", 0.0), "grouped, capacity 2": ("grouped", 2.0),
+              "dense (all experts)": ("dense", 0.0), "ragged_dot": ("ragged", 0.0)}
+  for name, (dispatch, capacity) in variants.items():
     for experts in (8, 32, 64):
       cfg = ModelConfig(d_model=256, n_experts=experts, top_k=2, d_expert=256, ffn="clamped_swiglu", ffn_bias=True,
-                        router_bias=True, moe_dispatch=dispatch)
-      results[dispatch, experts] = time_fwd_bwd(MoE(cfg, nnx.Rngs(0)), x, repeats=repeats)
-    base = results[dispatch, 8]
-    row = "  ".join(f"{e:>2} experts {results[dispatch, e] * 1e3:8.1f} ms ({results[dispatch, e] / base:4.2f}x)"
+                        router_bias=True, moe_dispatch=dispatch, moe_capacity_factor=capacity)
+      results[name, experts] = time_fwd_bwd(MoE(cfg, nnx.Rngs(0)), x, repeats=repeats)
+    base = results[name, 8]
+    row = "  ".join(f"{e:>2} exp {results[name, e] * 1e3:7.1f} ms ({results[name, e] / base:4.2f}x)"
                     for e in (8, 32, 64))
-    print(f"  {dispatch:<8} {row}")
+    print(f"  {name:<20} {row}", flush=True)
 
 
 def bench_attention(seq: int, window: int, repeats: int) -> None:

@@ -219,6 +219,7 @@ def test_logs_tensorboard_and_jsonl(text_dataset, tmp_path):
           "perf/step_time_s", "train/moe_aux_loss", "train/moe_z_loss", "moe/max_load_ratio/layer00",
           "eval/loss"} <= set(last)
   assert json.loads((tmp_path / "config.json").read_text())["model"]["n_experts"] == 8
+  assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
   tags = set()
   for event in _read_events(tmp_path / "tb"):
     tags |= {v.tag for v in event.summary.value}
@@ -236,3 +237,26 @@ def _read_events(folder):
       (n,) = struct.unpack("<Q", data[i:i + 8])
       yield Event.FromString(data[i + 12:i + 12 + n])
       i += 12 + n + 4
+
+
+def test_damaged_newest_checkpoint_falls_back(text_dataset, tmp_path, capsys):
+  config = run_config(DENSE, text_dataset, **{"train.steps": 4, "checkpoint.every": 2})
+  train(config, tmp_path)
+  assert Checkpointer(tmp_path / "checkpoints").steps() == [2, 4]
+  for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(b"garbage")
+  state = final_params(config, tmp_path)
+  assert int(state.step) == 2
+  assert "checkpoint 4 is damaged" in capsys.readouterr().err
+
+
+def test_remat_changes_nothing_but_memory(text_dataset):
+  batch = np.random.default_rng(0).integers(0, 256, (8, 33)).astype(np.int32)
+  out = []
+  for remat in (False, True):
+    config = run_config(MOE, text_dataset, **{"train.remat": remat, "model.n_layers": 2})
+    trainer = Trainer(ModelConfig.from_dict(config.model), config.train, make_mesh(config.mesh))
+    state, metrics = trainer.train_step(trainer.init_state(), trainer.global_batch(batch))
+    out.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+  assert out[0][0] == pytest.approx(out[1][0], rel=1e-6) and out[0][1] == pytest.approx(out[1][1], rel=1e-5)

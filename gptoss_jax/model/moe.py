@@ -98,9 +98,10 @@ def grouped_capacity(cfg: ModelConfig, n_tokens: int) -> int:
 
 
 def dropless_block(cfg: ModelConfig, n_tokens: int) -> int:
-  """Rows per block: about half the mean load (padding stays under ~1.5x), a power of two in [8, 128]."""
+  """Rows per block: the mean load per expert rounded down to a power of two in [8, 128]. Larger blocks
+  mean fewer per-block weight gathers; padding stays below one block per expert."""
   mean_load = n_tokens * cfg.top_k / cfg.n_experts
-  return int(min(128, max(8, 2 ** math.floor(math.log2(max(mean_load / 2, 1))))))
+  return int(min(128, max(8, 2 ** math.floor(math.log2(max(mean_load, 1))))))
 
 
 class MoE(nnx.Module):

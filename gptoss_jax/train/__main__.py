@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("train/loss", "eval/loss") if k in metrics)
-  print(f"done: {summary}. TensorBoard: tensorboard --logdir {args.workdir}/tb")
+  print(f"done: {summary}. Loss curve: {args.workdir}/loss.png; TensorBoard: tensorboard --logdir {args.workdir}/tb")
   return 0
 
 

@@ -22,7 +22,7 @@ from gptoss_jax.data.tokenizers import TOKENIZERS
 from gptoss_jax.inspect import stats
 from gptoss_jax.sharding import batch_divisor, make_mesh
 from gptoss_jax.train.checkpoint import Checkpointer
-from gptoss_jax.train.metrics import MetricsLogger, peak_flops_per_device
+from gptoss_jax.train.metrics import MetricsLogger, peak_flops_per_device, plot_losses
 from gptoss_jax.train.optimizer import SCHEDULES
 from gptoss_jax.train.step import Trainer
 
@@ -196,6 +196,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   logger.close()
   if bar:
     bar.close()
+  if is_main:
+    plot_losses(workdir)
   return last
 
 

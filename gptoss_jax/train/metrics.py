@@ -73,3 +73,25 @@ class MetricsLogger:
     if self.enabled:
       self.writer.close()
       self.jsonl.close()
+
+
+def plot_losses(workdir: Path) -> Path:
+  """DIR/loss.png: train and eval loss against steps, from DIR/metrics.jsonl."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+  for key, label in (("train/loss", "train"), ("eval/loss", "eval (held out)")):
+    points = sorted({r["step"]: r[key] for r in rows if key in r}.items())
+    if points:
+      ax.plot(*zip(*points), label=label, marker="o" if key.startswith("eval") else None, markersize=3)
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy (nats / token)")
+  ax.set_title(workdir.name)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(workdir / "loss.png")
+  plt.close(fig)
+  return workdir / "loss.png"
