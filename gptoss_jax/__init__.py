@@ -4,10 +4,10 @@ from gptoss_jax.config import ConfigError, ModelConfig
 from gptoss_jax.model import KVCache, ModelOutput, Transformer
 
 
-def load_pretrained(path, dtype: str = "float32"):
+def load_pretrained(path, dtype: str = "float32", keep_mxfp4: bool = False):
   """Loads a Hugging Face folder (config.json + safetensors) into (ModelConfig, Transformer)."""
   from gptoss_jax.convert.hf import load_pretrained as _load
-  return _load(path, dtype=dtype)
+  return _load(path, dtype=dtype, keep_mxfp4=keep_mxfp4)
 
 
 __all__ = ["ConfigError", "KVCache", "ModelConfig", "ModelOutput", "Transformer", "load_pretrained"]

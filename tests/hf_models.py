@@ -50,3 +50,36 @@ def save_hf_model(family: str, folder, seed: int = 0):
   model = build_hf_model(family, seed)
   model.save_pretrained(folder)
   return model
+
+
+def save_mxfp4_gpt_oss(src, dst):
+  """The unquantized gpt_oss folder `src` rewritten as the hub's files are: experts as MXFP4 blocks and
+  scales ([E, out, in / 32, 16] and [E, out, in / 32], made by the project's quantizer), the rest as is."""
+  import json
+  import shutil
+  from pathlib import Path
+
+  import numpy as np
+  from safetensors.numpy import load_file, save_file
+
+  from gptoss_jax.model import mxfp4
+  src, dst = Path(src), Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  tensors = load_file(src / "model.safetensors")
+  out = {}
+  for name, value in tensors.items():
+    if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+      blocks, scales = mxfp4.quantize(np.swapaxes(value, 1, 2))  # ours are [E, in, out] on disk
+      out[name + "_blocks"], out[name + "_scales"] = np.asarray(blocks), np.asarray(scales)
+    else:
+      out[name] = value
+  save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+  config = json.loads((src / "config.json").read_text())
+  config["quantization_config"] = {"quant_method": "mxfp4",
+                                   "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                              "model.embed_tokens", "lm_head"]}
+  (dst / "config.json").write_text(json.dumps(config, indent=2))
+  for extra in ("generation_config.json",):
+    if (src / extra).exists():
+      shutil.copy(src / extra, dst / extra)
+  return dst

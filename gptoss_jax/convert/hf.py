@@ -18,7 +18,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from gptoss_jax.config import ConfigError, ModelConfig
-from gptoss_jax.model import Transformer
+from gptoss_jax.model import Transformer, mxfp4
 
 FAMILIES = ("gpt2", "gpt_oss", "qwen3", "qwen3_moe", "llama")
 
@@ -153,6 +153,10 @@ def _deinterleave(x):  # [..., 2F] with gate at even and up at odd -> [..., 2, F
   return np.swapaxes(x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2), -1, -2)
 
 
+def _deinterleave_rows(x):  # packed [E, 2F, ...] rows (gate at even, up at odd) -> [E, 2, F, ...]
+  return np.swapaxes(x.reshape(x.shape[0], x.shape[1] // 2, 2, *x.shape[2:]), 1, 2)
+
+
 def _norm_rules(cfg: ModelConfig, ours: str, hf: str) -> list[Rule]:
   rules = [Rule(f"{ours}.scale", (f"{hf}.weight",), _ident)]
   if cfg.norm == "layernorm":
@@ -182,7 +186,7 @@ def gpt2_rules(cfg: ModelConfig) -> list[Rule]:
   return rules
 
 
-def llama_like_rules(cfg: ModelConfig, family: str) -> list[Rule]:
+def llama_like_rules(cfg: ModelConfig, family: str, mxfp4_source: bool = False) -> list[Rule]:
   """llama, qwen3, qwen3_moe and gpt_oss share the attention and norm layout."""
   D, N, K, H, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, "model.layers.{i}"
   A = f"{L}.self_attn"
@@ -222,17 +226,29 @@ def llama_like_rules(cfg: ModelConfig, family: str) -> list[Rule]:
                    lambda *w: np.stack([_glu_in(g, u) for g, u in zip(w[:E], w[E:])])),
               Rule("blocks.{i}.ffn.w_out", names("down_proj"), lambda *w: np.stack([x.T for x in w]))]
   elif family == "gpt_oss":
+    X = f"{M}.experts"
     rules += [Rule("blocks.{i}.ffn.router_w", (f"{M}.router.weight",), lambda w: w.T),
               Rule("blocks.{i}.ffn.router_b", (f"{M}.router.bias",), _ident),
-              Rule("blocks.{i}.ffn.w_in", (f"{M}.experts.gate_up_proj",), _deinterleave),
-              Rule("blocks.{i}.ffn.b_in", (f"{M}.experts.gate_up_proj_bias",), _deinterleave),
-              Rule("blocks.{i}.ffn.w_out", (f"{M}.experts.down_proj",), _ident),
-              Rule("blocks.{i}.ffn.b_out", (f"{M}.experts.down_proj_bias",), _ident)]
+              Rule("blocks.{i}.ffn.b_in", (f"{X}.gate_up_proj_bias",), _deinterleave),
+              Rule("blocks.{i}.ffn.b_out", (f"{X}.down_proj_bias",), _ident)]
+    if mxfp4_source and cfg.moe_mxfp4:  # stay packed: only the interleaved gate/up rows are reordered
+      rules += [Rule("blocks.{i}.ffn.w_in_blocks", (f"{X}.gate_up_proj_blocks",), _deinterleave_rows),
+                Rule("blocks.{i}.ffn.w_in_scales", (f"{X}.gate_up_proj_scales",), _deinterleave_rows),
+                Rule("blocks.{i}.ffn.w_out_blocks", (f"{X}.down_proj_blocks",), _ident),
+                Rule("blocks.{i}.ffn.w_out_scales", (f"{X}.down_proj_scales",), _ident)]
+    elif mxfp4_source:  # dequantize: [E, out, in] -> ours
+      unpack = lambda b, s: np.asarray(mxfp4.dequantize(b, s, jnp.float32)).swapaxes(1, 2)
+      rules += [Rule("blocks.{i}.ffn.w_in", (f"{X}.gate_up_proj_blocks", f"{X}.gate_up_proj_scales"),
+                     lambda b, s: _deinterleave(unpack(b, s))),
+                Rule("blocks.{i}.ffn.w_out", (f"{X}.down_proj_blocks", f"{X}.down_proj_scales"), unpack)]
+    else:
+      rules += [Rule("blocks.{i}.ffn.w_in", (f"{X}.gate_up_proj",), _deinterleave),
+                Rule("blocks.{i}.ffn.w_out", (f"{X}.down_proj",), _ident)]
   return rules
 
 
-def rules_for(family: str, cfg: ModelConfig) -> list[Rule]:
-  return gpt2_rules(cfg) if family == "gpt2" else llama_like_rules(cfg, family)
+def rules_for(family: str, cfg: ModelConfig, mxfp4_source: bool = False) -> list[Rule]:
+  return gpt2_rules(cfg) if family == "gpt2" else llama_like_rules(cfg, family, mxfp4_source)
 
 
 def expand(rules: list[Rule], n_layers: int) -> Iterator[Rule]:
@@ -289,6 +305,10 @@ def _path_str(path: tuple) -> str:
   return ".".join(str(p) for p in path)
 
 
+def _is_weight(variable: nnx.Variable) -> bool:
+  return isinstance(variable, (nnx.Param, mxfp4.Packed))
+
+
 def _fresh(variable: nnx.Variable) -> jax.Array:
   """A concrete value for non-parameter state (dropout RNG keys and counters)."""
   abstract = variable.get_value()
@@ -297,15 +317,31 @@ def _fresh(variable: nnx.Variable) -> jax.Array:
   return jnp.zeros(abstract.shape, abstract.dtype)
 
 
-def load_pretrained(path: str | Path, dtype: str = "float32") -> tuple[ModelConfig, Transformer]:
-  """A Hugging Face folder (config.json + safetensors) -> (config, model in eval mode)."""
+def is_mxfp4(hf: dict) -> bool:
+  return (hf.get("quantization_config") or {}).get("quant_method") == "mxfp4"
+
+
+def load_pretrained(path: str | Path, dtype: str = "float32", keep_mxfp4: bool = False,
+                    progress: Callable[[str], None] | None = None) -> tuple[ModelConfig, Transformer]:
+  """A Hugging Face folder (config.json + safetensors) -> (config, model in eval mode).
+
+  Tensors are read one at a time (memory-mapped), so peak memory stays near the model's own size.
+  MXFP4 experts (gpt_oss with a quantization_config) are dequantized, or with keep_mxfp4 kept packed.
+  `progress` is called with each parameter's name as it is filled.
+  """
   hf = read_hf_config(path)
   cfg = config_from_hf(hf, dtype)
+  packed_source = is_mxfp4(hf)
+  if keep_mxfp4:
+    if not packed_source:
+      raise CheckpointError(f"{path}: --keep-mxfp4 needs an MXFP4 checkpoint (a quantization_config "
+                            "with quant_method mxfp4)")
+    cfg = cfg.replace(moe_mxfp4=True)
   tensors = SafetensorsFolder(path)
   family = hf["model_type"]
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
   wanted = {_path_str(p): v for p, v in nnx.to_flat_state(abstract)}
-  rules = list(expand(rules_for(family, cfg), cfg.n_layers))
+  rules = list(expand(rules_for(family, cfg, packed_source), cfg.n_layers))
   required = {h for r in rules for h in r.hf}
   optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
   if family == "gpt2":  # non-persistent causal-mask buffers that older files carry
@@ -315,7 +351,7 @@ def load_pretrained(path: str | Path, dtype: str = "float32") -> tuple[ModelConf
   if missing or unexpected:
     raise CheckpointError(f"{path}: tensors do not match a {family} model: "
                           f"missing {missing[:20] or 'none'}, unexpected {unexpected[:20] or 'none'}")
-  wanted = {name: v for name, v in wanted.items() if isinstance(v, nnx.Param)}
+  wanted = {name: v for name, v in wanted.items() if _is_weight(v)}
   not_covered = sorted(set(wanted) - {r.ours for r in rules})
   if not_covered:
     raise CheckpointError(f"internal: no rule fills {not_covered}")
@@ -328,7 +364,9 @@ def load_pretrained(path: str | Path, dtype: str = "float32") -> tuple[ModelConf
       raise CheckpointError(f"{path}: {', '.join(rule.hf[:2])} has shape {array.shape} after mapping to "
                             f"{rule.ours}, the config needs {target.shape}")
     values[rule.ours] = jnp.asarray(array, target.dtype)
-  state = nnx.from_flat_state([(p, v.replace(values[_path_str(p)] if isinstance(v, nnx.Param) else _fresh(v)))
+    if progress:
+      progress(rule.ours)
+  state = nnx.from_flat_state([(p, v.replace(values[_path_str(p)] if _is_weight(v) else _fresh(v)))
                                for p, v in nnx.to_flat_state(abstract)])
   model = nnx.merge(graphdef, state)
   model.eval()

@@ -1,13 +1,22 @@
 """Orbax checkpoints: the train state (sharded arrays) and a JSON record (data iterator state, config)
-per step; asynchronous saves, the last K kept, the newest readable one restored."""
+per step; asynchronous saves, the last K kept, the newest readable one restored. Models without
+optimizer state (conversions) are saved and every checkpoint folder is loaded for evaluation here too."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from gptoss_jax.model import mxfp4
 
 from gptoss_jax.train.step import TrainState
 
@@ -63,3 +72,64 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# ---------------------------------------------------------------- models for evaluation and generation
+
+
+def _weights(model) -> nnx.State:
+  return nnx.state(model, (nnx.Param, mxfp4.Packed))
+
+
+def save_model(dst: str | Path, config: ml_collections.ConfigDict, model, record: dict | None = None) -> Path:
+  """A model without optimizer state (a conversion): DIR/config.json + DIR/checkpoints/0/weights.
+  Written to a temporary folder beside DIR and renamed at the end: never half-written."""
+  dst = Path(dst).absolute()
+  if dst.exists() and any(dst.iterdir()):
+    raise FileExistsError(f"{dst} exists and is not empty")
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+  try:
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
+    with ocp.CheckpointManager(tmp / "checkpoints", options=options) as manager:
+      manager.save(0, args=ocp.args.Composite(weights=ocp.args.StandardSave(_weights(model)),
+                                              record=ocp.args.JsonSave(record or {})))
+    (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if dst.exists():
+      dst.rmdir()
+    tmp.rename(dst)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return dst
+
+
+def load_model(directory: str | Path):
+  """The newest checkpoint of a training run or a conversion -> (run config, ModelConfig, model in eval mode)."""
+  from gptoss_jax.config import ConfigError, ModelConfig
+  from gptoss_jax.model import Transformer
+  from gptoss_jax.sharding import make_mesh
+  from gptoss_jax.train.step import Trainer
+  directory = Path(directory)
+  if not (directory / "config.json").is_file():
+    raise ConfigError(f"{directory} is not a checkpoint folder (no config.json)")
+  config = ml_collections.ConfigDict(json.loads((directory / "config.json").read_text()))
+  cfg = ModelConfig.from_dict(config.model)
+  checkpoints = Checkpointer(directory / "checkpoints", async_save=False)
+  if not checkpoints.steps():
+    raise ConfigError(f"{directory}/checkpoints holds no checkpoint")
+  step = checkpoints.steps()[-1]
+  if (directory / "checkpoints" / str(step) / "weights").is_dir():  # a conversion
+    graphdef, weights, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))),
+                                        (nnx.Param, mxfp4.Packed), ...)
+    restored = checkpoints.manager.restore(step, args=ocp.args.Composite(weights=ocp.args.StandardRestore(weights)))
+    rest = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype) if not _is_key(v) else jax.random.key(0), rest)
+    model = nnx.merge(graphdef, restored["weights"], rest)
+  else:  # a training run
+    trainer = Trainer(cfg, config.train, make_mesh({"data": 1}, jax.devices()[:1]))
+    restored = checkpoints.restore(trainer.abstract_state())
+    if restored is None:
+      raise ConfigError(f"{directory}/checkpoints: no checkpoint could be read")
+    state = restored[0]
+    model = nnx.merge(trainer.graphdef, state.params, state.rest)
+  model.eval()
+  return config, cfg, model

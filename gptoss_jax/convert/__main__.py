@@ -1,0 +1,60 @@
+"""python -m gptoss_jax.convert --src HF_FOLDER --dst CHECKPOINT_DIR [--dtype bfloat16|float32] [--keep-mxfp4]
+
+Hugging Face folder (gpt2, gpt_oss incl. MXFP4, qwen3, qwen3_moe, llama; one or several safetensors
+files) -> a checkpoint that evaluation and generation load. Streams tensor by tensor; leaves nothing at
+--dst on failure. Bad input: one line on stderr, exit status 2.
+"""
+
+import argparse
+import sys
+
+from gptoss_jax.config import ConfigError
+
+# the tokenizer each family's released checkpoints use, where tiktoken has it
+TOKENIZERS = {"gpt2": "gpt2", "gpt_oss": "o200k_harmony"}
+
+
+def convert(src: str, dst: str, dtype: str = "bfloat16", keep_mxfp4: bool = False, progress: bool = True):
+  from gptoss_jax.convert.hf import read_hf_config, load_pretrained
+  from gptoss_jax.train.checkpoint import save_model
+  from gptoss_jax.train.config import run_config
+  hf = read_hf_config(src)
+  bar = []  # created at the first tensor, so that input rejected up front prints one line only
+
+  def tick(name: str):
+    if progress and not bar:
+      from tqdm import tqdm
+      bar.append(tqdm(desc="converting", unit="tensor", file=sys.stderr))
+    if bar:
+      bar[0].update(1)
+
+  try:
+    cfg, model = load_pretrained(src, dtype=dtype, keep_mxfp4=keep_mxfp4, progress=tick)
+  finally:
+    if bar:
+      bar[0].close()
+  config = run_config(cfg.to_dict())
+  config.data.tokenizer = TOKENIZERS.get(hf["model_type"], "byte")
+  config.data.seq_len = min(config.data.seq_len, cfg.max_seq_len)
+  return save_model(dst, config, model, {"source": str(src), "model_type": hf["model_type"]})
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m gptoss_jax.convert", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--src", required=True, help="Hugging Face model folder")
+  parser.add_argument("--dst", required=True, help="checkpoint folder to create")
+  parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  parser.add_argument("--keep-mxfp4", action="store_true", help="keep MXFP4 experts packed (gpt_oss)")
+  args = parser.parse_args(argv)
+  from gptoss_jax.convert.hf import CheckpointError
+  try:
+    out = convert(args.src, args.dst, args.dtype, args.keep_mxfp4)
+  except (ConfigError, CheckpointError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

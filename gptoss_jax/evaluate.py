@@ -1,0 +1,113 @@
+"""python -m gptoss_jax.evaluate --ckpt DIR (--text FILE | --dataset PREPARED_DIR) [--seq-len N] [--batch B] [--json]
+
+Loss, perplexity, bits per byte and token count of a checkpoint (from training or conversion) on a text
+file or on the held-out split of a prepared dataset: non-overlapping windows of seq_len + 1 tokens,
+every token after the first of a window predicted once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptoss_jax.config import ConfigError
+from gptoss_jax.data.prepare import load_meta
+from gptoss_jax.data.tokenizers import Tokenizer, get_tokenizer
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+  """UTF-8 bytes each token id stands for (for bits per byte)."""
+  if tokenizer.name == "byte":
+    return np.ones(256, np.int64)
+  enc = tokenizer.encoding
+  lengths = np.zeros(tokenizer.vocab_size, np.int64)
+  for i in range(tokenizer.vocab_size):
+    try:
+      lengths[i] = len(enc.decode_single_token_bytes(i))
+    except KeyError:  # unused ids
+      pass
+  return lengths
+
+
+def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, batch: int, byte_lengths: np.ndarray,
+                    progress: bool = True) -> dict:
+  n_windows = (len(tokens) - 1) // seq_len
+  if n_windows == 0:
+    raise ConfigError(f"{len(tokens)} tokens are fewer than seq_len + 1 = {seq_len + 1}")
+  windows = np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in range(n_windows)]).astype(np.int32)
+
+  @jax.jit
+  def summed_nll(model, w):
+    logits = model(w[:, :-1])
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, w[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(logz - target, axis=-1)
+
+  iterator = range(0, n_windows, batch)
+  if progress:
+    from tqdm import tqdm
+    iterator = tqdm(iterator, desc="evaluating", unit="batch", file=sys.stderr)
+  total = 0.0
+  for start in iterator:
+    w = windows[start:start + batch]
+    pad = batch - len(w)  # one compiled shape: pad the last batch, drop its padding rows
+    nll = np.asarray(summed_nll(model, jnp.asarray(np.pad(w, ((0, pad), (0, 0))))))
+    total += float(nll[:len(w)].sum(dtype=np.float64))
+  targets = windows[:, 1:]
+  n_tokens = targets.size
+  n_bytes = int(byte_lengths[targets].sum())
+  loss = total / n_tokens
+  return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total / math.log(2) / max(n_bytes, 1),
+          "tokens": int(n_tokens), "bytes": n_bytes}
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m gptoss_jax.evaluate", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--ckpt", required=True, help="a training workdir or a converted checkpoint")
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--text", help="a UTF-8 text file")
+  source.add_argument("--dataset", help="a folder made by gptoss_jax.data.prepare (its val split)")
+  parser.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's data.seq_len")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--vocab-file", default="", help="local .tiktoken file for the checkpoint's tokenizer")
+  parser.add_argument("--json", action="store_true")
+  args = parser.parse_args(argv)
+  try:
+    from gptoss_jax.train.checkpoint import load_model
+    config, cfg, model = load_model(args.ckpt)
+    seq_len = args.seq_len or config.data.seq_len
+    if not 0 < seq_len <= cfg.max_seq_len or args.batch <= 0:
+      raise ConfigError(f"--seq-len must be in 1..{cfg.max_seq_len} and --batch > 0")
+    if args.text:
+      if not Path(args.text).is_file():
+        raise ConfigError(f"--text: no such file: {args.text}")
+      tokenizer = get_tokenizer(config.data.tokenizer, args.vocab_file or config.data.vocab_file)
+      tokens = np.asarray(tokenizer.encode(Path(args.text).read_text(encoding="utf-8")), np.int64)
+    else:
+      meta = load_meta(args.dataset)
+      tokenizer = get_tokenizer(meta["tokenizer"], args.vocab_file or config.data.vocab_file)
+      tokens = np.fromfile(Path(args.dataset) / "val.bin", dtype=meta["dtype"]).astype(np.int64)
+    if len(tokens) and tokens.max() >= cfg.vocab_size:
+      raise ConfigError(f"token id {tokens.max()} ({tokenizer.name} tokenizer) is outside the model's "
+                        f"vocabulary of {cfg.vocab_size}")
+    result = evaluate_tokens(model, tokens, seq_len, args.batch, token_byte_lengths(tokenizer))
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps(result))
+  else:
+    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
+          f"bits/byte {result['bits_per_byte']:.4f}  tokens {result['tokens']:,}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,156 @@
+"""convert (HF folders, MXFP4 included) -> checkpoints that evaluate loads; errors leave nothing behind."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import gptoss_jax
+from conftest import REPO
+from gptoss_jax.convert.__main__ import convert
+from gptoss_jax.evaluate import evaluate_tokens
+from gptoss_jax.train.checkpoint import load_model
+from hf_models import save_mxfp4_gpt_oss
+
+TOKENS = np.random.default_rng(2).integers(0, 128, (2, 41))
+
+
+def _hf_logits_and_loss(model):
+  with torch.no_grad():
+    out = model(torch.from_numpy(TOKENS[:, :-1]), labels=torch.from_numpy(TOKENS[:, :-1]))
+    logits = model(torch.from_numpy(TOKENS)).logits.numpy()
+  logz = torch.logsumexp(torch.from_numpy(logits[:, :-1]), -1).numpy()
+  target = np.take_along_axis(logits[:, :-1], TOKENS[:, 1:, None], -1)[..., 0]
+  return logits, float(np.mean(logz - target))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_oss", "qwen3_moe"])
+def test_converted_checkpoint_matches_transformers(hf_folder, tmp_path, family):
+  folder, ref = hf_folder(family)
+  convert(str(folder), str(tmp_path / "ckpt"), dtype="float32", progress=False)
+  _, cfg, model = load_model(tmp_path / "ckpt")
+  want_logits, want_loss = _hf_logits_and_loss(ref)
+  got = np.asarray(model(jnp.asarray(TOKENS, jnp.int32)))
+  assert np.abs(got - want_logits).max() <= 1e-4 * np.abs(want_logits).max()
+  result = evaluate_tokens(model, TOKENS.reshape(-1), 40, 2, np.ones(cfg.vocab_size, np.int64), progress=False)
+  flat = TOKENS.reshape(-1)  # evaluate_tokens windows the flat stream: recompute the reference the same way
+  windows = np.stack([flat[:41], flat[40:81]])
+  with torch.no_grad():
+    logits = ref(torch.from_numpy(windows[:, :-1])).logits
+  ref_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                               torch.from_numpy(windows[:, 1:]).reshape(-1)).item()
+  assert result["tokens"] == 80 and result["loss"] == pytest.approx(ref_loss, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def mxfp4_folder(hf_folder, tmp_path_factory):
+  folder, _ = hf_folder("gpt_oss")
+  return save_mxfp4_gpt_oss(folder, tmp_path_factory.mktemp("mxfp4"))
+
+
+def test_mxfp4_folder_matches_transformers(mxfp4_folder):
+  from safetensors.numpy import load_file
+  from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+  ref = transformers.AutoModelForCausalLM.from_pretrained(
+      mxfp4_folder, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32,
+      attn_implementation="eager").eval()
+  want_logits, _ = _hf_logits_and_loss(ref)
+  raw = load_file(mxfp4_folder / "model.safetensors")
+  hf_w = convert_moe_packed_tensors(torch.from_numpy(raw["model.layers.1.mlp.experts.gate_up_proj_blocks"]),
+                                    torch.from_numpy(raw["model.layers.1.mlp.experts.gate_up_proj_scales"]),
+                                    dtype=torch.float32).numpy()  # [E, in, 2I] interleaved
+  for keep in (False, True):
+    cfg, model = gptoss_jax.load_pretrained(mxfp4_folder, keep_mxfp4=keep)
+    ffn = model.blocks[1].ffn
+    w_in, _ = ffn.expert_weights(jnp.float32)  # [E, D, 2, I]
+    np.testing.assert_array_equal(w_in[:, :, 0], hf_w[..., 0::2])
+    np.testing.assert_array_equal(w_in[:, :, 1], hf_w[..., 1::2])
+    assert cfg.moe_mxfp4 == keep and (ffn.w_in_blocks[...].dtype == jnp.uint8 if keep else True)
+    got = np.asarray(model(jnp.asarray(TOKENS, jnp.int32)))
+    assert np.abs(got - want_logits).max() <= 1e-4 * np.abs(want_logits).max()
+
+
+def test_keep_mxfp4_checkpoint_round_trip(mxfp4_folder, tmp_path):
+  convert(str(mxfp4_folder), str(tmp_path / "packed"), dtype="float32", keep_mxfp4=True, progress=False)
+  config, cfg, model = load_model(tmp_path / "packed")
+  assert cfg.moe_mxfp4 and config.data.tokenizer == "o200k_harmony"
+  _, ref = gptoss_jax.load_pretrained(mxfp4_folder, keep_mxfp4=True)
+  np.testing.assert_array_equal(model(jnp.asarray(TOKENS, jnp.int32)), ref(jnp.asarray(TOKENS, jnp.int32)))
+
+
+def _cli(module, *args):
+  return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True)
+
+
+def test_bad_conversions_leave_nothing(hf_folder, tmp_path):
+  folder, _ = hf_folder("llama")
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "config.json").write_text((folder / "config.json").read_text())
+  data = (folder / "model.safetensors").read_bytes()
+  (broken / "model.safetensors").write_bytes(data[:len(data) // 3])
+  cases = [(tmp_path / "empty", "no config.json"), (broken, "model.safetensors")]
+  (tmp_path / "empty").mkdir()
+  for src, message in cases:
+    out = _cli("gptoss_jax.convert", "--src", src, "--dst", tmp_path / "out")
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+  out = _cli("gptoss_jax.convert", "--src", folder, "--dst", tmp_path / "out", "--keep-mxfp4")
+  assert out.returncode == 2 and "MXFP4" in out.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty"]  # no output, no temporary folder
+
+
+def test_evaluate_cli(hf_folder, tmp_path):
+  folder, _ = hf_folder("gpt2")
+  convert(str(folder), str(tmp_path / "ckpt"), dtype="float32", progress=False)
+  from gptoss_jax.data.prepare import prepare
+  text = tmp_path / "t.txt"
+  text.write_text("abc " * 200)
+  prepare(tmp_path / "data", "text", "byte", path=str(text), eval_fraction=0.4, progress=False)
+  out = _cli("gptoss_jax.evaluate", "--ckpt", tmp_path / "ckpt", "--dataset", tmp_path / "data", "--seq-len", 16,
+             "--json")
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout)
+  assert result["tokens"] == (320 - 1) // 16 * 16 and result["perplexity"] == pytest.approx(np.exp(result["loss"]))
+  out = _cli("gptoss_jax.evaluate", "--ckpt", tmp_path / "nope", "--text", text)
+  assert out.returncode == 2 and "not a checkpoint folder" in out.stderr
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "gpt2"])
+def test_greedy_continuation_matches_transformers(hf_folder, family):
+  from gptoss_jax.generate import generate
+  folder, ref = hf_folder(family)
+  _, model = gptoss_jax.load_pretrained(folder)
+  prompt = [int(t) for t in TOKENS[0, :5]]
+  ours = generate(model, prompt, 32, temperature=0.0)  # 37 positions: past gpt_oss's window of 8
+  with torch.no_grad():
+    want = ref.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                        pad_token_id=0)[0, 5:].tolist()
+  assert ours == want
+
+
+def test_sampling_is_seeded_and_top_p_restricts():
+  from gptoss_jax.generate import sample
+  logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+  draws = lambda p, seed: {int(sample(logits, k, 1.0, p)) for k in jax.random.split(jax.random.key(seed), 300)}
+  assert draws(0.6, 0) == {0, 1} and draws(1.0, 0) == {0, 1, 2, 3} and draws(0.4, 0) == {0}
+  assert int(sample(logits, jax.random.key(0), 0.0, 1.0)) == 0
+  a = [int(sample(logits, k, 1.0, 1.0)) for k in jax.random.split(jax.random.key(5), 20)]
+  assert a == [int(sample(logits, k, 1.0, 1.0)) for k in jax.random.split(jax.random.key(5), 20)]
+
+
+def test_sharded_folder_with_index_loads_the_same(hf_folder, tmp_path):
+  folder, ref = hf_folder("qwen3")
+  ref.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+  assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+  assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+  _, plain = gptoss_jax.load_pretrained(folder)
+  _, sharded = gptoss_jax.load_pretrained(tmp_path / "sharded")
+  tokens = jnp.asarray(TOKENS, jnp.int32)
+  np.testing.assert_array_equal(plain(tokens), sharded(tokens))
