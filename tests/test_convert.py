@@ -154,3 +154,46 @@ def test_sharded_folder_with_index_loads_the_same(hf_folder, tmp_path):
   _, sharded = gptoss_jax.load_pretrained(tmp_path / "sharded")
   tokens = jnp.asarray(TOKENS, jnp.int32)
   np.testing.assert_array_equal(plain(tokens), sharded(tokens))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_oss", "qwen3", "qwen3_moe", "llama"])
+def test_to_hf_round_trip(hf_folder, tmp_path, family):
+  """HF -> checkpoint -> HF: transformers loads the export, and its logits are the original's."""
+  folder, ref = hf_folder(family)
+  convert(str(folder), str(tmp_path / "ckpt"), dtype="float32", progress=False)
+  out = _cli("gptoss_jax.convert", "--to-hf", "--src", tmp_path / "ckpt", "--dst", tmp_path / "hf")
+  assert out.returncode == 0, out.stderr
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+  want, _ = _hf_logits_and_loss(ref)
+  got, _ = _hf_logits_and_loss(back)
+  assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_trained_checkpoint_exports(text_dataset, tmp_path):
+  """A model trained here (the tiny gpt-oss preset) leaves the project as a gpt_oss folder."""
+  from test_train import run_config
+  from gptoss_jax.convert.export import export_hf
+  from gptoss_jax.train.loop import train
+  train(run_config("configs/gpt_oss.py:tiny", text_dataset, **{"train.steps": 2, "model.n_layers": 2}), tmp_path / "run")
+  _, cfg, model = load_model(tmp_path / "run")
+  export_hf(model, tmp_path / "hf")
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+  tokens = np.random.default_rng(0).integers(0, 256, (2, 70))  # past the window of 32
+  with torch.no_grad():
+    want = back(torch.from_numpy(tokens)).logits.numpy()
+  got = np.asarray(model(jnp.asarray(tokens, jnp.int32)))
+  assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_export_refuses_what_hf_cannot_express(tmp_path):
+  from flax import nnx
+  from gptoss_jax import ModelConfig, Transformer
+  from gptoss_jax.convert.hf import CheckpointError
+  from gptoss_jax.convert.export import export_hf
+  model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16,
+                                  d_ff=64, attn_sinks=True), nnx.Rngs(0))  # llama has no sinks
+  with pytest.raises(CheckpointError, match="attn_sinks"):
+    export_hf(model, tmp_path / "x")
+  assert not (tmp_path / "x").exists()

@@ -1,8 +1,10 @@
 """python -m gptoss_jax.convert --src HF_FOLDER --dst CHECKPOINT_DIR [--dtype bfloat16|float32] [--keep-mxfp4]
+python -m gptoss_jax.convert --to-hf --src CHECKPOINT_DIR --dst HF_FOLDER [--family gpt2|gpt_oss|...]
 
 Hugging Face folder (gpt2, gpt_oss incl. MXFP4, qwen3, qwen3_moe, llama; one or several safetensors
-files) -> a checkpoint that evaluation and generation load. Streams tensor by tensor; leaves nothing at
---dst on failure. Bad input: one line on stderr, exit status 2.
+files) -> a checkpoint that evaluation and generation load, and with --to-hf the way back (a training
+run or a conversion -> a folder transformers loads). Streams tensor by tensor; leaves nothing at --dst
+on failure. Bad input: one line on stderr, exit status 2.
 """
 
 import argparse
@@ -45,10 +47,18 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--dst", required=True, help="checkpoint folder to create")
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--keep-mxfp4", action="store_true", help="keep MXFP4 experts packed (gpt_oss)")
+  parser.add_argument("--to-hf", action="store_true", help="export a checkpoint as a Hugging Face folder")
+  parser.add_argument("--family", default=None, choices=("gpt2", "gpt_oss", "qwen3", "qwen3_moe", "llama"),
+                      help="with --to-hf: the model type to write (default: inferred from the architecture)")
   args = parser.parse_args(argv)
   from gptoss_jax.convert.hf import CheckpointError
   try:
-    out = convert(args.src, args.dst, args.dtype, args.keep_mxfp4)
+    if args.to_hf:
+      from gptoss_jax.convert.export import export_hf
+      from gptoss_jax.train.checkpoint import load_model
+      out = export_hf(load_model(args.src)[2], args.dst, args.family)
+    else:
+      out = convert(args.src, args.dst, args.dtype, args.keep_mxfp4)
   except (ConfigError, CheckpointError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -128,25 +128,20 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> ModelConfig:
 
 @dataclass(frozen=True)
 class Rule:
-  ours: str  # our parameter path, '{i}' for the layer
-  hf: tuple[str, ...]  # the Hugging Face tensors it is built from
-  build: Callable[..., np.ndarray]
+  """Our parameters <-> the Hugging Face tensors they are made of ('{i}' stands for the layer).
+  to_ours reads the table one way (loading), to_hf the other (export), so the two cannot drift."""
+  ours: tuple[str, ...]
+  hf: tuple[str, ...]
+  to_ours: Callable[..., tuple[np.ndarray, ...]]
+  to_hf: Callable[..., tuple[np.ndarray, ...]] | None = None  # None: import only (MXFP4 sources)
 
 
-def _linear(*shape):  # torch Linear weight [out, in] -> ours [in, *shape]
-  return lambda w: w.T.reshape(w.shape[1], *shape)
+def _one(ours: str, hf: str, to_ours=lambda x: x, to_hf=lambda x: x) -> Rule:
+  return Rule((ours,), (hf,), lambda x: (to_ours(x),), lambda x: (to_hf(x),))
 
 
-def _reshape(*shape):
-  return lambda b: b.reshape(*shape)
-
-
-def _ident(x):
-  return x
-
-
-def _glu_in(gate, up):  # two [F, D] torch weights -> [D, 2, F]
-  return np.stack([gate.T, up.T], axis=1)
+def _interleave(x):  # [..., 2, F] -> [..., 2F] with gate at even and up at odd
+  return np.swapaxes(x, -1, -2).reshape(*x.shape[:-2], -1)
 
 
 def _deinterleave(x):  # [..., 2F] with gate at even and up at odd -> [..., 2, F]
@@ -158,92 +153,100 @@ def _deinterleave_rows(x):  # packed [E, 2F, ...] rows (gate at even, up at odd)
 
 
 def _norm_rules(cfg: ModelConfig, ours: str, hf: str) -> list[Rule]:
-  rules = [Rule(f"{ours}.scale", (f"{hf}.weight",), _ident)]
+  rules = [_one(f"{ours}.scale", f"{hf}.weight")]
   if cfg.norm == "layernorm":
-    rules.append(Rule(f"{ours}.bias", (f"{hf}.bias",), _ident))
+    rules.append(_one(f"{ours}.bias", f"{hf}.bias"))
   return rules
 
 
 def gpt2_rules(cfg: ModelConfig) -> list[Rule]:
   D, N, H, L = cfg.d_model, cfg.n_heads, cfg.head_dim, "transformer.h.{i}"
-  split = lambda j: lambda w: w[..., j * D:(j + 1) * D].reshape(*w.shape[:-1], N, H)
-  rules = [Rule("embed", ("transformer.wte.weight",), _ident),
-           Rule("pos_embed.table", ("transformer.wpe.weight",), _ident),
+  A = "blocks.{i}.attn"
+  split = lambda w: tuple(w[..., j * D:(j + 1) * D].reshape(*w.shape[:-1], N, H) for j in range(3))
+  fuse = lambda *xs: np.concatenate([x.reshape(*x.shape[:-2], D) for x in xs], axis=-1)
+  rules = [_one("embed", "transformer.wte.weight"),
+           _one("pos_embed.table", "transformer.wpe.weight"),
            *_norm_rules(cfg, "final_norm", "transformer.ln_f"),
            *_norm_rules(cfg, "blocks.{i}.attn_norm", f"{L}.ln_1"),
            *_norm_rules(cfg, "blocks.{i}.ffn_norm", f"{L}.ln_2"),
-           Rule("blocks.{i}.attn.wo", (f"{L}.attn.c_proj.weight",), _reshape(N, H, D)),
-           Rule("blocks.{i}.attn.bo", (f"{L}.attn.c_proj.bias",), _ident),
-           Rule("blocks.{i}.ffn.w_in", (f"{L}.mlp.c_fc.weight",), lambda w: w[:, None, :]),
-           Rule("blocks.{i}.ffn.b_in", (f"{L}.mlp.c_fc.bias",), lambda b: b[None, :]),
-           Rule("blocks.{i}.ffn.w_out", (f"{L}.mlp.c_proj.weight",), _ident),
-           Rule("blocks.{i}.ffn.b_out", (f"{L}.mlp.c_proj.bias",), _ident)]
-  for j, name in enumerate("qkv"):
-    rules += [Rule(f"blocks.{{i}}.attn.w{name}", (f"{L}.attn.c_attn.weight",), split(j)),
-              Rule(f"blocks.{{i}}.attn.b{name}", (f"{L}.attn.c_attn.bias",), split(j))]
+           Rule((f"{A}.wq", f"{A}.wk", f"{A}.wv"), (f"{L}.attn.c_attn.weight",), split, lambda *x: (fuse(*x),)),
+           Rule((f"{A}.bq", f"{A}.bk", f"{A}.bv"), (f"{L}.attn.c_attn.bias",), split, lambda *x: (fuse(*x),)),
+           _one(f"{A}.wo", f"{L}.attn.c_proj.weight", lambda w: w.reshape(N, H, D), lambda a: a.reshape(N * H, D)),
+           _one(f"{A}.bo", f"{L}.attn.c_proj.bias"),
+           _one("blocks.{i}.ffn.w_in", f"{L}.mlp.c_fc.weight", lambda w: w[:, None, :], lambda a: a[:, 0, :]),
+           _one("blocks.{i}.ffn.b_in", f"{L}.mlp.c_fc.bias", lambda b: b[None, :], lambda a: a[0]),
+           _one("blocks.{i}.ffn.w_out", f"{L}.mlp.c_proj.weight"),
+           _one("blocks.{i}.ffn.b_out", f"{L}.mlp.c_proj.bias")]
   if not cfg.tie_embeddings:
-    rules.append(Rule("unembed", ("lm_head.weight",), lambda w: w.T))
+    rules.append(_one("unembed", "lm_head.weight", lambda w: w.T, lambda a: a.T))
   return rules
 
 
 def llama_like_rules(cfg: ModelConfig, family: str, mxfp4_source: bool = False) -> list[Rule]:
   """llama, qwen3, qwen3_moe and gpt_oss share the attention and norm layout."""
   D, N, K, H, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, "model.layers.{i}"
-  A = f"{L}.self_attn"
-  rules = [Rule("embed", ("model.embed_tokens.weight",), _ident),
+  A, O = f"{L}.self_attn", "blocks.{i}.attn"
+  proj_in = lambda ours, hf, heads: _one(ours, hf, lambda w: w.T.reshape(D, heads, H),
+                                         lambda a: a.reshape(D, heads * H).T)
+  rules = [_one("embed", "model.embed_tokens.weight"),
            *_norm_rules(cfg, "final_norm", "model.norm"),
            *_norm_rules(cfg, "blocks.{i}.attn_norm", f"{L}.input_layernorm"),
            *_norm_rules(cfg, "blocks.{i}.ffn_norm", f"{L}.post_attention_layernorm"),
-           Rule("blocks.{i}.attn.wq", (f"{A}.q_proj.weight",), _linear(N, H)),
-           Rule("blocks.{i}.attn.wk", (f"{A}.k_proj.weight",), _linear(K, H)),
-           Rule("blocks.{i}.attn.wv", (f"{A}.v_proj.weight",), _linear(K, H)),
-           Rule("blocks.{i}.attn.wo", (f"{A}.o_proj.weight",), lambda w: w.T.reshape(N, H, D))]
+           proj_in(f"{O}.wq", f"{A}.q_proj.weight", N),
+           proj_in(f"{O}.wk", f"{A}.k_proj.weight", K),
+           proj_in(f"{O}.wv", f"{A}.v_proj.weight", K),
+           _one(f"{O}.wo", f"{A}.o_proj.weight", lambda w: w.T.reshape(N, H, D), lambda a: a.reshape(N * H, D).T)]
   if not cfg.tie_embeddings:
-    rules.append(Rule("unembed", ("lm_head.weight",), lambda w: w.T))
+    rules.append(_one("unembed", "lm_head.weight", lambda w: w.T, lambda a: a.T))
   if cfg.qkv_bias:
-    rules += [Rule("blocks.{i}.attn.bq", (f"{A}.q_proj.bias",), _reshape(N, H)),
-              Rule("blocks.{i}.attn.bk", (f"{A}.k_proj.bias",), _reshape(K, H)),
-              Rule("blocks.{i}.attn.bv", (f"{A}.v_proj.bias",), _reshape(K, H))]
+    for name, heads in (("q", N), ("k", K), ("v", K)):
+      rules.append(_one(f"{O}.b{name}", f"{A}.{name}_proj.bias", lambda b, h=heads: b.reshape(h, H),
+                        lambda a: a.reshape(-1)))
   if cfg.out_bias:
-    rules.append(Rule("blocks.{i}.attn.bo", (f"{A}.o_proj.bias",), _ident))
+    rules.append(_one(f"{O}.bo", f"{A}.o_proj.bias"))
   if cfg.qk_norm:
-    rules += [Rule("blocks.{i}.attn.q_norm.scale", (f"{A}.q_norm.weight",), _ident),
-              Rule("blocks.{i}.attn.k_norm.scale", (f"{A}.k_norm.weight",), _ident)]
+    rules += [_one(f"{O}.q_norm.scale", f"{A}.q_norm.weight"), _one(f"{O}.k_norm.scale", f"{A}.k_norm.weight")]
   if cfg.attn_sinks:
-    rules.append(Rule("blocks.{i}.attn.sinks", (f"{A}.sinks",), _ident))
-  M = f"{L}.mlp"
+    rules.append(_one(f"{O}.sinks", f"{A}.sinks"))
+  M, F = f"{L}.mlp", "blocks.{i}.ffn"
+  glu_in = lambda g, u: np.stack([g.T, u.T], axis=1)  # two [F, D] torch weights -> [D, 2, F]
   if family in ("llama", "qwen3"):
-    rules += [Rule("blocks.{i}.ffn.w_in", (f"{M}.gate_proj.weight", f"{M}.up_proj.weight"), _glu_in),
-              Rule("blocks.{i}.ffn.w_out", (f"{M}.down_proj.weight",), lambda w: w.T)]
+    rules += [Rule((f"{F}.w_in",), (f"{M}.gate_proj.weight", f"{M}.up_proj.weight"),
+                   lambda g, u: (glu_in(g, u),), lambda a: (a[:, 0].T, a[:, 1].T)),
+              _one(f"{F}.w_out", f"{M}.down_proj.weight", lambda w: w.T, lambda a: a.T)]
     if cfg.ffn_bias:
-      rules += [Rule("blocks.{i}.ffn.b_in", (f"{M}.gate_proj.bias", f"{M}.up_proj.bias"), lambda g, u: np.stack([g, u])),
-                Rule("blocks.{i}.ffn.b_out", (f"{M}.down_proj.bias",), _ident)]
+      rules += [Rule((f"{F}.b_in",), (f"{M}.gate_proj.bias", f"{M}.up_proj.bias"),
+                     lambda g, u: (np.stack([g, u]),), lambda a: (a[0], a[1])),
+                _one(f"{F}.b_out", f"{M}.down_proj.bias")]
   elif family == "qwen3_moe":
     E = cfg.n_experts
     names = lambda proj: tuple(f"{M}.experts.{e}.{proj}.weight" for e in range(E))
-    rules += [Rule("blocks.{i}.ffn.router_w", (f"{M}.gate.weight",), lambda w: w.T),
-              Rule("blocks.{i}.ffn.w_in", names("gate_proj") + names("up_proj"),
-                   lambda *w: np.stack([_glu_in(g, u) for g, u in zip(w[:E], w[E:])])),
-              Rule("blocks.{i}.ffn.w_out", names("down_proj"), lambda *w: np.stack([x.T for x in w]))]
+    rules += [_one(f"{F}.router_w", f"{M}.gate.weight", lambda w: w.T, lambda a: a.T),
+              Rule((f"{F}.w_in",), names("gate_proj") + names("up_proj"),
+                   lambda *w: (np.stack([glu_in(g, u) for g, u in zip(w[:E], w[E:])]),),
+                   lambda a: tuple(a[e, :, 0].T for e in range(E)) + tuple(a[e, :, 1].T for e in range(E))),
+              Rule((f"{F}.w_out",), names("down_proj"), lambda *w: (np.stack([x.T for x in w]),),
+                   lambda a: tuple(a[e].T for e in range(E)))]
   elif family == "gpt_oss":
     X = f"{M}.experts"
-    rules += [Rule("blocks.{i}.ffn.router_w", (f"{M}.router.weight",), lambda w: w.T),
-              Rule("blocks.{i}.ffn.router_b", (f"{M}.router.bias",), _ident),
-              Rule("blocks.{i}.ffn.b_in", (f"{X}.gate_up_proj_bias",), _deinterleave),
-              Rule("blocks.{i}.ffn.b_out", (f"{X}.down_proj_bias",), _ident)]
+    rules += [_one(f"{F}.router_w", f"{M}.router.weight", lambda w: w.T, lambda a: a.T),
+              _one(f"{F}.router_b", f"{M}.router.bias"),
+              _one(f"{F}.b_in", f"{X}.gate_up_proj_bias", _deinterleave, _interleave),
+              _one(f"{F}.b_out", f"{X}.down_proj_bias")]
     if mxfp4_source and cfg.moe_mxfp4:  # stay packed: only the interleaved gate/up rows are reordered
-      rules += [Rule("blocks.{i}.ffn.w_in_blocks", (f"{X}.gate_up_proj_blocks",), _deinterleave_rows),
-                Rule("blocks.{i}.ffn.w_in_scales", (f"{X}.gate_up_proj_scales",), _deinterleave_rows),
-                Rule("blocks.{i}.ffn.w_out_blocks", (f"{X}.down_proj_blocks",), _ident),
-                Rule("blocks.{i}.ffn.w_out_scales", (f"{X}.down_proj_scales",), _ident)]
+      rules += [Rule((f"{F}.w_in_blocks",), (f"{X}.gate_up_proj_blocks",), lambda b: (_deinterleave_rows(b),)),
+                Rule((f"{F}.w_in_scales",), (f"{X}.gate_up_proj_scales",), lambda s: (_deinterleave_rows(s),)),
+                Rule((f"{F}.w_out_blocks",), (f"{X}.down_proj_blocks",), lambda b: (b,)),
+                Rule((f"{F}.w_out_scales",), (f"{X}.down_proj_scales",), lambda s: (s,))]
     elif mxfp4_source:  # dequantize: [E, out, in] -> ours
       unpack = lambda b, s: np.asarray(mxfp4.dequantize(b, s, jnp.float32)).swapaxes(1, 2)
-      rules += [Rule("blocks.{i}.ffn.w_in", (f"{X}.gate_up_proj_blocks", f"{X}.gate_up_proj_scales"),
-                     lambda b, s: _deinterleave(unpack(b, s))),
-                Rule("blocks.{i}.ffn.w_out", (f"{X}.down_proj_blocks", f"{X}.down_proj_scales"), unpack)]
+      rules += [Rule((f"{F}.w_in",), (f"{X}.gate_up_proj_blocks", f"{X}.gate_up_proj_scales"),
+                     lambda b, s: (_deinterleave(unpack(b, s)),)),
+                Rule((f"{F}.w_out",), (f"{X}.down_proj_blocks", f"{X}.down_proj_scales"),
+                     lambda b, s: (unpack(b, s),))]
     else:
-      rules += [Rule("blocks.{i}.ffn.w_in", (f"{X}.gate_up_proj",), _deinterleave),
-                Rule("blocks.{i}.ffn.w_out", (f"{X}.down_proj",), _ident)]
+      rules += [_one(f"{F}.w_in", f"{X}.gate_up_proj", _deinterleave, _interleave),
+                _one(f"{F}.w_out", f"{X}.down_proj")]
   return rules
 
 
@@ -253,9 +256,10 @@ def rules_for(family: str, cfg: ModelConfig, mxfp4_source: bool = False) -> list
 
 def expand(rules: list[Rule], n_layers: int) -> Iterator[Rule]:
   for rule in rules:
-    if "{i}" in rule.ours:
+    if any("{i}" in name for name in rule.ours):
       for i in range(n_layers):
-        yield Rule(rule.ours.format(i=i), tuple(h.format(i=i) for h in rule.hf), rule.build)
+        yield Rule(tuple(o.format(i=i) for o in rule.ours), tuple(h.format(i=i) for h in rule.hf),
+                   rule.to_ours, rule.to_hf)
     else:
       yield rule
 
@@ -352,20 +356,20 @@ def load_pretrained(path: str | Path, dtype: str = "float32", keep_mxfp4: bool =
     raise CheckpointError(f"{path}: tensors do not match a {family} model: "
                           f"missing {missing[:20] or 'none'}, unexpected {unexpected[:20] or 'none'}")
   wanted = {name: v for name, v in wanted.items() if _is_weight(v)}
-  not_covered = sorted(set(wanted) - {r.ours for r in rules})
+  not_covered = sorted(set(wanted) - {o for r in rules for o in r.ours})
   if not_covered:
     raise CheckpointError(f"internal: no rule fills {not_covered}")
   values = {}
   for rule in rules:
-    variable = wanted[rule.ours]
-    target = variable.get_value()
-    array = rule.build(*(tensors.get(h) for h in rule.hf))
-    if array.shape != target.shape:
-      raise CheckpointError(f"{path}: {', '.join(rule.hf[:2])} has shape {array.shape} after mapping to "
-                            f"{rule.ours}, the config needs {target.shape}")
-    values[rule.ours] = jnp.asarray(array, target.dtype)
-    if progress:
-      progress(rule.ours)
+    arrays = rule.to_ours(*(tensors.get(h) for h in rule.hf))
+    for name, array in zip(rule.ours, arrays):
+      target = wanted[name].get_value()
+      if array.shape != target.shape:
+        raise CheckpointError(f"{path}: {', '.join(rule.hf[:2])} has shape {array.shape} after mapping to "
+                              f"{name}, the config needs {target.shape}")
+      values[name] = jnp.asarray(array, target.dtype)
+      if progress:
+        progress(name)
   state = nnx.from_flat_state([(p, v.replace(values[_path_str(p)] if _is_weight(v) else _fresh(v)))
                                for p, v in nnx.to_flat_state(abstract)])
   model = nnx.merge(graphdef, state)

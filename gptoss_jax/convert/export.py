@@ -1,0 +1,124 @@
+"""The way back: a model trained or converted here -> a Hugging Face folder (config.json + safetensors)
+that transformers loads with the same logits. Tensors come from the same tables that loading reads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from gptoss_jax.config import ModelConfig
+from gptoss_jax.convert.hf import CheckpointError, config_from_hf, expand, rules_for
+
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_oss": "GptOssForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+def infer_family(cfg: ModelConfig) -> str:
+  if cfg.position == "learned" or cfg.norm == "layernorm" or cfg.ffn == "gelu":
+    return "gpt2"
+  if cfg.is_moe:
+    return "gpt_oss" if cfg.ffn == "clamped_swiglu" else "qwen3_moe"
+  return "qwen3" if cfg.qk_norm else "llama"
+
+
+def _rope(cfg: ModelConfig) -> dict:
+  rope = {"rope_theta": cfg.rope_theta}
+  if cfg.position == "rope":
+    return rope | {"rope_type": "default"}
+  if cfg.position == "yarn":
+    return rope | {"rope_type": "yarn", "factor": cfg.rope_factor, "beta_fast": cfg.yarn_beta_fast,
+                   "beta_slow": cfg.yarn_beta_slow, "truncate": cfg.yarn_truncate,
+                   "original_max_position_embeddings": cfg.rope_original_max_len,
+                   **({"attention_factor": cfg.yarn_attention_factor} if cfg.yarn_attention_factor else {})}
+  return rope | {"rope_type": "llama3", "factor": cfg.rope_factor, "low_freq_factor": cfg.llama3_low_freq_factor,
+                 "high_freq_factor": cfg.llama3_high_freq_factor,
+                 "original_max_position_embeddings": cfg.rope_original_max_len}
+
+
+def hf_config(cfg: ModelConfig, family: str) -> dict:
+  if family == "gpt2":
+    return {"model_type": "gpt2", "architectures": [ARCHITECTURES[family]], "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_positions": cfg.max_seq_len,
+            "n_inner": cfg.d_ff, "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
+            "resid_pdrop": cfg.resid_dropout, "embd_pdrop": cfg.embed_dropout, "attn_pdrop": cfg.attn_dropout,
+            "tie_word_embeddings": True}
+  sliding = cfg.sliding_layers
+  hf = {"model_type": family, "architectures": [ARCHITECTURES[family]], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+        "attention_bias": cfg.qkv_bias, "attention_dropout": cfg.attn_dropout,
+        "tie_word_embeddings": cfg.tie_embeddings, "rope_parameters": _rope(cfg),
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+        "sliding_window": cfg.sliding_window or None}
+  if family == "llama":
+    hf["mlp_bias"] = cfg.ffn_bias
+  if family == "qwen3":
+    hf["use_sliding_window"] = any(sliding)
+  if family == "qwen3_moe":
+    hf |= {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.top_k, "moe_intermediate_size": cfg.d_expert,
+           "norm_topk_prob": cfg.norm_topk_prob, "decoder_sparse_step": 1, "mlp_only_layers": []}
+  if family == "gpt_oss":
+    hf |= {"num_local_experts": cfg.n_experts, "num_experts_per_tok": cfg.top_k, "intermediate_size": cfg.d_expert,
+           "swiglu_limit": cfg.swiglu_limit, "swiglu_alpha": cfg.swiglu_alpha}
+  return hf
+
+
+def architecture(cfg: ModelConfig) -> dict:
+  """The fields that decide what the model computes in evaluation (not dtypes, dropout, dispatch, init)."""
+  keep = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len", "norm",
+          "norm_eps", "position", "ffn", "ffn_bias", "qkv_bias", "out_bias", "qk_norm", "attn_sinks",
+          "tie_embeddings", "n_experts"]
+  keep += ["top_k", "d_expert", "router_bias", "routing"] if cfg.is_moe else ["d_ff"]
+  keep += ["norm_topk_prob"] if cfg.is_moe and cfg.routing == "softmax_topk" else []
+  keep += ["rope_theta"] if cfg.position != "learned" else []
+  keep += {"yarn": ["rope_factor", "rope_original_max_len", "yarn_beta_fast", "yarn_beta_slow", "yarn_truncate",
+                    "yarn_mscale"],
+           "llama3": ["rope_factor", "rope_original_max_len", "llama3_low_freq_factor", "llama3_high_freq_factor"]
+           }.get(cfg.position, [])
+  keep += ["swiglu_limit", "swiglu_alpha"] if cfg.ffn == "clamped_swiglu" else []
+  fields = {k: getattr(cfg, k) for k in keep}
+  fields["sliding"] = tuple(cfg.sliding_window if s else 0 for s in cfg.sliding_layers)
+  return fields
+
+
+def export_hf(model, dst: str | Path, family: str | None = None) -> Path:
+  """Writes DST/config.json + DST/model.safetensors (float32), atomically."""
+  cfg: ModelConfig = model.cfg
+  family = family or infer_family(cfg)
+  hf = hf_config(cfg, family)
+  theirs, ours = architecture(config_from_hf(hf)), architecture(cfg)
+  differ = sorted(k for k in ours if theirs.get(k) != ours[k])
+  if differ:
+    raise CheckpointError(f"a {family} model on Hugging Face cannot express this architecture "
+                          f"(fields: {', '.join(differ)})")
+  weights = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  if cfg.moe_mxfp4:  # export dequantized experts
+    for i, block in enumerate(model.blocks):
+      w_in, w_out = block.ffn.expert_weights(jnp.float32)
+      weights[f"blocks.{i}.ffn.w_in"], weights[f"blocks.{i}.ffn.w_out"] = w_in, w_out
+  tensors = {}
+  for rule in expand(rules_for(family, cfg.replace(moe_mxfp4=False)), cfg.n_layers):
+    arrays = rule.to_hf(*(np.asarray(weights[o], np.float32) for o in rule.ours))
+    tensors.update({name: np.ascontiguousarray(a) for name, a in zip(rule.hf, arrays)})
+  dst = Path(dst).absolute()
+  if dst.exists() and any(dst.iterdir()):
+    raise FileExistsError(f"{dst} exists and is not empty")
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+  try:
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(hf | {"dtype": "float32"}, indent=2))
+    if dst.exists():
+      dst.rmdir()
+    tmp.rename(dst)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return dst
