@@ -83,3 +83,43 @@ def save_mxfp4_gpt_oss(src, dst):
     if (src / extra).exists():
       shutil.copy(src / extra, dst / extra)
   return dst
+
+
+def save_original_gpt_oss(mxfp4_src, dst):
+  """The MXFP4 gpt_oss folder rewritten in OpenAI's original/ layout (names, fused qkv, config keys)."""
+  import json
+  import re
+  from pathlib import Path
+
+  import numpy as np
+  from safetensors.numpy import load_file, save_file
+
+  from gptoss_jax.convert.hf import _original_name
+  src, dst = Path(mxfp4_src), Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  tensors = load_file(src / "model.safetensors")
+  out = {}
+  for name, value in tensors.items():
+    m = re.match(r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)$", name)
+    if m:
+      i, kind = m.groups()
+      parts = [tensors[f"model.layers.{i}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+      out[f"block.{i}.attn.qkv.{kind}"] = np.concatenate(parts, axis=0)
+    elif not re.search(r"self_attn\.[kv]_proj\.", name):
+      layer = re.search(r"layers\.(\d+)\.", name)
+      generic = re.sub(r"layers\.\d+\.", "layers.{i}.", name)
+      renamed = _original_name(generic)
+      out[renamed.replace("{i}", layer.group(1)) if layer else renamed] = value
+  save_file(out, dst / "model.safetensors")
+  hf = json.loads((src / "config.json").read_text())
+  rope = hf["rope_parameters"]
+  original = {"num_hidden_layers": hf["num_hidden_layers"], "num_experts": hf["num_local_experts"],
+              "experts_per_token": hf["num_experts_per_tok"], "vocab_size": hf["vocab_size"],
+              "hidden_size": hf["hidden_size"], "intermediate_size": hf["intermediate_size"],
+              "swiglu_limit": hf["swiglu_limit"], "head_dim": hf["head_dim"],
+              "num_attention_heads": hf["num_attention_heads"], "num_key_value_heads": hf["num_key_value_heads"],
+              "sliding_window": hf["sliding_window"], "initial_context_length": rope["original_max_position_embeddings"],
+              "rope_theta": rope["rope_theta"], "rope_scaling_factor": rope["factor"],
+              "rope_ntk_alpha": rope["beta_slow"], "rope_ntk_beta": rope["beta_fast"]}
+  (dst / "config.json").write_text(json.dumps(original, indent=2))
+  return dst

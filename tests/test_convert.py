@@ -15,7 +15,9 @@ import transformers
 import gptoss_jax
 from conftest import REPO
 from gptoss_jax.convert.__main__ import convert
+from gptoss_jax.convert.export import architecture
 from gptoss_jax.evaluate import evaluate_tokens
+from gptoss_jax.model import mxfp4
 from gptoss_jax.train.checkpoint import load_model
 from hf_models import save_mxfp4_gpt_oss
 
@@ -197,3 +199,17 @@ def test_export_refuses_what_hf_cannot_express(tmp_path):
   with pytest.raises(CheckpointError, match="attn_sinks"):
     export_hf(model, tmp_path / "x")
   assert not (tmp_path / "x").exists()
+
+
+def test_original_layout_converts_to_the_same_model(mxfp4_folder, tmp_path):
+  from hf_models import save_original_gpt_oss
+  original = save_original_gpt_oss(mxfp4_folder, tmp_path / "original")
+  for keep in (False, True):
+    cfg_a, a = gptoss_jax.load_pretrained(mxfp4_folder, keep_mxfp4=keep)
+    cfg_b, b = gptoss_jax.load_pretrained(original, keep_mxfp4=keep)
+    # the original config.json carries no context length: the released models' 131072 is assumed
+    assert architecture(cfg_a) | {"max_seq_len": 0} == architecture(cfg_b) | {"max_seq_len": 0}
+    from flax import nnx
+    for (path, x), (_, y) in zip(nnx.to_flat_state(nnx.state(a, (nnx.Param, mxfp4.Packed))),
+                                 nnx.to_flat_state(nnx.state(b, (nnx.Param, mxfp4.Packed)))):
+      np.testing.assert_array_equal(x[...], y[...], err_msg=str(path))

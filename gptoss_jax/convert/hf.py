@@ -7,6 +7,7 @@ and the function that builds it from them (torch Linear weights are [out, in]; o
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +32,35 @@ class CheckpointError(ValueError):
 
 
 def read_hf_config(folder: str | Path) -> dict:
+  """config.json as a Hugging Face config; OpenAI's original/ gpt-oss config is translated."""
   path = Path(folder) / "config.json"
   if not path.is_file():
     raise CheckpointError(f"{folder}: no config.json")
-  return json.loads(path.read_text())
+  hf = json.loads(path.read_text())
+  return original_to_hf_config(hf) if is_original(hf) else hf
+
+
+def is_original(hf: dict) -> bool:
+  """OpenAI's own gpt-oss layout (the `original/` folder of the released checkpoints)."""
+  return "model_type" not in hf and "rope_ntk_beta" in hf
+
+
+def original_to_hf_config(o: dict) -> dict:
+  n_layers = o["num_hidden_layers"]
+  return {
+      "model_type": "gpt_oss", "original_layout": True, "num_hidden_layers": n_layers,
+      "num_local_experts": o["num_experts"], "num_experts_per_tok": o.get("experts_per_token", 4),
+      "vocab_size": o["vocab_size"], "hidden_size": o["hidden_size"], "intermediate_size": o["intermediate_size"],
+      "swiglu_limit": o.get("swiglu_limit", 7.0), "head_dim": o["head_dim"],
+      "num_attention_heads": o["num_attention_heads"], "num_key_value_heads": o["num_key_value_heads"],
+      "sliding_window": o["sliding_window"], "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+      "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
+      "rope_parameters": {"rope_type": "yarn", "rope_theta": o["rope_theta"], "factor": o["rope_scaling_factor"],
+                          "beta_fast": o["rope_ntk_beta"], "beta_slow": o["rope_ntk_alpha"], "truncate": False,
+                          "original_max_position_embeddings": o.get("initial_context_length", 4096)},
+      "tie_word_embeddings": False, "attention_bias": True,
+      "quantization_config": {"quant_method": "mxfp4"},
+  }
 
 
 def _rope_fields(hf: dict) -> dict:
@@ -250,7 +276,50 @@ def llama_like_rules(cfg: ModelConfig, family: str, mxfp4_source: bool = False) 
   return rules
 
 
-def rules_for(family: str, cfg: ModelConfig, mxfp4_source: bool = False) -> list[Rule]:
+ORIGINAL_NAMES = [  # Hugging Face gpt_oss name -> OpenAI original/ name
+    (r"^model\.embed_tokens\.weight$", "embedding.weight"),
+    (r"^lm_head\.weight$", "unembedding.weight"),
+    (r"^model\.norm\.weight$", "norm.scale"),
+    (r"^model\.layers\.(\{i\})\.input_layernorm\.weight$", r"block.\1.attn.norm.scale"),
+    (r"^model\.layers\.(\{i\})\.post_attention_layernorm\.weight$", r"block.\1.mlp.norm.scale"),
+    (r"^model\.layers\.(\{i\})\.self_attn\.o_proj\.", r"block.\1.attn.out."),
+    (r"^model\.layers\.(\{i\})\.self_attn\.sinks$", r"block.\1.attn.sinks"),
+    (r"^model\.layers\.(\{i\})\.mlp\.router\.", r"block.\1.mlp.gate."),
+    (r"^model\.layers\.(\{i\})\.mlp\.experts\.gate_up_proj_(blocks|scales)$", r"block.\1.mlp.mlp1_weight.\2"),
+    (r"^model\.layers\.(\{i\})\.mlp\.experts\.gate_up_proj_bias$", r"block.\1.mlp.mlp1_bias"),
+    (r"^model\.layers\.(\{i\})\.mlp\.experts\.down_proj_(blocks|scales)$", r"block.\1.mlp.mlp2_weight.\2"),
+    (r"^model\.layers\.(\{i\})\.mlp\.experts\.down_proj_bias$", r"block.\1.mlp.mlp2_bias"),
+]
+
+
+def _original_name(hf_name: str) -> str:
+  for pattern, replacement in ORIGINAL_NAMES:
+    renamed, n = re.subn(pattern, replacement, hf_name)
+    if n:
+      return renamed
+  raise KeyError(hf_name)
+
+
+def original_rules(cfg: ModelConfig) -> list[Rule]:
+  """gpt_oss rules renamed to the original layout, with q, k and v fused in one `qkv` tensor."""
+  D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  O, A = "blocks.{i}.attn", "block.{i}.attn"
+  rows = (N * H, K * H, K * H)
+  cut = lambda x: np.split(x, np.cumsum(rows)[:2], axis=0)
+  rules = [Rule(r.ours, tuple(_original_name(h) for h in r.hf), r.to_ours, r.to_hf)
+           for r in llama_like_rules(cfg, "gpt_oss", mxfp4_source=True)
+           if not any(o.endswith((".wq", ".wk", ".wv", ".bq", ".bk", ".bv")) for o in r.ours)]
+  heads = (N, K, K)
+  rules += [Rule((f"{O}.wq", f"{O}.wk", f"{O}.wv"), (f"{A}.qkv.weight",),
+                 lambda w: tuple(x.T.reshape(D, h, H) for x, h in zip(cut(w), heads))),
+            Rule((f"{O}.bq", f"{O}.bk", f"{O}.bv"), (f"{A}.qkv.bias",),
+                 lambda b: tuple(x.reshape(h, H) for x, h in zip(cut(b), heads)))]
+  return rules
+
+
+def rules_for(family: str, cfg: ModelConfig, mxfp4_source: bool = False, original: bool = False) -> list[Rule]:
+  if original:
+    return original_rules(cfg)
   return gpt2_rules(cfg) if family == "gpt2" else llama_like_rules(cfg, family, mxfp4_source)
 
 
@@ -345,7 +414,7 @@ def load_pretrained(path: str | Path, dtype: str = "float32", keep_mxfp4: bool =
   family = hf["model_type"]
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
   wanted = {_path_str(p): v for p, v in nnx.to_flat_state(abstract)}
-  rules = list(expand(rules_for(family, cfg, packed_source), cfg.n_layers))
+  rules = list(expand(rules_for(family, cfg, packed_source, hf.get("original_layout", False)), cfg.n_layers))
   required = {h for r in rules for h in r.hf}
   optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
   if family == "gpt2":  # non-persistent causal-mask buffers that older files carry
