@@ -124,7 +124,7 @@ def test_evaluate_cli(hf_folder, tmp_path):
   assert out.returncode == 2 and "not a checkpoint folder" in out.stderr
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "gpt2"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_oss", "qwen3", "qwen3_moe", "llama"])
 def test_greedy_continuation_matches_transformers(hf_folder, family):
   from gptoss_jax.generate import generate
   folder, ref = hf_folder(family)
