@@ -5,7 +5,7 @@ fewer layers, random weights) with experts kept packed (--keep-mxfp4) against de
 
 For each layer count: build the Hugging Face folder (hub layout: *_blocks / *_scales experts), then in a
 fresh process each: convert (peak RSS), and load the converted checkpoint + one forward pass of 128 tokens
-(peak RSS). The per-layer slope extrapolates to 24 layers, next to `inspect`'s weight-memory figures.
+(jitted, as evaluate and generate run it; peak RSS). The per-layer slope extrapolates to 24 layers, next to `inspect`'s weight-memory figures.
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def measure(workdir: Path, layers: int) -> dict:
         f"from gptoss_jax.convert.__main__ import convert; convert({str(src)!r}, {str(dst)!r}, 'bfloat16', {keep}, False)"
     ) / 2**30
     row[f"forward_peak_gib_{tag}"] = peak_rss(
-        "import jax.numpy as jnp\nfrom gptoss_jax.train.checkpoint import load_model\n"
-        f"_, _, m = load_model({str(dst)!r})\nm(jnp.zeros((1, 128), jnp.int32)).block_until_ready()") / 2**30
+        "import jax, jax.numpy as jnp\nfrom gptoss_jax.train.checkpoint import load_model\n"
+        f"_, _, m = load_model({str(dst)!r})\n"
+        "jax.jit(lambda m, t: m(t))(m, jnp.zeros((1, 128), jnp.int32)).block_until_ready()") / 2**30
     shutil.rmtree(dst)
   shutil.rmtree(src)
   return row

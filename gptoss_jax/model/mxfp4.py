@@ -22,10 +22,10 @@ def dequantize(blocks: jax.Array, scales: jax.Array, dtype=jnp.bfloat16) -> jax.
   """[..., nb, 16] uint8 blocks + [..., nb] uint8 scales -> [..., nb * 32] values."""
   blocks = jnp.asarray(blocks)
   nibbles = jnp.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], BLOCK)
-  values = jnp.asarray(FP4_VALUES)[nibbles]
+  values = jnp.asarray(FP4_VALUES, dtype)[nibbles]  # every FP4 value and power of two is exact in bf16
   exponent = jnp.asarray(scales).astype(jnp.int32) - 127
   out = jnp.ldexp(values, exponent[..., None])
-  return out.reshape(*blocks.shape[:-2], -1).astype(dtype)
+  return out.reshape(*blocks.shape[:-2], -1)
 
 
 def quantize(w: jax.Array) -> tuple[jax.Array, jax.Array]:
