@@ -4,8 +4,6 @@ that transformers loads with the same logits. Tensors come from the same tables 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -15,6 +13,7 @@ from safetensors.numpy import save_file
 
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.convert.hf import CheckpointError, config_from_hf, expand, rules_for
+from gptoss_jax.fileio import atomic_folder
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_oss": "GptOssForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM"}
@@ -108,17 +107,7 @@ def export_hf(model, dst: str | Path, family: str | None = None) -> Path:
   for rule in expand(rules_for(family, cfg.replace(moe_mxfp4=False)), cfg.n_layers):
     arrays = rule.to_hf(*(np.asarray(weights[o], np.float32) for o in rule.ours))
     tensors.update({name: np.ascontiguousarray(a) for name, a in zip(rule.hf, arrays)})
-  dst = Path(dst).absolute()
-  if dst.exists() and any(dst.iterdir()):
-    raise FileExistsError(f"{dst} exists and is not empty")
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-  try:
+  with atomic_folder(dst) as tmp:
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(hf | {"dtype": "float32"}, indent=2))
-    if dst.exists():
-      dst.rmdir()
-    tmp.rename(dst)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return dst
+  return Path(dst).absolute()

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import numpy as np
 from gptoss_jax.config import ConfigError
 from gptoss_jax.data.sources import SOURCES, documents
 from gptoss_jax.data.tokenizers import TOKENIZERS, get_tokenizer
+from gptoss_jax.fileio import atomic_folder
 
 
 def prepare(out: str | Path, source: str, tokenizer: str, path: str = "", vocab_file: str = "",
@@ -28,10 +27,7 @@ def prepare(out: str | Path, source: str, tokenizer: str, path: str = "", vocab_
     raise ConfigError(f"data.eval_fraction must be in (0, 0.5), got {eval_fraction}")
   tok = get_tokenizer(tokenizer, vocab_file)
   dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-  out = Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-  try:
+  with atomic_folder(out, replace=True) as tmp:
     chunks, n_docs = [], 0
     for doc in _progress(documents(source, path, hf_split, hf_field), progress, "tokenizing"):
       ids = tok.encode(doc) + ([tok.eot_id] if tok.eot_id is not None else [])
@@ -47,12 +43,7 @@ def prepare(out: str | Path, source: str, tokenizer: str, path: str = "", vocab_
             "dtype": np.dtype(dtype).name, "documents": n_docs, "train_tokens": int(len(tokens) - n_val),
             "val_tokens": n_val}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if out.exists():
-      shutil.rmtree(out)
-    tmp.rename(out)
-    return meta
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  return meta
 
 
 def _progress(iterable, enabled: bool, desc: str):

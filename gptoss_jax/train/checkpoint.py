@@ -5,9 +5,7 @@ optimizer state (conversions) are saved and every checkpoint folder is loaded fo
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -16,6 +14,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from gptoss_jax.fileio import atomic_folder
 from gptoss_jax.model import mxfp4
 
 from gptoss_jax.train.step import TrainState
@@ -84,23 +83,13 @@ def _weights(model) -> nnx.State:
 def save_model(dst: str | Path, config: ml_collections.ConfigDict, model, record: dict | None = None) -> Path:
   """A model without optimizer state (a conversion): DIR/config.json + DIR/checkpoints/0/weights.
   Written to a temporary folder beside DIR and renamed at the end: never half-written."""
-  dst = Path(dst).absolute()
-  if dst.exists() and any(dst.iterdir()):
-    raise FileExistsError(f"{dst} exists and is not empty")
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-  try:
+  with atomic_folder(dst) as tmp:
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
     with ocp.CheckpointManager(tmp / "checkpoints", options=options) as manager:
       manager.save(0, args=ocp.args.Composite(weights=ocp.args.StandardSave(_weights(model)),
                                               record=ocp.args.JsonSave(record or {})))
     (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    if dst.exists():
-      dst.rmdir()
-    tmp.rename(dst)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return dst
+  return Path(dst).absolute()
 
 
 def load_model(directory: str | Path):

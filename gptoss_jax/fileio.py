@@ -1,0 +1,27 @@
+"""Writing folders all at once: nothing half-written is ever left where a reader would look."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_folder(dst: str | Path, replace: bool = False) -> Iterator[Path]:
+  """Yields a temporary folder beside `dst`, renamed to `dst` when the block succeeds and removed if it
+  fails. An existing non-empty `dst` is an error unless `replace`."""
+  dst = Path(dst).absolute()
+  if dst.exists() and any(dst.iterdir()) and not replace:
+    raise FileExistsError(f"{dst} exists and is not empty")
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+  try:
+    yield tmp
+    if dst.exists():
+      shutil.rmtree(dst)
+    tmp.rename(dst)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
