@@ -1,7 +1,6 @@
 """convert (HF folders, MXFP4 included) -> checkpoints that evaluate loads; errors leave nothing behind."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -26,7 +25,6 @@ TOKENS = np.random.default_rng(2).integers(0, 128, (2, 41))
 
 def _hf_logits_and_loss(model):
   with torch.no_grad():
-    out = model(torch.from_numpy(TOKENS[:, :-1]), labels=torch.from_numpy(TOKENS[:, :-1]))
     logits = model(torch.from_numpy(TOKENS)).logits.numpy()
   logz = torch.logsumexp(torch.from_numpy(logits[:, :-1]), -1).numpy()
   target = np.take_along_axis(logits[:, :-1], TOKENS[:, 1:, None], -1)[..., 0]

@@ -2,11 +2,9 @@
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 from flax import nnx
 

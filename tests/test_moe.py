@@ -1,9 +1,7 @@
 """Routing, dispatch strategies and auxiliary losses against numpy written here; MXFP4 against a
 plain decode and transformers' converter."""
 
-import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
