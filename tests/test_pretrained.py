@@ -54,10 +54,15 @@ def test_no_config(tmp_path):
     gptoss_jax.load_pretrained(tmp_path)
 
 
+def _with_config(folder, **changes):
+  """Rewrites the folder's config.json with `changes`; returns the folder."""
+  config = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(json.dumps(config | changes))
+  return folder
+
+
 def test_unknown_model_type(hf_folder, tmp_path):
-  dst = _copy(hf_folder, "llama", tmp_path)
-  config = json.loads((dst / "config.json").read_text())
-  (dst / "config.json").write_text(json.dumps(config | {"model_type": "bert"}))
+  dst = _with_config(_copy(hf_folder, "llama", tmp_path), model_type="bert")
   with pytest.raises(CheckpointError, match="'bert' is not supported"):
     gptoss_jax.load_pretrained(dst)
 
@@ -71,19 +76,15 @@ def test_truncated_safetensors(hf_folder, tmp_path):
 
 
 def test_checkpoint_of_another_shape(hf_folder, tmp_path):
-  dst = _copy(hf_folder, "qwen3", tmp_path)
-  config = json.loads((dst / "config.json").read_text())
-  (dst / "config.json").write_text(json.dumps(config | {"intermediate_size": 96}))
+  dst = _with_config(_copy(hf_folder, "qwen3", tmp_path), intermediate_size=96)
   with pytest.raises(CheckpointError, match="gate_proj.weight.*shape"):
     gptoss_jax.load_pretrained(dst)
 
 
 def test_missing_and_unexpected_tensors_are_listed(hf_folder, tmp_path):
-  dst = _copy(hf_folder, "qwen3", tmp_path)
-  config = json.loads((dst / "config.json").read_text())
-  (dst / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 3}))
+  dst = _with_config(_copy(hf_folder, "qwen3", tmp_path), num_hidden_layers=3)
   with pytest.raises(CheckpointError, match="missing.*model.layers.2.mlp.down_proj.weight"):
     gptoss_jax.load_pretrained(dst)
-  (dst / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1}))
+  _with_config(dst, num_hidden_layers=1)
   with pytest.raises(CheckpointError, match="unexpected.*model.layers.1"):
     gptoss_jax.load_pretrained(dst)
