@@ -22,7 +22,7 @@ from gptoss_jax.data.tokenizers import TOKENIZERS
 from gptoss_jax.inspect import stats
 from gptoss_jax.sharding import batch_divisor, make_mesh
 from gptoss_jax.train.checkpoint import Checkpointer
-from gptoss_jax.train.metrics import MetricsLogger, peak_flops_per_device, plot_losses
+from gptoss_jax.train.metrics import MetricsLogger, peak_flops_per_device, peak_memory_bytes, plot_losses
 from gptoss_jax.train.optimizer import SCHEDULES
 from gptoss_jax.train.step import Trainer
 
@@ -118,6 +118,7 @@ class StopRequest:
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Trains (resuming from the newest checkpoint in workdir); returns the last logged metrics."""
+  began = time.perf_counter()
   cfg, local_batch = validate(config)
   t = config.train
   is_main = jax.process_index() == 0
@@ -139,9 +140,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   batches = iter(train_dataset(data, config.data.seq_len, local_batch, t.seed, jax.process_index(),
                                jax.process_count()))
   restored = checkpoints.restore(trainer.abstract_state())
+  elapsed_before = 0.0  # wall time of earlier invocations of this run
   if restored:
     state, record = restored
     batches.set_state(record["data"])
+    elapsed_before = record.get("elapsed_s", 0.0)
     if is_main:
       print(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}", file=sys.stderr)
   else:
@@ -178,7 +181,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         now = time.perf_counter()
         tokens_per_s = tokens_per_step * (done - clock_step) / (now - clock)
         clock, clock_step = now, done
-        last = _log(logger, done, metrics, tokens_per_s, tokens_per_step, flops_per_token, peak)
+        last = _log(logger, done, metrics, tokens_per_s, tokens_per_step, flops_per_token, peak,
+                    elapsed_before + now - began)
         if bar:
           bar.update(done - bar.n)
           bar.set_postfix(loss=f"{last['train/loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
@@ -186,7 +190,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         last["eval/loss"] = float(np.mean([trainer.eval_step(state.params, state.rest, b) for b in held_out]))
         logger.write(done, {"eval/loss": last["eval/loss"]})
       if done % config.checkpoint.every == 0 or final:
-        checkpoints.save(done, state, {"data": batches.get_state(), "step": done})
+        checkpoints.save(done, state, {"data": batches.get_state(), "step": done,
+                                       "elapsed_s": elapsed_before + time.perf_counter() - began})
         last_saved = done
       if stop.requested:
         if is_main:
@@ -202,10 +207,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
 
 def _log(logger: MetricsLogger, step: int, metrics: dict, tokens_per_s: float, tokens_per_step: int,
-         flops_per_token: float, peak: float) -> dict:
+         flops_per_token: float, peak: float, elapsed_s: float) -> dict:
   scalars = {f"train/{k}": float(v) for k, v in metrics.items() if k != "expert_load"}
   scalars |= {"perf/tokens_per_s": tokens_per_s, "perf/step_time_s": tokens_per_step / tokens_per_s,
-              "perf/mfu": tokens_per_s * flops_per_token / (peak * jax.device_count())}
+              "perf/mfu": tokens_per_s * flops_per_token / (peak * jax.device_count()),
+              "perf/peak_memory_gb": peak_memory_bytes() / 2**30, "perf/elapsed_s": elapsed_s}
   histograms = {}
   if "expert_load" in metrics:  # [layers, experts], fractions of the routed assignments
     load = np.asarray(metrics["expert_load"])

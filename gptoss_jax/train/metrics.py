@@ -40,6 +40,16 @@ def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
+def peak_memory_bytes() -> int:
+  """Peak memory so far: the largest device's peak allocation where the backend reports one (GPU, TPU),
+  else (CPU) this process's peak resident set."""
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()]
+  if max(peaks, default=0) > 0:
+    return max(peaks)
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 class MetricsLogger:
   """Writes on process 0 only; every other process gets a logger that does nothing."""
 

@@ -1,0 +1,228 @@
+"""The sweeps, as code: each is a list of runs (a model config and what it changes) at a scale.
+
+- ladder: GPT-2, then one change at a time up to a gpt-oss-style model.
+- width_depth: the ladder's last rung at one total parameter budget, from wide and shallow to narrow
+  and deep (widths solved to land within 2% of the budget).
+- experts: at fixed active parameters per token, dense and 4..64 experts; plus few large against many
+  small experts at equal total and active parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+from gptoss_jax.config import ModelConfig, load_config_file
+from gptoss_jax.inspect import stats
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_CONFIG = "configs/gpt2.py:124m"  # every run's model fields are given relative to this file
+BUDGET_TOLERANCE = 0.02
+BEST = "best"  # a run's baseline: compare it with the sweep's best run
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  model: dict  # the GPT-2 starting point's size: width, depth, heads, vocabulary
+  kv_heads: int  # the GQA rung's key/value heads
+  moe: tuple[int, int]  # (n_experts, top_k) of the MoE rung
+  window: int  # the sliding-window rung's window
+  depths: tuple[int, ...]  # width vs depth
+  expert_counts: dict[int, int]  # experts sweep: n_experts -> top_k
+  run: dict  # every run's data / train / checkpoint / log settings
+  seeds: int = 3
+
+
+SCALES = {
+    # the whole of any sweep finishes on a 2-core CPU within 30 minutes (3 seeds)
+    "tiny": Scale(
+        model=dict(vocab_size=256, max_seq_len=128, d_model=64, n_layers=4, n_heads=4, head_dim=16),
+        kv_heads=2, moe=(8, 2), window=32, depths=(2, 4, 8, 16),
+        expert_counts={4: 1, 8: 2, 16: 2, 32: 4, 64: 4},
+        run={"data.seq_len": 128, "train.steps": 300, "train.batch_size": 16, "train.lr": 3e-3,
+             "train.warmup_steps": 30, "train.eval_every": 50, "train.eval_batches": 8,
+             "checkpoint.every": 100, "checkpoint.keep": 1, "log.every": 10}),
+    # one GPU, hours: GPT-2 tokens of FineWeb-Edu (needs `pip install datasets` and internet)
+    "small": Scale(
+        model=dict(vocab_size=50304, max_seq_len=512, d_model=384, n_layers=6, n_heads=6, head_dim=64,
+                   dtype="bfloat16"),
+        kv_heads=2, moe=(8, 2), window=128, depths=(3, 6, 12, 24),
+        expert_counts={4: 1, 8: 2, 16: 2, 32: 4, 64: 4},
+        run={"data.source": "hf", "data.path": "HuggingFaceFW/fineweb-edu:sample-10BT",
+             "data.hf_split": "train[:2%]", "data.tokenizer": "gpt2", "data.seq_len": 512,
+             "train.steps": 5000, "train.batch_size": 32, "train.lr": 1e-3, "train.warmup_steps": 250,
+             "train.eval_every": 250, "train.eval_batches": 32, "checkpoint.every": 1000,
+             "checkpoint.keep": 1, "log.every": 50}),
+    # realistic: GPT-2 124M's shape, ~Chinchilla tokens (2.6B) per run; a GPU node per sweep, days
+    "gpu": Scale(
+        model=dict(vocab_size=50304, max_seq_len=1024, d_model=768, n_layers=12, n_heads=12, head_dim=64,
+                   dtype="bfloat16"),
+        kv_heads=4, moe=(32, 4), window=128, depths=(6, 12, 24, 48),
+        expert_counts={4: 1, 8: 2, 16: 2, 32: 4, 64: 4},
+        run={"data.source": "hf", "data.path": "HuggingFaceFW/fineweb-edu:sample-10BT",
+             "data.hf_split": "train[:30%]", "data.tokenizer": "gpt2", "data.seq_len": 1024,
+             "train.steps": 20000, "train.batch_size": 128, "train.lr": 6e-4, "train.warmup_steps": 700,
+             "train.eval_every": 1000, "train.eval_batches": 64, "checkpoint.every": 2000,
+             "checkpoint.keep": 1, "log.every": 100}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  model: ModelConfig
+  changes: tuple[str, ...] = ()  # the model fields this run sets, relative to its baseline
+  baseline: str = ""  # the run the report compares it with: a name, BEST, or "" for none
+  note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  name: str
+  scale: str
+  runs: tuple[Run, ...]
+
+  def overrides(self, run: Run, seed: int) -> dict[str, str]:
+    """The training command's --config.<key>=<value> pairs for one run and seed."""
+    base = load_config_file(str(REPO / BASE_CONFIG)).model
+    model = {f"model.{k}": v for k, v in run.model.to_dict().items() if base[k] != v}
+    values = model | SCALES[self.scale].run | {"train.seed": seed}
+    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()}
+
+
+def total(cfg: ModelConfig) -> int:
+  return _stats(cfg).total_params
+
+
+def active(cfg: ModelConfig) -> int:
+  return _stats(cfg).active_params
+
+
+@cache
+def _stats(cfg: ModelConfig):
+  return stats(cfg)
+
+
+def solve(make: Callable[[int], ModelConfig], measure: Callable[[ModelConfig], int], target: int,
+          guess: int) -> int:
+  """The integer x >= 1 whose measure(make(x)) is nearest to target; measure grows with x (parameter
+  counts are near-linear in a width, so interpolation finds it in a few abstract evaluations)."""
+  f = lambda x: measure(make(x))
+  lo, hi = max(1, guess), max(1, guess)
+  while lo > 1 and f(lo) > target:
+    lo //= 2
+  while f(hi) <= target:
+    hi *= 2
+  while hi - lo > 1:  # f(lo) <= target < f(hi), or lo == 1
+    f_lo, f_hi = f(lo), f(hi)
+    mid = lo + round((target - f_lo) * (hi - lo) / max(f_hi - f_lo, 1))
+    mid = min(max(mid, lo + 1), hi - 1)
+    lo, hi = (mid, hi) if f(mid) <= target else (lo, mid)
+  return min((lo, hi), key=lambda x: abs(f(x) - target))
+
+
+def _check_budget(name: str, value: int, target: int) -> None:
+  if abs(value - target) > BUDGET_TOLERANCE * target:
+    raise ValueError(f"{name}: {value:,} parameters is not within {BUDGET_TOLERANCE:.0%} of {target:,}")
+
+
+def gpt2(scale: Scale) -> ModelConfig:
+  base = load_config_file(str(REPO / BASE_CONFIG)).model
+  size = scale.model | dict(n_kv_heads=scale.model["n_heads"], d_ff=4 * scale.model["d_model"])
+  return ModelConfig.from_dict(dict(base) | size)
+
+
+def ladder(scale: Scale) -> list[Run]:
+  rungs = [Run("gpt2", gpt2(scale), note="GPT-2: LayerNorm, learned positions, GELU, biases, dropout 0.1")]
+
+  def rung(name: str, note: str, **fields) -> None:
+    rungs.append(Run(name, rungs[-1].model.replace(**fields), tuple(fields), rungs[-1].name, note))
+
+  rung("no_dropout", "dropout off", embed_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
+  rung("rope", "rotary positions instead of learned", position="rope")
+  rung("rmsnorm", "RMSNorm instead of LayerNorm", norm="rmsnorm")
+  rung("no_biases", "no biases anywhere (the Llama-era change; gpt-oss brings attention biases back)",
+       qkv_bias=False, out_bias=False, ffn_bias=False)
+  dense = rungs[-1].model
+  d_ff = solve(lambda f: dense.replace(ffn="swiglu", d_ff=f), total, total(dense), dense.d_ff * 2 // 3)
+  rung("swiglu", "SwiGLU, hidden size set for the same parameters", ffn="swiglu", d_ff=d_ff)
+  rung("gqa", f"{scale.kv_heads} key/value heads", n_kv_heads=scale.kv_heads)
+  dense = rungs[-1].model
+  n_experts, top_k = scale.moe
+  moe = lambda d: dense.replace(n_experts=n_experts, top_k=top_k, d_expert=d, router_bias=True)
+  d_expert = solve(moe, active, active(dense), dense.d_ff // top_k)
+  rung("moe", f"{n_experts} experts, top-{top_k}, active parameters as the dense model's",
+       n_experts=n_experts, top_k=top_k, d_expert=d_expert, router_bias=True)
+  rung("sliding_window", f"window of {scale.window} on alternate layers (window_layers='alternate')",
+       sliding_window=scale.window)
+  rung("sinks", "attention sinks", attn_sinks=True)
+  rung("attention_biases", "q/k/v and output biases: the gpt-oss-style model", qkv_bias=True, out_bias=True)
+  return rungs
+
+
+def width_depth(scale: Scale) -> list[Run]:
+  """The gpt-oss-style model at its total parameter count, at every depth of the scale. Heads keep
+  their number (head_dim = d_model / n_heads); the FFN (or expert) width keeps its ratio to d_model,
+  then is trimmed to land on the budget."""
+  base = ladder(scale)[-1].model
+  budget = total(base)
+  ffn_field = "d_expert" if base.is_moe else "d_ff"
+  ratio = getattr(base, ffn_field) / base.d_model
+  quantum = 2 * base.n_heads  # d_model steps that keep head_dim whole and even (RoPE)
+  runs = []
+  for depth in scale.depths:
+    def shape(m: int, depth=depth) -> ModelConfig:
+      d = m * quantum
+      return base.replace(n_layers=depth, d_model=d, head_dim=d // base.n_heads,
+                          **{ffn_field: max(1, round(ratio * d))})
+    cfg = shape(solve(shape, total, budget, base.d_model // quantum))
+    width = solve(lambda f, cfg=cfg: cfg.replace(**{ffn_field: f}), total, budget, getattr(cfg, ffn_field))
+    cfg = cfg.replace(**{ffn_field: width})
+    name = f"L{depth}_d{cfg.d_model}"
+    _check_budget(name, total(cfg), budget)
+    runs.append(Run(name, cfg, ("n_layers", "d_model", "head_dim", ffn_field), BEST,
+                    note=f"{depth} layers of width {cfg.d_model}, {ffn_field} {width}"))
+  return runs
+
+
+def experts(scale: Scale) -> list[Run]:
+  """Dense, then n experts with top-k, expert width solved so active parameters equal the dense
+  model's; the fewest experts against 4x as many at 1/4 the width and 4x the top-k is the few-large /
+  many-small pair (equal total and active parameters)."""
+  final = ladder(scale)[-1].model
+  dense = final.replace(n_experts=0, d_expert=0, router_bias=False)
+  target = active(dense)
+  runs = [Run("dense", dense, note="the gpt-oss-style model with a dense SwiGLU FFN")]
+
+  def moe_run(n: int, k: int, baseline: str, note: str, total_target: int = 0) -> Run:
+    make = lambda d: dense.replace(n_experts=n, top_k=k, d_expert=d, router_bias=True)
+    d = solve(make, active, target, dense.d_ff // k)
+    if total_target:  # match both: the neighbouring width with the smaller worst relative error
+      error = lambda c: max(abs(active(c) / target - 1), abs(total(c) / total_target - 1))
+      d = min((d - 1, d, d + 1), key=lambda x: error(make(x)))
+    cfg = make(d)
+    _check_budget(f"e{n}_k{k} active", active(cfg), target)
+    return Run(f"e{n}_k{k}", cfg, ("n_experts", "top_k", "d_expert", "router_bias"), baseline,
+               note + f"expert width {cfg.d_expert}")
+
+  runs += [moe_run(n, k, "dense", f"{n} experts, top-{k}; ") for n, k in scale.expert_counts.items()]
+  few = runs[1]
+  n, k = few.model.n_experts, few.model.top_k
+  many = moe_run(4 * n, 4 * k, few.name, f"many small: 4x the experts of {few.name}, 4x top-k; ",
+                 total(few.model))
+  _check_budget(f"{many.name} total", total(many.model), total(few.model))
+  return runs + [many]
+
+
+SWEEPS: dict[str, Callable[[Scale], list[Run]]] = {"ladder": ladder, "width_depth": width_depth,
+                                                   "experts": experts}
+
+
+def build(name: str, scale: str) -> Sweep:
+  if name not in SWEEPS:
+    raise ValueError(f"unknown sweep {name!r} (sweeps: {', '.join(SWEEPS)})")
+  if scale not in SCALES:
+    raise ValueError(f"unknown scale {scale!r} (scales: {', '.join(SCALES)})")
+  return Sweep(name, scale, tuple(SWEEPS[name](SCALES[scale])))
