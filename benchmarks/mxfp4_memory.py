@@ -4,8 +4,10 @@ fewer layers, random weights) with experts kept packed (--keep-mxfp4) against de
   python benchmarks/mxfp4_memory.py [--layers 2 4] [--workdir /tmp/mxfp4_memory]
 
 For each layer count: build the Hugging Face folder (hub layout: *_blocks / *_scales experts), then in a
-fresh process each: convert (peak RSS), and load the converted checkpoint + one forward pass of 128 tokens
-(jitted, as evaluate and generate run it; peak RSS). The per-layer slope extrapolates to 24 layers, next to `inspect`'s weight-memory figures.
+fresh process each: convert (peak RSS); then load the converted checkpoint, compile and run one jitted
+forward pass of 128 tokens (as evaluate and generate run it), with the peak RSS of each step (Linux). The
+per-layer slope extrapolates to 24 layers, next to XLA's memory analysis of the 24-layer forward (compiled
+from abstract shapes) and `inspect`'s weight-memory figures.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 D, E, I, N, K, H, V = 2880, 32, 2880, 64, 8, 64, 201088
+TOKENS = 128
 
 
 def build_folder(folder: Path, layers: int) -> int:
@@ -65,14 +68,20 @@ def build_folder(folder: Path, layers: int) -> int:
   return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-PEAK = "import resource; print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+# return freed memory to the OS, then (Linux) set the peak RSS to the current RSS
+RESET = ("import gc, ctypes; gc.collect(); ctypes.CDLL('libc.so.6').malloc_trim(0); "
+         "open('/proc/self/clear_refs', 'w').write('5')")
+MARK = "print('PEAK', [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
 
 
-def peak_rss(code: str) -> int:
-  out = subprocess.run([sys.executable, "-c", code + "\n" + PEAK], capture_output=True, text=True)
+def peak_rss(*steps: str) -> list[int]:
+  """Peak RSS (bytes) of each step of code in one fresh process, the peak reset before each step: a
+  step's figure is what stayed resident from the steps before plus its own high-water mark."""
+  code = "\n".join(f"{RESET}\n{step}\n{MARK}" for step in steps)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(out.stderr[-2000:])
-  return int(out.stdout.split("PEAK")[-1])
+  return [int(line.split()[-1]) for line in out.stdout.splitlines() if line.startswith("PEAK")]
 
 
 def measure(workdir: Path, layers: int) -> dict:
@@ -83,37 +92,67 @@ def measure(workdir: Path, layers: int) -> dict:
     dst = workdir / f"ckpt-{layers}-{'mxfp4' if keep else 'bf16'}"
     shutil.rmtree(dst, ignore_errors=True)
     tag = "mxfp4" if keep else "bf16"
-    row[f"convert_peak_gib_{tag}"] = peak_rss(
-        f"from gptoss_jax.convert.__main__ import convert; convert({str(src)!r}, {str(dst)!r}, 'bfloat16', {keep}, False)"
-    ) / 2**30
-    row[f"forward_peak_gib_{tag}"] = peak_rss(
-        "import jax, jax.numpy as jnp\nfrom gptoss_jax.train.checkpoint import load_model\n"
-        f"_, _, m = load_model({str(dst)!r})\n"
-        "jax.jit(lambda m, t: m(t))(m, jnp.zeros((1, 128), jnp.int32)).block_until_ready()") / 2**30
+    [convert] = peak_rss(
+        f"from gptoss_jax.convert.__main__ import convert; convert({str(src)!r}, {str(dst)!r}, 'bfloat16', {keep}, False)")
+    load, compile_, run = peak_rss(
+        f"import jax, jax.numpy as jnp\nfrom gptoss_jax.train.checkpoint import load_model\n"
+        f"_, _, m = load_model({str(dst)!r})\ntokens = jnp.zeros((1, {TOKENS}), jnp.int32)",
+        "forward = jax.jit(lambda m, t: m(t)).lower(m, tokens).compile()",
+        "forward(m, tokens).block_until_ready()")
+    row |= {f"convert_{tag}": convert / 2**30, f"load_{tag}": load / 2**30, f"compile_{tag}": compile_ / 2**30,
+            f"forward_{tag}": run / 2**30}
     shutil.rmtree(dst)
   shutil.rmtree(src)
   return row
 
 
+def compiled_memory(layers: int) -> dict:
+  """XLA's memory analysis of the jitted forward of gpt-oss-20b (packed experts, bfloat16) at `layers`
+  layers, compiled from abstract shapes: nothing is allocated, so the full 24 layers fit on any machine."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from gptoss_jax.config import model_config_from_file
+  from gptoss_jax.model.transformer import Transformer
+  cfg = model_config_from_file(str(Path(__file__).parent.parent / "configs/gpt_oss.py:20b")).replace(
+      n_layers=layers, moe_mxfp4=True, param_dtype="bfloat16", dtype="bfloat16")
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+  forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
+  tokens = jax.ShapeDtypeStruct((1, TOKENS), jnp.int32)
+  m = forward.lower(state, tokens).compile().memory_analysis()
+  return {"layers": layers, "arguments_gib": m.argument_size_in_bytes / 2**30,
+          "temporaries_gib": m.temp_size_in_bytes / 2**30, "output_gib": m.output_size_in_bytes / 2**30}
+
+
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+  parser.add_argument("--compiled-layers", type=int, nargs="*", default=[4, 24])
   parser.add_argument("--workdir", default="/tmp/mxfp4_memory")
   args = parser.parse_args()
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   rows = [measure(workdir, n) for n in args.layers]
-  print(f"{'layers':>6} {'files GiB':>10} {'convert MXFP4':>14} {'convert bf16':>13} {'forward MXFP4':>14} "
-        f"{'forward bf16':>13}")
+  print(f"measured peak RSS (GiB), fresh process each; forward of {TOKENS} tokens, jitted: loading the checkpoint, "
+        "compiling, running (each step's peak: what stays resident plus the step's own high-water mark)")
+  print(f"{'':>6} {'':>6} | {'MXFP4 experts':^33} | {'bf16 experts':^33}")
+  print(f"{'layers':>6} {'files':>6} | " + " | ".join(f"{'convert':>7} {'load':>7} {'compile':>8} {'forward':>8}"
+                                                     for _ in range(2)))
   for r in rows:
-    print(f"{r['layers']:>6} {r['safetensors_gib']:>10.2f} {r['convert_peak_gib_mxfp4']:>14.2f} "
-          f"{r['convert_peak_gib_bf16']:>13.2f} {r['forward_peak_gib_mxfp4']:>14.2f} {r['forward_peak_gib_bf16']:>13.2f}")
+    print(f"{r['layers']:>6} {r['safetensors_gib']:>6.2f} | " + " | ".join(
+        f"{r[f'convert_{t}']:>7.2f} {r[f'load_{t}']:>7.2f} {r[f'compile_{t}']:>8.2f} {r[f'forward_{t}']:>8.2f}"
+        for t in ("mxfp4", "bf16")))
   if len(rows) >= 2:
     a, b = rows[0], rows[-1]
     for tag in ("mxfp4", "bf16"):
-      slope = (b[f"forward_peak_gib_{tag}"] - a[f"forward_peak_gib_{tag}"]) / (b["layers"] - a["layers"])
-      at24 = a[f"forward_peak_gib_{tag}"] + slope * (24 - a["layers"])
+      slope = (b[f"forward_{tag}"] - a[f"forward_{tag}"]) / (b["layers"] - a["layers"])
+      at24 = a[f"forward_{tag}"] + slope * (24 - a["layers"])
       print(f"forward peak extrapolated to 24 layers ({tag}): {at24:.1f} GiB ({slope:.2f} GiB per layer)")
+  for n in args.compiled_layers:
+    m = compiled_memory(n)
+    print(f"compiled forward, {n} layers (XLA memory analysis): arguments {m['arguments_gib']:.2f} GiB + "
+          f"temporaries {m['temporaries_gib']:.2f} GiB + output {m['output_gib']:.2f} GiB = "
+          f"{sum(m[k] for k in ('arguments_gib', 'temporaries_gib', 'output_gib')):.2f} GiB")
   from gptoss_jax.config import model_config_from_file
   from gptoss_jax.inspect import stats
   s = stats(model_config_from_file(str(Path(__file__).parent.parent / "configs/gpt_oss.py:20b")))

@@ -55,3 +55,14 @@ def test_tied_embeddings_share_the_table():
     x = block(x, positions, rope_cos_sin(cfg, positions), None)[0]
   want = model.final_norm(x) @ model.embed[...].T
   np.testing.assert_allclose(model(TOKENS), want, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_in_vocabulary_chunks_equal_one_matmul(monkeypatch):
+  from gptoss_jax.model import transformer
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(8, 100)), jnp.float32)
+  monkeypatch.setattr(transformer, "VOCAB_CHUNK", 7)  # 15 chunks, the last one short
+  logits = transformer.unembed_logits(x, w)
+  assert logits.shape == (2, 3, 100) and logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, np.einsum("btd,dv->btv", np.asarray(x), np.asarray(w)), rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ from flax import nnx
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model import mxfp4
 from gptoss_jax.model.ffn import activate, init_std_out, n_in_proj
-from gptoss_jax.model.linear import project_batched
+from gptoss_jax.model.linear import project, project_batched
 
 
 def route(cfg: ModelConfig, logits_NxE: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -85,8 +85,10 @@ def block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, block: int, exp
   row_A = (padded_end_E - padded_E)[e_sorted_A] + jnp.arange(A) - (jnp.cumsum(counts_E) - counts_E)[e_sorted_A]
   row_token = jnp.full((n_blocks * block,), N, jnp.int32).at[row_A].set(order_A // K)
   x_pad = jnp.concatenate([x_NxD, jnp.zeros((1, D), x_NxD.dtype)])
-  block_expert = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_blocks) * block, side="right"), E - 1)
-  y_rows = expert_fn(x_pad[row_token].reshape(n_blocks, block, D), block_expert).reshape(-1, D)
+  block_start = jnp.arange(n_blocks) * block
+  block_expert = jnp.minimum(jnp.searchsorted(padded_end_E, block_start, side="right"), E - 1)
+  live = block_start < padded_end_E[-1]  # blocks past the last expert's hold only padding
+  y_rows = expert_fn(x_pad[row_token].reshape(n_blocks, block, D), block_expert, live).reshape(-1, D)
   row_of_assignment = jnp.zeros((A,), jnp.int32).at[order_A].set(row_A)
   y_NxKxD = y_rows[row_of_assignment].reshape(N, K, D)
   return jnp.einsum("nkd,nk->nd", y_NxKxD, w_NxK.astype(y_NxKxD.dtype))
@@ -138,6 +140,27 @@ class MoE(nnx.Module):
       return jnp.transpose(w_in, (0, 3, 1, 2)), jnp.transpose(w_out, (0, 2, 1))
     return self.w_in[...].astype(dtype), self.w_out[...].astype(dtype)
 
+  def packed_block_fn(self, dtype):
+    """Dropless blocks over MXFP4 experts, one block after another (lax.map), each unpacking only its own
+    expert's weights and skipping blocks of padding: memory holds one expert in the compute dtype, never
+    a layer's worth (gpt-oss-20b: 50 MB against 1.6 GB per layer)."""
+    cfg = self.cfg
+    G, F, D = n_in_proj(cfg), cfg.d_expert, cfg.d_model
+    b_in, b_out = self.biases(dtype)
+    packed = (self.w_in_blocks[...], self.w_in_scales[...], self.w_out_blocks[...], self.w_out_scales[...])
+
+    def one(x_bxD, e, live):
+      in_blocks, in_scales, out_blocks, out_scales = (p[e] for p in packed)
+      w_in = mxfp4.dequantize(in_blocks, in_scales, dtype).reshape(G * F, D)  # [out, in]
+      h = project(x_bxD, w_in.T).reshape(-1, G, F) + b_in[e]
+      w_out = mxfp4.dequantize(out_blocks, out_scales, dtype)  # [D, F]: [out, in]
+      return project(activate(cfg, h), w_out.T) + b_out[e]
+
+    def block_fn(x_nxbxD, expert_n, live_n):
+      skip = lambda x, e, live: jnp.zeros_like(x)
+      return jax.lax.map(lambda a: jax.lax.cond(a[2], one, skip, *a), (x_nxbxD, expert_n, live_n))
+    return block_fn
+
   def biases(self, dtype):
     if not self.cfg.ffn_bias:
       E, G, F, D = self.cfg.n_experts, n_in_proj(self.cfg), self.cfg.d_expert, self.cfg.d_model
@@ -153,8 +176,10 @@ class MoE(nnx.Module):
     if cfg.router_bias:
       logits_NxE = logits_NxE + self.router_b[...].astype(jnp.float32)
     w_NxK, idx_NxK = route(cfg, logits_NxE)
-    w_in, w_out = self.expert_weights(dt)
-    b_in, b_out = self.biases(dt)
+    dropless_mxfp4 = cfg.moe_mxfp4 and cfg.moe_dispatch == "grouped" and not cfg.moe_capacity_factor
+    if not dropless_mxfp4:
+      w_in, w_out = self.expert_weights(dt)
+      b_in, b_out = self.biases(dt)
     if cfg.moe_dispatch == "dense":
       y = dense_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out)
     elif cfg.moe_dispatch == "ragged":
@@ -166,8 +191,11 @@ class MoE(nnx.Module):
 
       capacity = grouped_capacity(cfg, B * T)
       y = grouped_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, capacity, expert_fn)
+    elif dropless_mxfp4:  # one expert unpacked at a time
+      y = block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, dropless_block(cfg, B * T),
+                                self.packed_block_fn(dt))
     else:  # dropless
-      def block_fn(x_nxbxD, expert_n):
+      def block_fn(x_nxbxD, expert_n, live_n):
         h = project_batched(x_nxbxD, w_in[expert_n]) + b_in[expert_n][:, None]
         return project_batched(activate(cfg, h), w_out[expert_n]) + b_out[expert_n][:, None]
 
