@@ -195,7 +195,7 @@ class MoE(nnx.Module):
       y = block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, dropless_block(cfg, B * T),
                                 self.packed_block_fn(dt))
     else:  # dropless
-      def block_fn(x_nxbxD, expert_n, live_n):
+      def block_fn(x_nxbxD, expert_n, _live_n):  # computes padding blocks too: one batched matmul
         h = project_batched(x_nxbxD, w_in[expert_n]) + b_in[expert_n][:, None]
         return project_batched(activate(cfg, h), w_out[expert_n]) + b_out[expert_n][:, None]
 
