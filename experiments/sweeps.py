@@ -86,7 +86,7 @@ class Sweep:
 
   def overrides(self, run: Run, seed: int) -> dict[str, str]:
     """The training command's --config.<key>=<value> pairs for one run and seed."""
-    base = load_config_file(str(REPO / BASE_CONFIG)).model
+    base = base_model_fields()
     model = {f"model.{k}": v for k, v in run.model.to_dict().items() if base[k] != v}
     values = model | SCALES[self.scale].run | {"train.seed": seed}
     return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()}
@@ -128,10 +128,14 @@ def _check_budget(name: str, value: int, target: int) -> None:
     raise ValueError(f"{name}: {value:,} parameters is not within {BUDGET_TOLERANCE:.0%} of {target:,}")
 
 
+@cache
+def base_model_fields() -> dict:
+  return load_config_file(str(REPO / BASE_CONFIG)).model.to_dict()
+
+
 def gpt2(scale: Scale) -> ModelConfig:
-  base = load_config_file(str(REPO / BASE_CONFIG)).model
   size = scale.model | dict(n_kv_heads=scale.model["n_heads"], d_ff=4 * scale.model["d_model"])
-  return ModelConfig.from_dict(dict(base) | size)
+  return ModelConfig.from_dict(base_model_fields() | size)
 
 
 def ladder(scale: Scale) -> list[Run]:

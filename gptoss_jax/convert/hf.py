@@ -12,14 +12,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
 from gptoss_jax.config import ConfigError, ModelConfig
-from gptoss_jax.model import Transformer, mxfp4
+from gptoss_jax.model import WEIGHTS, Transformer, fresh_rest, mxfp4
 
 FAMILIES = ("gpt2", "gpt_oss", "qwen3", "qwen3_moe", "llama")
 
@@ -378,18 +377,6 @@ def _path_str(path: tuple) -> str:
   return ".".join(str(p) for p in path)
 
 
-def _is_weight(variable: nnx.Variable) -> bool:
-  return isinstance(variable, (nnx.Param, mxfp4.Packed))
-
-
-def _fresh(variable: nnx.Variable) -> jax.Array:
-  """A concrete value for non-parameter state (dropout RNG keys and counters)."""
-  abstract = variable.get_value()
-  if jax.dtypes.issubdtype(abstract.dtype, jax.dtypes.prng_key):
-    return jax.random.key(0)
-  return jnp.zeros(abstract.shape, abstract.dtype)
-
-
 def is_mxfp4(hf: dict) -> bool:
   return (hf.get("quantization_config") or {}).get("quant_method") == "mxfp4"
 
@@ -412,7 +399,7 @@ def load_pretrained(path: str | Path, dtype: str = "float32", keep_mxfp4: bool =
     cfg = cfg.replace(moe_mxfp4=True)
   tensors = SafetensorsFolder(path)
   family = hf["model_type"]
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+  graphdef, abstract, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), WEIGHTS, ...)
   wanted = {_path_str(p): v for p, v in nnx.to_flat_state(abstract)}
   rules = list(expand(rules_for(family, cfg, packed_source, hf.get("original_layout", False)), cfg.n_layers))
   required = {h for r in rules for h in r.hf}
@@ -424,7 +411,6 @@ def load_pretrained(path: str | Path, dtype: str = "float32", keep_mxfp4: bool =
   if missing or unexpected:
     raise CheckpointError(f"{path}: tensors do not match a {family} model: "
                           f"missing {missing[:20] or 'none'}, unexpected {unexpected[:20] or 'none'}")
-  wanted = {name: v for name, v in wanted.items() if _is_weight(v)}
   not_covered = sorted(set(wanted) - {o for r in rules for o in r.ours})
   if not_covered:
     raise CheckpointError(f"internal: no rule fills {not_covered}")
@@ -439,8 +425,7 @@ def load_pretrained(path: str | Path, dtype: str = "float32", keep_mxfp4: bool =
       values[name] = jnp.asarray(array, target.dtype)
       if progress:
         progress(name)
-  state = nnx.from_flat_state([(p, v.replace(values[_path_str(p)] if _is_weight(v) else _fresh(v)))
-                               for p, v in nnx.to_flat_state(abstract)])
-  model = nnx.merge(graphdef, state)
+  weights = nnx.from_flat_state([(p, v.replace(values[_path_str(p)])) for p, v in nnx.to_flat_state(abstract)])
+  model = nnx.merge(graphdef, weights, fresh_rest(rest))
   model.eval()
   return cfg, model

@@ -1,6 +1,6 @@
 """The model, one file per idea: norms, positions, attention, ffn, moe, mxfp4, transformer."""
 
 from gptoss_jax.model.attention import KVCache
-from gptoss_jax.model.transformer import ModelOutput, Transformer
+from gptoss_jax.model.transformer import WEIGHTS, ModelOutput, Transformer, fresh_rest
 
-__all__ = ["KVCache", "ModelOutput", "Transformer"]
+__all__ = ["KVCache", "ModelOutput", "Transformer", "WEIGHTS", "fresh_rest"]

@@ -10,12 +10,20 @@ from gptoss_jax.config import ModelConfig
 from gptoss_jax.model.attention import Attention, KVCache
 from gptoss_jax.model.ffn import MLP
 from gptoss_jax.model.linear import project
+from gptoss_jax.model import mxfp4
 from gptoss_jax.model.moe import MoE
 from gptoss_jax.model.norms import make_norm
 from gptoss_jax.model.positions import LearnedPositions, rope_cos_sin
 
 
 VOCAB_CHUNK = 32768  # unembedding columns per matmul
+WEIGHTS = (nnx.Param, mxfp4.Packed)  # the variables a checkpoint holds; the rest is dropout RNG state
+
+
+def fresh_rest(rest: nnx.State) -> nnx.State:
+  """Concrete values for an abstract model's non-weight state (dropout RNG keys and counters)."""
+  is_key = lambda v: jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+  return jax.tree.map(lambda v: jax.random.key(0) if is_key(v) else jnp.zeros(v.shape, v.dtype), rest)
 
 
 def unembed_logits(x_BxTxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:

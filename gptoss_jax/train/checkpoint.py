@@ -9,13 +9,12 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from gptoss_jax.fileio import atomic_folder
-from gptoss_jax.model import mxfp4
+from gptoss_jax.model import WEIGHTS, fresh_rest
 
 from gptoss_jax.train.step import TrainState
 
@@ -76,17 +75,13 @@ class Checkpointer:
 # ---------------------------------------------------------------- models for evaluation and generation
 
 
-def _weights(model) -> nnx.State:
-  return nnx.state(model, (nnx.Param, mxfp4.Packed))
-
-
 def save_model(dst: str | Path, config: ml_collections.ConfigDict, model, record: dict | None = None) -> Path:
   """A model without optimizer state (a conversion): DIR/config.json + DIR/checkpoints/0/weights.
   Written to a temporary folder beside DIR and renamed at the end: never half-written."""
   with atomic_folder(dst) as tmp:
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
     with ocp.CheckpointManager(tmp / "checkpoints", options=options) as manager:
-      manager.save(0, args=ocp.args.Composite(weights=ocp.args.StandardSave(_weights(model)),
+      manager.save(0, args=ocp.args.Composite(weights=ocp.args.StandardSave(nnx.state(model, WEIGHTS)),
                                               record=ocp.args.JsonSave(record or {})))
     (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
   return Path(dst).absolute()
@@ -108,11 +103,9 @@ def load_model(directory: str | Path):
     raise ConfigError(f"{directory}/checkpoints holds no checkpoint")
   step = checkpoints.steps()[-1]
   if (directory / "checkpoints" / str(step) / "weights").is_dir():  # a conversion
-    graphdef, weights, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))),
-                                        (nnx.Param, mxfp4.Packed), ...)
+    graphdef, weights, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), WEIGHTS, ...)
     restored = checkpoints.manager.restore(step, args=ocp.args.Composite(weights=ocp.args.StandardRestore(weights)))
-    rest = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype) if not _is_key(v) else jax.random.key(0), rest)
-    model = nnx.merge(graphdef, restored["weights"], rest)
+    model = nnx.merge(graphdef, restored["weights"], fresh_rest(rest))
   else:  # a training run
     trainer = Trainer(cfg, config.train, make_mesh({"data": 1}, jax.devices()[:1]))
     restored = checkpoints.restore(trainer.abstract_state())
