@@ -19,7 +19,7 @@ POSITIONS = ("learned", "rope", "yarn", "llama3")
 FFNS = ("gelu", "swiglu", "clamped_swiglu")
 ROUTINGS = ("topk_softmax", "softmax_topk")
 DISPATCHES = ("grouped", "ragged", "dense")
-ATTN_IMPLS = ("auto", "masked", "chunked")
+ATTN_IMPLS = ("auto", "masked", "blockwise")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from gptoss_jax import ModelConfig, Transformer
-from gptoss_jax.model.attention import Attention, attend, attend_local
+from gptoss_jax.model.attention import Attention, attend, attend_blocks
 
 
 def _reference(q, k, v, window=0, sinks=None):
@@ -42,9 +42,21 @@ def test_kernels_match_reference(rng, window, with_sinks):
   s = None if sinks is None else jnp.asarray(sinks)
   got = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), pos, pos, window=window, sinks_N=s)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-  if window:
-    local = attend_local(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), window=window, sinks_N=s)
-    np.testing.assert_allclose(local, want, rtol=1e-4, atol=1e-5)
+  for block in (3, 4, 11):  # several blocks, a short last one; one block
+    blocks = attend_blocks(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), window=window, sinks_N=s, block=block)
+    np.testing.assert_allclose(blocks, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_blockwise_gradients_match_masked(rng, window):
+  q, k, v = map(jnp.asarray, _qkv(rng))
+  pos = jnp.broadcast_to(jnp.arange(11), (2, 11))
+  sinks = jnp.asarray(rng.normal(size=4), jnp.float32)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+  masked = jax.grad(loss(lambda q, k, v, s: attend(q, k, v, pos, pos, window=window, sinks_N=s)), (0, 1, 2, 3))
+  blocks = jax.grad(loss(lambda q, k, v, s: attend_blocks(q, k, v, window=window, sinks_N=s, block=3)), (0, 1, 2, 3))
+  for a, b in zip(masked(q, k, v, sinks), blocks(q, k, v, sinks)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
 def test_sink_rows_sum_below_one(rng):
@@ -62,8 +74,8 @@ def test_minus_infinite_sink_is_no_sink(rng):
   pos = jnp.broadcast_to(jnp.arange(11), (2, 11))
   a = attend(q, k, v, pos, pos, window=4, sinks_N=jnp.full((4,), -jnp.inf))
   np.testing.assert_allclose(a, attend(q, k, v, pos, pos, window=4), rtol=1e-6)
-  b = attend_local(q, k, v, window=4, sinks_N=jnp.full((4,), -jnp.inf))
-  np.testing.assert_allclose(b, attend_local(q, k, v, window=4), rtol=1e-6)
+  b = attend_blocks(q, k, v, window=4, sinks_N=jnp.full((4,), -jnp.inf), block=4)
+  np.testing.assert_allclose(b, attend_blocks(q, k, v, window=4, block=4), rtol=1e-6)
 
 
 def test_window_at_least_sequence_is_full_attention(rng):
@@ -71,7 +83,7 @@ def test_window_at_least_sequence_is_full_attention(rng):
   pos = jnp.broadcast_to(jnp.arange(11), (2, 11))
   full = attend(q, k, v, pos, pos)
   np.testing.assert_allclose(attend(q, k, v, pos, pos, window=11), full, rtol=1e-6)
-  np.testing.assert_allclose(attend_local(q, k, v, window=16), full, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(attend_blocks(q, k, v, window=16, block=4), full, rtol=1e-5, atol=1e-6)
 
 
 def test_gqa_with_kv_heads_equal_heads_is_mha(rng):
@@ -103,13 +115,13 @@ def _randomize(model, seed=0):
     var[...] = var[...] + jnp.asarray(rng.normal(size=var.shape) * 0.2, var.dtype)
 
 
-def test_chunked_and_masked_models_agree(rng):
-  tokens = jnp.asarray(rng.integers(0, 64, (2, 23)), jnp.int32)
-  masked = Transformer(_oss_tiny(attn_impl="masked"), nnx.Rngs(0))
-  chunked = Transformer(_oss_tiny(attn_impl="chunked"), nnx.Rngs(0))
-  _randomize(masked), _randomize(chunked)
+def test_blockwise_and_masked_models_agree(rng):
+  tokens = jnp.asarray(rng.integers(0, 64, (2, 150)), jnp.int32)  # blocks of 64: the last one short
+  masked = Transformer(_oss_tiny(attn_impl="masked", max_seq_len=160), nnx.Rngs(0))
+  blockwise = Transformer(_oss_tiny(attn_impl="blockwise", max_seq_len=160), nnx.Rngs(0))
+  _randomize(masked), _randomize(blockwise)
   forward = jax.jit(lambda m, t: m(t))
-  np.testing.assert_allclose(forward(masked, tokens), forward(chunked, tokens), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(forward(masked, tokens), forward(blockwise, tokens), rtol=1e-4, atol=1e-4)
 
 
 def test_decoding_with_cache_matches_full_forward(rng):

@@ -2,20 +2,21 @@
 and a KV cache whose sliding layers keep only their window (a ring buffer).
 
 Two kernels, equal on every input they share:
-  attend        masks by positions; queries may see a cache (decoding) or the whole sequence.
-  attend_local  sliding-window self-attention in blocks of the window size: each block of queries
-                sees its own block and the previous one, so the cost is T * 2W, not T * T.
+  attend         masks by positions; queries may see a cache (decoding) or the whole sequence.
+  attend_blocks  self-attention over a whole sequence in blocks of queries, each block computing only
+                 the keys it can see (causal, within the window): the training and prefill path.
 """
 
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model.ffn import init_std_out
-from gptoss_jax.model.linear import project
+from gptoss_jax.model.linear import project, split
 from gptoss_jax.model.norms import RMSNorm
 from gptoss_jax.model.positions import apply_rope
 
@@ -71,32 +72,37 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_pos_BxT, k_pos_BxS, *, window: int
   return out.reshape(B, T, N, H)
 
 
-def attend_local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, window: int, sinks_N=None, dropout=None) -> jax.Array:
-  """Causal sliding-window self-attention over positions 0..T-1 (query i sees i - W < j <= i)."""
+def attention_block(seq_len: int) -> int:
+  """Queries per block: 64, or T / 16 for long sequences (bounds the unrolled blocks at 16)."""
+  return max(64, -(-seq_len // 16))
+
+
+def attend_blocks(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, window: int = 0, sinks_N=None, dropout=None,
+                  block: int = 64) -> jax.Array:
+  """Causal (optionally sliding-window) self-attention over positions 0..T-1, one block of queries at a
+  time, each against only the keys it can see: half the work of a full causal score matrix, block + W keys
+  per block with a window. Heads lead the layout and the queries of a kv head's group are rows of one
+  matrix ([B, K, T*G, H], row t*G + g), so each score matmul is one batched GEMM."""
   B, T, N, H = q_BxTxNxH.shape
-  K, W = k_BxTxKxH.shape[2], window
-  nb = -(-T // W)
-  pad = [(0, 0), (0, nb * W - T), (0, 0), (0, 0)]
-  q = jnp.pad(q_BxTxNxH, pad).reshape(B, nb, W, K, N // K, H)
-
-  def with_previous_block(x):  # [B, T, K, H] -> [B, nb, 2W, K, H]
-    x = jnp.pad(x, pad).reshape(B, nb, W, K, H)
-    prev = jnp.pad(x, [(0, 0), (1, 0), (0, 0), (0, 0), (0, 0)])[:, :-1]
-    return jnp.concatenate([prev, x], axis=2)
-
-  k, v = with_previous_block(k_BxTxKxH), with_previous_block(v_BxTxKxH)
-  scores = jnp.einsum("bnqkgh,bnskh->bnkgqs", q, k).astype(jnp.float32) * H**-0.5
-  qi = jnp.arange(W)[:, None]
-  kj = jnp.arange(2 * W)[None, :] - W  # key offset relative to the query block's start
-  allowed_WxW2 = (kj <= qi) & (qi - kj < W)
-  allowed_nbxWxW2 = allowed_WxW2 & ((jnp.arange(nb) > 0)[:, None, None] | (kj >= 0))
-  scores = jnp.where(allowed_nbxWxW2[None, :, None, None], scores, _MASKED)
-  sinks = None if sinks_N is None else sinks_N.astype(jnp.float32).reshape(K, N // K, 1, 1)
-  probs = softmax_with_sinks(scores, sinks)
-  if dropout is not None:
-    probs = dropout(probs)
-  out = jnp.einsum("bnkgqs,bnskh->bnqkgh", probs.astype(v.dtype), v)
-  return out.reshape(B, nb * W, N, H)[:, :T]
+  K = k_BxTxKxH.shape[2]
+  G = N // K
+  q_BxKxTGxH = (q_BxTxNxH * H**-0.5).reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+  k_BxKxTxH, v_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3)
+  outs = []
+  for start in range(0, T, block):
+    end = min(start + block, T)
+    lo = max(0, start - window + 1) if window else 0
+    scores = jnp.einsum("bkrh,bksh->bkrs", q_BxKxTGxH[:, :, start * G:end * G], k_BxKxTxH[:, :, lo:end])
+    qp, kp = np.arange(start, end).repeat(G)[:, None], np.arange(lo, end)[None, :]
+    allowed_RxS = (kp <= qp) & ((qp - kp < window) if window else True)
+    sinks = None if sinks_N is None else jnp.tile(sinks_N.astype(jnp.float32).reshape(K, 1, G), (1, end - start, 1))
+    probs = softmax_with_sinks(jnp.where(allowed_RxS, scores.astype(jnp.float32), _MASKED),
+                               None if sinks is None else sinks.reshape(K, -1, 1))
+    if dropout is not None:
+      probs = dropout(probs)
+    outs.append(jnp.einsum("bkrs,bksh->bkrh", probs.astype(v_BxKxTxH.dtype), v_BxKxTxH[:, :, lo:end]))
+  out = jnp.concatenate(outs, axis=2).reshape(B, K, T, G, H)
+  return out.transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
 
 
 class Attention(nnx.Module):
@@ -131,7 +137,7 @@ class Attention(nnx.Module):
     cfg, dt = self.cfg, x_BxTxD.dtype
     N, K = cfg.n_heads, cfg.n_kv_heads  # one matmul for q, k and v: fewer, larger GEMMs
     qkv = project(x_BxTxD, jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1))
-    q, k, v = qkv[:, :, :N], qkv[:, :, N:N + K], qkv[:, :, N + K:]
+    q, k, v = split(qkv, (N, K, K), axis=2)
     if cfg.qkv_bias:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if cfg.qk_norm:
@@ -146,8 +152,9 @@ class Attention(nnx.Module):
                    positions_BxT, jnp.concatenate([cache.pos_BxS, positions_BxT], axis=1),
                    window=self.window, sinks_N=sinks, dropout=self.dropout)
       cache = cache.update(k, v, positions_BxT)
-    elif self.window and (cfg.attn_impl == "chunked" or (cfg.attn_impl == "auto" and T > 2 * self.window)):
-      out = attend_local(q, k, v, window=self.window, sinks_N=sinks, dropout=self.dropout)
+    elif cfg.attn_impl == "blockwise" or (cfg.attn_impl == "auto" and T > attention_block(T)):
+      out = attend_blocks(q, k, v, window=self.window, sinks_N=sinks, dropout=self.dropout,
+                          block=attention_block(T))
     else:
       out = attend(q, k, v, positions_BxT, positions_BxT, window=self.window, sinks_N=sinks,
                    dropout=self.dropout)

@@ -1,5 +1,7 @@
 """The one projection every layer uses."""
 
+import functools
+import itertools
 import math
 
 import jax
@@ -27,3 +29,22 @@ def project_batched(x_ExCxI: jax.Array, w_ExIxO: jax.Array) -> jax.Array:
   w = jnp.swapaxes(w_ExIxO.reshape(E, I, math.prod(outs)), 1, 2).astype(x_ExCxI.dtype)
   y = jax.lax.dot_general(x_ExCxI, w, (((2,), (2,)), ((0,), (0,))))
   return y.reshape(*x_ExCxI.shape[:2], *outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def split(x: jax.Array, sizes: tuple[int, ...], axis: int) -> tuple[jax.Array, ...]:
+  """Consecutive pieces of x along `axis` (a fused q/k/v projection into q, k and v). The gradient is one
+  concatenation, not a zero-padded copy of x per piece summed (what slicing's transpose gives)."""
+  bounds = itertools.accumulate(sizes, initial=0)
+  return tuple(jax.lax.slice_in_dim(x, lo, lo + n, axis=axis) for lo, n in zip(bounds, sizes))
+
+
+def _split_fwd(x, sizes, axis):
+  return split(x, sizes, axis), None
+
+
+def _split_bwd(sizes, axis, _, grads):
+  return (jnp.concatenate(grads, axis=axis),)
+
+
+split.defvjp(_split_fwd, _split_bwd)

@@ -9,6 +9,7 @@ ragged: jax.lax.ragged_dot over the sorted assignments (fast grouped GEMM on GPU
 dense: every expert on every token, combined with the routing weights (the test reference).
 """
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -48,6 +49,7 @@ def aux_losses(logits_NxE: jax.Array, idx_NxK: jax.Array) -> dict[str, jax.Array
 
 
 ExpertFn = Callable[[jax.Array], jax.Array]  # [E, C, D] -> [E, C, D]
+RowsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # rows [R, D], start_E, end_E -> [R, D]
 
 
 def grouped_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, capacity: int, expert_fn: ExpertFn):
@@ -69,9 +71,10 @@ def grouped_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, capacity: int, exper
   return jnp.einsum("nkd,nk->nd", y_NxKxD, w_NxK.astype(y_NxKxD.dtype))
 
 
-def block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, block: int, expert_fn):
-  """Dropless: each expert's assignments padded to a multiple of `block` rows, every block owned by one
-  expert. The number of blocks is bounded statically (A / block + E), so no token is ever dropped."""
+def block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, block: int, expert_fn: RowsFn):
+  """Dropless: the assignments sorted by expert into rows, each expert's padded to whole blocks of `block`
+  rows, expert e owning blocks [start_E[e], end_E[e]). The row count is bounded statically
+  ((A / block + E) * block), so no token is ever dropped."""
   N, K = idx_NxK.shape
   D = x_NxD.shape[-1]
   A, E = N * K, n_experts
@@ -85,13 +88,82 @@ def block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, block: int, exp
   row_A = (padded_end_E - padded_E)[e_sorted_A] + jnp.arange(A) - (jnp.cumsum(counts_E) - counts_E)[e_sorted_A]
   row_token = jnp.full((n_blocks * block,), N, jnp.int32).at[row_A].set(order_A // K)
   x_pad = jnp.concatenate([x_NxD, jnp.zeros((1, D), x_NxD.dtype)])
-  block_start = jnp.arange(n_blocks) * block
-  block_expert = jnp.minimum(jnp.searchsorted(padded_end_E, block_start, side="right"), E - 1)
-  live = block_start < padded_end_E[-1]  # blocks past the last expert's hold only padding
-  y_rows = expert_fn(x_pad[row_token].reshape(n_blocks, block, D), block_expert, live).reshape(-1, D)
+  end_E = padded_end_E // block
+  y_rows = expert_fn(x_pad[row_token], end_E - padded_E // block, end_E)
   row_of_assignment = jnp.zeros((A,), jnp.int32).at[order_A].set(row_A)
   y_NxKxD = y_rows[row_of_assignment].reshape(N, K, D)
   return jnp.einsum("nkd,nk->nd", y_NxKxD, w_NxK.astype(y_NxKxD.dtype))
+
+
+Unpack = Callable[[tuple, jax.Array], tuple]  # (weights, e) -> w_in [D, G*F], b_in [G*F], w_out [F, D], b_out [D]
+
+
+def expert_loop(activation: Callable[[jax.Array], jax.Array], block: int, unpack: Unpack) -> RowsFn:
+  """The experts' FFN over block-laid-out rows as a loop: for each expert, its weights taken once, then
+  its live blocks one after another, so compute follows the real assignments (no padding blocks, no
+  weight copy per block; a grouped GEMM for CPUs). The backward pass is the same loop, accumulating each
+  expert's weight gradients in float32. Weights that are not floating point (packed MXFP4) are frozen:
+  only the input gets a gradient."""
+
+  def rows(x_RxD, i):
+    return jax.lax.dynamic_slice_in_dim(x_RxD, i * block, block)
+
+  def each_expert(weights, start_E, end_E, body, carry, finish=lambda e, c, acc: c, acc0=()):
+    def expert(e, carry):
+      w = unpack(weights, e)
+      c, acc = jax.lax.fori_loop(start_E[e], end_E[e], lambda i, ca: body(i, w, *ca), (carry, acc0))
+      return finish(e, c, acc)
+    return jax.lax.fori_loop(0, start_E.shape[0], expert, carry)
+
+  def forward(x_RxD, start_E, end_E, weights):
+    def body(i, w, carry, acc):
+      h_RxGF, y_RxD = carry
+      w_in, b_in, w_out, b_out = w
+      h = rows(x_RxD, i) @ w_in + b_in
+      y = activation(h) @ w_out + b_out
+      update = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, i * block, 0)
+      return (update(h_RxGF, h), update(y_RxD, y)), acc
+    R, GF = x_RxD.shape[0], jax.eval_shape(unpack, weights, 0)[0].shape[1]
+    zeros = (jnp.zeros((R, GF), x_RxD.dtype), jnp.zeros_like(x_RxD))
+    return each_expert(weights, start_E, end_E, body, zeros)
+
+  @jax.custom_vjp
+  def run(x_RxD, start_E, end_E, weights):
+    return forward(x_RxD, start_E, end_E, weights)[1]
+
+  def run_fwd(x_RxD, start_E, end_E, weights):
+    h_RxGF, y_RxD = forward(x_RxD, start_E, end_E, weights)
+    return y_RxD, (x_RxD, start_E, end_E, weights, h_RxGF)
+
+  def run_bwd(res, dy_RxD):
+    x_RxD, start_E, end_E, weights, h_RxGF = res
+    trained = all(jnp.issubdtype(w.dtype, jnp.floating) for w in weights)
+    f32 = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+
+    def body(i, w, carry, acc):
+      (dx_RxD, dweights), (w_in, _, w_out, _) = carry, w
+      x, dy = rows(x_RxD, i), rows(dy_RxD, i)
+      a, activation_vjp = jax.vjp(activation, rows(h_RxGF, i))
+      dh = activation_vjp(dy @ w_out.T)[0]
+      dx_RxD = jax.lax.dynamic_update_slice_in_dim(dx_RxD, dh @ w_in.T, i * block, 0)
+      if trained:
+        grads = (f32(x.T, dh), jnp.sum(dh, 0, jnp.float32), f32(a.T, dy), jnp.sum(dy, 0, jnp.float32))
+        acc = tuple(s + g for s, g in zip(acc, grads))
+      return (dx_RxD, dweights), acc
+
+    def finish(e, carry, acc):
+      dx_RxD, dweights = carry
+      if trained:
+        dweights = tuple(dw.at[e].set(g.reshape(dw.shape[1:]).astype(dw.dtype)) for dw, g in zip(dweights, acc))
+      return dx_RxD, dweights
+
+    acc0 = tuple(jnp.zeros(w.shape, jnp.float32) for w in jax.eval_shape(unpack, weights, 0)) if trained else ()
+    dweights0 = tuple(map(jnp.zeros_like, weights)) if trained else None
+    dx_RxD, dweights = each_expert(weights, start_E, end_E, body, (jnp.zeros_like(x_RxD), dweights0), finish, acc0)
+    return dx_RxD, None, None, dweights
+
+  run.defvjp(run_fwd, run_bwd)
+  return run
 
 
 def grouped_capacity(cfg: ModelConfig, n_tokens: int) -> int:
@@ -101,7 +173,7 @@ def grouped_capacity(cfg: ModelConfig, n_tokens: int) -> int:
 
 def dropless_block(cfg: ModelConfig, n_tokens: int) -> int:
   """Rows per block: the mean load per expert rounded down to a power of two in [8, 128]. Larger blocks
-  mean fewer per-block weight gathers; padding stays below one block per expert."""
+  mean larger GEMMs; padding stays below one block per expert."""
   mean_load = n_tokens * cfg.top_k / cfg.n_experts
   return int(min(128, max(8, 2 ** math.floor(math.log2(max(mean_load, 1))))))
 
@@ -140,26 +212,24 @@ class MoE(nnx.Module):
       return jnp.transpose(w_in, (0, 3, 1, 2)), jnp.transpose(w_out, (0, 2, 1))
     return self.w_in[...].astype(dtype), self.w_out[...].astype(dtype)
 
-  def packed_block_fn(self, dtype):
-    """Dropless blocks over MXFP4 experts, one block after another (lax.map), each unpacking only its own
-    expert's weights and skipping blocks of padding: memory holds one expert in the compute dtype, never
-    a layer's worth (gpt-oss-20b: 50 MB against 1.6 GB per layer)."""
-    cfg = self.cfg
-    G, F, D = n_in_proj(cfg), cfg.d_expert, cfg.d_model
-    b_in, b_out = self.biases(dtype)
-    packed = (self.w_in_blocks[...], self.w_in_scales[...], self.w_out_blocks[...], self.w_out_scales[...])
+  def loop_weights(self, dtype) -> tuple[tuple, Unpack]:
+    """The expert weights as stored and how to take expert e's in the compute dtype (MXFP4 unpacked one
+    expert at a time: gpt-oss-20b holds 50 MB of it, not a layer's 1.6 GB)."""
+    G, F, D = n_in_proj(self.cfg), self.cfg.d_expert, self.cfg.d_model
+    b_in, b_out = (self.b_in[...], self.b_out[...]) if self.cfg.ffn_bias else self.biases(dtype)
+    if self.cfg.moe_mxfp4:
+      def unpack(w, e):
+        in_blocks, in_scales, b_in, out_blocks, out_scales, b_out = (x[e] for x in w)
+        w_in = mxfp4.dequantize(in_blocks, in_scales, dtype).reshape(G * F, D).T
+        w_out = mxfp4.dequantize(out_blocks, out_scales, dtype).T  # [D, F] -> [F, D]
+        return w_in, b_in.reshape(G * F).astype(dtype), w_out, b_out.astype(dtype)
+      return (self.w_in_blocks[...], self.w_in_scales[...], b_in, self.w_out_blocks[...], self.w_out_scales[...],
+              b_out), unpack
 
-    def one(x_bxD, e, live):
-      in_blocks, in_scales, out_blocks, out_scales = (p[e] for p in packed)
-      w_in = mxfp4.dequantize(in_blocks, in_scales, dtype).reshape(G * F, D)  # [out, in]
-      h = project(x_bxD, w_in.T).reshape(-1, G, F) + b_in[e]
-      w_out = mxfp4.dequantize(out_blocks, out_scales, dtype)  # [D, F]: [out, in]
-      return project(activate(cfg, h), w_out.T) + b_out[e]
-
-    def block_fn(x_nxbxD, expert_n, live_n):
-      skip = lambda x, e, live: jnp.zeros_like(x)
-      return jax.lax.map(lambda a: jax.lax.cond(a[2], one, skip, *a), (x_nxbxD, expert_n, live_n))
-    return block_fn
+    def unpack(w, e):
+      w_in, b_in, w_out, b_out = (x[e].astype(dtype) for x in w)
+      return w_in.reshape(D, G * F), b_in.reshape(G * F), w_out, b_out
+    return (self.w_in[...], b_in, self.w_out[...], b_out), unpack
 
   def biases(self, dtype):
     if not self.cfg.ffn_bias:
@@ -176,34 +246,28 @@ class MoE(nnx.Module):
     if cfg.router_bias:
       logits_NxE = logits_NxE + self.router_b[...].astype(jnp.float32)
     w_NxK, idx_NxK = route(cfg, logits_NxE)
-    dropless_mxfp4 = cfg.moe_mxfp4 and cfg.moe_dispatch == "grouped" and not cfg.moe_capacity_factor
-    if not dropless_mxfp4:
-      w_in, w_out = self.expert_weights(dt)
-      b_in, b_out = self.biases(dt)
-    if cfg.moe_dispatch == "dense":
-      y = dense_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out)
+    if cfg.moe_dispatch == "grouped" and not cfg.moe_capacity_factor:  # dropless: experts one after another
+      weights, unpack = self.loop_weights(dt)
+      G, F, block = n_in_proj(cfg), cfg.d_expert, dropless_block(cfg, B * T)
+      loop = expert_loop(lambda h: activate(cfg, h.reshape(-1, G, F)), block, unpack)
+      y = block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, block,
+                                lambda rows, start_E, end_E: loop(rows, start_E, end_E, weights))
+    elif cfg.moe_dispatch == "dense":
+      y = dense_dispatch(cfg, x_NxD, idx_NxK, w_NxK, *self.expert_weights(dt), *self.biases(dt))
     elif cfg.moe_dispatch == "ragged":
-      y = ragged_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out)
-    elif cfg.moe_capacity_factor:  # fixed capacity per expert, overflow dropped
+      y = ragged_dispatch(cfg, x_NxD, idx_NxK, w_NxK, *self.expert_weights(dt), *self.biases(dt))
+    else:  # fixed capacity per expert, overflow dropped
+      (w_in, w_out), (b_in, b_out) = self.expert_weights(dt), self.biases(dt)
+
       def expert_fn(x_ExCxD):
         h = project_batched(x_ExCxD, w_in) + b_in[:, None]
         return project_batched(activate(cfg, h), w_out) + b_out[:, None]
 
-      capacity = grouped_capacity(cfg, B * T)
-      y = grouped_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, capacity, expert_fn)
-    elif dropless_mxfp4:  # one expert unpacked at a time
-      y = block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, dropless_block(cfg, B * T),
-                                self.packed_block_fn(dt))
-    else:  # dropless
-      def block_fn(x_nxbxD, expert_n, _live_n):  # computes padding blocks too: one batched matmul
-        h = project_batched(x_nxbxD, w_in[expert_n]) + b_in[expert_n][:, None]
-        return project_batched(activate(cfg, h), w_out[expert_n]) + b_out[expert_n][:, None]
-
-      y = block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, dropless_block(cfg, B * T), block_fn)
+      y = grouped_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, grouped_capacity(cfg, B * T), expert_fn)
     return y.reshape(B, T, D).astype(dt), aux_losses(logits_NxE, idx_NxK)
 
 
-def dense_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out):
+def dense_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, w_out, b_in, b_out):
   h = jnp.einsum("nd,edgf->negf", x_NxD, w_in) + b_in
   y_NxExD = jnp.einsum("nef,efd->ned", activate(cfg, h), w_out) + b_out
   N = x_NxD.shape[0]
@@ -211,7 +275,7 @@ def dense_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out):
   return jnp.einsum("ned,ne->nd", y_NxExD, combine_NxE.astype(y_NxExD.dtype))
 
 
-def ragged_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out):
+def ragged_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, w_out, b_in, b_out):
   N, K = idx_NxK.shape
   E, D, G, F = w_in.shape
   e_A = idx_NxK.reshape(-1)
