@@ -2,6 +2,7 @@
 plain decode and transformers' converter."""
 
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -178,3 +179,15 @@ def test_packed_experts_equal_dequantized_weights(rng, tokens):
   plain.router_w[...], plain.router_b[...] = packed.router_w[...], packed.router_b[...]
   x = jnp.asarray(rng.normal(size=(2, tokens, 32)), jnp.float32)
   np.testing.assert_allclose(packed(x)[0], plain(x)[0], rtol=1e-6, atol=1e-7)
+
+
+def test_packed_experts_pass_input_gradients(rng):
+  """Packed experts are frozen, but earlier layers still train through them: d(loss)/dx equals that of
+  the same experts unpacked."""
+  packed = MoE(BASE.replace(moe_mxfp4=True), nnx.Rngs(0))
+  plain = MoE(BASE, nnx.Rngs(0))
+  plain.w_in[...], plain.w_out[...] = packed.expert_weights(jnp.float32)
+  plain.router_w[...], plain.router_b[...] = packed.router_w[...], packed.router_b[...]
+  x = jnp.asarray(rng.normal(size=(2, 10, 32)), jnp.float32)
+  grad = lambda m: jax.grad(lambda x: jnp.sum(jnp.sin(m(x)[0])))(x)
+  np.testing.assert_allclose(grad(packed), grad(plain), rtol=1e-5, atol=1e-6)

@@ -109,11 +109,13 @@ def expert_loop(activation: Callable[[jax.Array], jax.Array], block: int, unpack
     return jax.lax.dynamic_slice_in_dim(x_RxD, i * block, block)
 
   def each_expert(weights, start_E, end_E, body, carry, finish=lambda e, c, acc: c, acc0=()):
-    def expert(e, carry):
+    def expert(e, carry):  # experts without rows are skipped, their weights never unpacked
       w = unpack(weights, e)
       c, acc = jax.lax.fori_loop(start_E[e], end_E[e], lambda i, ca: body(i, w, *ca), (carry, acc0))
       return finish(e, c, acc)
-    return jax.lax.fori_loop(0, start_E.shape[0], expert, carry)
+    skip = lambda e, carry: carry
+    return jax.lax.fori_loop(0, start_E.shape[0],
+                             lambda e, c: jax.lax.cond(end_E[e] > start_E[e], expert, skip, e, c), carry)
 
   def forward(x_RxD, start_E, end_E, weights):
     def body(i, w, carry, acc):
