@@ -117,24 +117,24 @@ def expert_loop(activation: Callable[[jax.Array], jax.Array], block: int, unpack
     return jax.lax.fori_loop(0, start_E.shape[0],
                              lambda e, c: jax.lax.cond(end_E[e] > start_E[e], expert, skip, e, c), carry)
 
-  def forward(x_RxD, start_E, end_E, weights):
+  def forward(x_RxD, start_E, end_E, weights, keep_h: bool):
+    """y [R, D], and with keep_h the pre-activations [R, G*F] for the backward pass."""
     def body(i, w, carry, acc):
-      h_RxGF, y_RxD = carry
       w_in, b_in, w_out, b_out = w
       h = rows(x_RxD, i) @ w_in + b_in
       y = activation(h) @ w_out + b_out
       update = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, i * block, 0)
-      return (update(h_RxGF, h), update(y_RxD, y)), acc
+      return tuple(update(big, small) for big, small in zip(carry, (y, h))), acc
     R, GF = x_RxD.shape[0], jax.eval_shape(unpack, weights, 0)[0].shape[1]
-    zeros = (jnp.zeros((R, GF), x_RxD.dtype), jnp.zeros_like(x_RxD))
+    zeros = (jnp.zeros_like(x_RxD),) + ((jnp.zeros((R, GF), x_RxD.dtype),) if keep_h else ())
     return each_expert(weights, start_E, end_E, body, zeros)
 
   @jax.custom_vjp
   def run(x_RxD, start_E, end_E, weights):
-    return forward(x_RxD, start_E, end_E, weights)[1]
+    return forward(x_RxD, start_E, end_E, weights, keep_h=False)[0]
 
   def run_fwd(x_RxD, start_E, end_E, weights):
-    h_RxGF, y_RxD = forward(x_RxD, start_E, end_E, weights)
+    y_RxD, h_RxGF = forward(x_RxD, start_E, end_E, weights, keep_h=True)
     return y_RxD, (x_RxD, start_E, end_E, weights, h_RxGF)
 
   def run_bwd(res, dy_RxD):
