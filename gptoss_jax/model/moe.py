@@ -108,23 +108,22 @@ def expert_loop(activation: Callable[[jax.Array], jax.Array], block: int, unpack
   def rows(x_RxD, i):
     return jax.lax.dynamic_slice_in_dim(x_RxD, i * block, block)
 
-  def each_expert(weights, start_E, end_E, body, carry, finish=lambda e, c, acc: c, acc0=()):
+  def each_expert(weights, start_E, end_E, body, carry):
     def expert(e, carry):  # experts without rows are skipped, their weights never unpacked
       w = unpack(weights, e)
-      c, acc = jax.lax.fori_loop(start_E[e], end_E[e], lambda i, ca: body(i, w, *ca), (carry, acc0))
-      return finish(e, c, acc)
+      return jax.lax.fori_loop(start_E[e], end_E[e], lambda i, c: body(e, i, w, c), carry)
     skip = lambda e, carry: carry
     return jax.lax.fori_loop(0, start_E.shape[0],
                              lambda e, c: jax.lax.cond(end_E[e] > start_E[e], expert, skip, e, c), carry)
 
   def forward(x_RxD, start_E, end_E, weights, keep_h: bool):
     """y [R, D], and with keep_h the pre-activations [R, G*F] for the backward pass."""
-    def body(i, w, carry, acc):
+    def body(e, i, w, carry):
       w_in, b_in, w_out, b_out = w
       h = rows(x_RxD, i) @ w_in + b_in
       y = activation(h) @ w_out + b_out
       update = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, i * block, 0)
-      return tuple(update(big, small) for big, small in zip(carry, (y, h))), acc
+      return tuple(update(big, small) for big, small in zip(carry, (y, h)))
     R, GF = x_RxD.shape[0], jax.eval_shape(unpack, weights, 0)[0].shape[1]
     zeros = (jnp.zeros_like(x_RxD),) + ((jnp.zeros((R, GF), x_RxD.dtype),) if keep_h else ())
     return each_expert(weights, start_E, end_E, body, zeros)
@@ -142,26 +141,21 @@ def expert_loop(activation: Callable[[jax.Array], jax.Array], block: int, unpack
     trained = all(jnp.issubdtype(w.dtype, jnp.floating) for w in weights)
     f32 = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
 
-    def body(i, w, carry, acc):
+    def body(e, i, w, carry):
       (dx_RxD, dweights), (w_in, _, w_out, _) = carry, w
       x, dy = rows(x_RxD, i), rows(dy_RxD, i)
       a, activation_vjp = jax.vjp(activation, rows(h_RxGF, i))
       dh = activation_vjp(dy @ w_out.T)[0]
       dx_RxD = jax.lax.dynamic_update_slice_in_dim(dx_RxD, dh @ w_in.T, i * block, 0)
-      if trained:
+      if trained:  # accumulated in place, in float32
         grads = (f32(x.T, dh), jnp.sum(dh, 0, jnp.float32), f32(a.T, dy), jnp.sum(dy, 0, jnp.float32))
-        acc = tuple(s + g for s, g in zip(acc, grads))
-      return (dx_RxD, dweights), acc
-
-    def finish(e, carry, acc):
-      dx_RxD, dweights = carry
-      if trained:
-        dweights = tuple(dw.at[e].set(g.reshape(dw.shape[1:]).astype(dw.dtype)) for dw, g in zip(dweights, acc))
+        dweights = tuple(dw.at[e].add(g.reshape(dw.shape[1:])) for dw, g in zip(dweights, grads))
       return dx_RxD, dweights
 
-    acc0 = tuple(jnp.zeros(w.shape, jnp.float32) for w in jax.eval_shape(unpack, weights, 0)) if trained else ()
-    dweights0 = tuple(map(jnp.zeros_like, weights)) if trained else None
-    dx_RxD, dweights = each_expert(weights, start_E, end_E, body, (jnp.zeros_like(x_RxD), dweights0), finish, acc0)
+    dweights0 = tuple(jnp.zeros(w.shape, jnp.float32) for w in weights) if trained else None
+    dx_RxD, dweights = each_expert(weights, start_E, end_E, body, (jnp.zeros_like(x_RxD), dweights0))
+    if trained:
+      dweights = tuple(dw.astype(w.dtype) for dw, w in zip(dweights, weights))
     return dx_RxD, None, None, dweights
 
   run.defvjp(run_fwd, run_bwd)
