@@ -88,6 +88,7 @@ def attend_blocks(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, window: int = 0, sinks_N=N
   G = N // K
   q_BxKxTGxH = (q_BxTxNxH * H**-0.5).reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
   k_BxKxTxH, v_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3)
+  sinks_Kx1xG = None if sinks_N is None else sinks_N.astype(jnp.float32).reshape(K, 1, G)
   outs = []
   for start in range(0, T, block):
     end = min(start + block, T)
@@ -95,9 +96,8 @@ def attend_blocks(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, window: int = 0, sinks_N=N
     scores = jnp.einsum("bkrh,bksh->bkrs", q_BxKxTGxH[:, :, start * G:end * G], k_BxKxTxH[:, :, lo:end])
     qp, kp = np.arange(start, end).repeat(G)[:, None], np.arange(lo, end)[None, :]
     allowed_RxS = (kp <= qp) & ((qp - kp < window) if window else True)
-    sinks = None if sinks_N is None else jnp.tile(sinks_N.astype(jnp.float32).reshape(K, 1, G), (1, end - start, 1))
-    probs = softmax_with_sinks(jnp.where(allowed_RxS, scores.astype(jnp.float32), _MASKED),
-                               None if sinks is None else sinks.reshape(K, -1, 1))
+    sinks = None if sinks_Kx1xG is None else jnp.tile(sinks_Kx1xG, (1, end - start, 1)).reshape(K, -1, 1)
+    probs = softmax_with_sinks(jnp.where(allowed_RxS, scores.astype(jnp.float32), _MASKED), sinks)
     if dropout is not None:
       probs = dropout(probs)
     outs.append(jnp.einsum("bkrs,bksh->bkrh", probs.astype(v_BxKxTxH.dtype), v_BxKxTxH[:, :, lo:end]))

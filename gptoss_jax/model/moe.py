@@ -2,8 +2,9 @@
 
 grouped (default): sort the (token, expert) assignments by expert and compute only those; compute grows
   with the active experts, not the total. Dropless (moe_capacity_factor = 0): each expert's rows padded
-  to whole blocks, each block owned by one expert, a static bound on the number of blocks. With a
-  capacity factor: per-expert buckets of a fixed size, one batched matmul, overflow dropped.
+  to whole blocks, a static bound on the number of rows, the experts run one after another over their
+  live blocks (expert_loop). With a capacity factor: per-expert buckets of a fixed size, one batched
+  matmul, overflow dropped.
 ragged: jax.lax.ragged_dot over the sorted assignments (fast grouped GEMM on GPU/TPU; on CPU it
   lowers to a dense dot over all experts).
 dense: every expert on every token, combined with the routing weights (the test reference).
@@ -20,7 +21,7 @@ from flax import nnx
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model import mxfp4
 from gptoss_jax.model.ffn import activate, init_std_out, n_in_proj
-from gptoss_jax.model.linear import project, project_batched
+from gptoss_jax.model.linear import project_batched
 
 
 def route(cfg: ModelConfig, logits_NxE: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -215,10 +216,10 @@ class MoE(nnx.Module):
     b_in, b_out = (self.b_in[...], self.b_out[...]) if self.cfg.ffn_bias else self.biases(dtype)
     if self.cfg.moe_mxfp4:
       def unpack(w, e):
-        in_blocks, in_scales, b_in, out_blocks, out_scales, b_out = (x[e] for x in w)
+        in_blocks, in_scales, bias_in, out_blocks, out_scales, bias_out = (x[e] for x in w)
         w_in = mxfp4.dequantize(in_blocks, in_scales, dtype).reshape(G * F, D).T
         w_out = mxfp4.dequantize(out_blocks, out_scales, dtype).T  # [D, F] -> [F, D]
-        return w_in, b_in.reshape(G * F).astype(dtype), w_out, b_out.astype(dtype)
+        return w_in, bias_in.reshape(G * F).astype(dtype), w_out, bias_out.astype(dtype)
       return (self.w_in_blocks[...], self.w_in_scales[...], b_in, self.w_out_blocks[...], self.w_out_scales[...],
               b_out), unpack
 
