@@ -40,4 +40,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  from gptoss_jax.train.step import reuse_step_memory
+  reuse_step_memory()  # before JAX starts its backend
   sys.exit(main())
