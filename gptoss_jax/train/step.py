@@ -31,7 +31,7 @@ def reuse_step_memory() -> bool:
   glibc serves blocks that large from fresh mappings and unmaps them when they are freed, so every step
   page-faults through all of it again (180k faults and 0.3 s of kernel time per step). This runs steps on
   the calling thread (no asynchronous CPU dispatch) from glibc's main heap, with no mappings and freed
-  memory kept: the benchmark's dense step goes from 950 to 775 ms. Call it before JAX starts its backend.
+  memory kept: the benchmark's dense step goes from 950 to about 790 ms. Call it before JAX starts its backend.
   It is skipped (returns False) off glibc, or when a GPU/TPU plugin could take over.
   """
   platforms = os.environ.get("JAX_PLATFORMS", "")
