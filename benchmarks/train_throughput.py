@@ -5,8 +5,8 @@ gpt-oss-shaped MoE model at 8 and 32 experts. Each step is forward + backward + 
   python benchmarks/train_throughput.py [--steps 10] [--batch 8] [--seq 256] [--only jax|torch]
 
 MFU uses the FLOPs per token of `gptoss_jax.inspect` over the measured float32 matmul rate of the
-device (CPU has no published peak); it is the same yardstick for both frameworks. The JAX steps run as the
-training command runs them (`reuse_step_memory`: host memory kept between steps).
+device (CPU has no published peak); it is the same yardstick for both frameworks. The process runs as the
+training command does (`reuse_step_memory`: host memory kept between steps), for both frameworks.
 """
 
 from __future__ import annotations

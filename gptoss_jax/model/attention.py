@@ -145,16 +145,15 @@ class Attention(nnx.Module):
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     sinks = self.sinks[...] if cfg.attn_sinks else None
-    T = x_BxTxD.shape[1]
+    block = attention_block(x_BxTxD.shape[1])
     if cache is not None:
       out = attend(q, jnp.concatenate([cache.k_BxSxKxH.astype(dt), k], axis=1),
                    jnp.concatenate([cache.v_BxSxKxH.astype(dt), v], axis=1),
                    positions_BxT, jnp.concatenate([cache.pos_BxS, positions_BxT], axis=1),
                    window=self.window, sinks_N=sinks, dropout=self.dropout)
       cache = cache.update(k, v, positions_BxT)
-    elif cfg.attn_impl == "blockwise" or (cfg.attn_impl == "auto" and T > attention_block(T)):
-      out = attend_blocks(q, k, v, window=self.window, sinks_N=sinks, dropout=self.dropout,
-                          block=attention_block(T))
+    elif cfg.attn_impl == "blockwise" or (cfg.attn_impl == "auto" and x_BxTxD.shape[1] > block):
+      out = attend_blocks(q, k, v, window=self.window, sinks_N=sinks, dropout=self.dropout, block=block)
     else:
       out = attend(q, k, v, positions_BxT, positions_BxT, window=self.window, sinks_N=sinks,
                    dropout=self.dropout)
