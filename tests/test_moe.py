@@ -11,7 +11,7 @@ from flax import nnx
 from gptoss_jax import ModelConfig
 from gptoss_jax.model import mxfp4
 from gptoss_jax.model.ffn import MLP
-from gptoss_jax.model.moe import MoE, aux_losses, route
+from gptoss_jax.model.moe import MoE, aux_losses, dropless_blocks, route
 
 BASE = ModelConfig(d_model=32, n_experts=8, top_k=2, d_expert=32, ffn="clamped_swiglu", ffn_bias=True,
                    router_bias=True)
@@ -114,13 +114,20 @@ def test_one_expert_top1_is_the_dense_ffn(rng):
   np.testing.assert_allclose(moe(x)[0], mlp(x)[0], rtol=1e-5, atol=1e-6)
 
 
-def test_grouped_gradients_match_dense(rng):
-  x = jnp.asarray(rng.normal(size=(2, 10, 32)), jnp.float32)
-  grads = {}
+@pytest.mark.parametrize("n_experts, tokens", [(8, 10), (4, 250)])
+def test_grouped_gradients_match_dense(rng, n_experts, tokens):
+  """(4, 250): 250 rows per expert on average, so the loop runs blocks of 128, 64 and 32 rows."""
+  cfg = BASE.replace(n_experts=n_experts)
+  if tokens == 250:
+    assert dropless_blocks(cfg, 2 * tokens) == (128, 64, 32)
+  x = jnp.asarray(rng.normal(size=(2, tokens, 32)), jnp.float32)
+  grads, outs = {}, {}
   for dispatch in ("grouped", "dense"):
-    moe = _randomized(BASE.replace(moe_dispatch=dispatch))
+    moe = _randomized(cfg.replace(moe_dispatch=dispatch))
+    outs[dispatch] = moe(x)[0]
     loss = lambda m: jnp.sum(jnp.sin(m(x)[0]))
     grads[dispatch] = nnx.grad(loss)(moe)
+  np.testing.assert_allclose(outs["grouped"], outs["dense"], rtol=1e-4, atol=1e-4)
   for (path, a), (_, b) in zip(nnx.to_flat_state(grads["grouped"]), nnx.to_flat_state(grads["dense"])):
     scale = float(jnp.abs(b[...]).max())  # float32 sums in another order: compare at the array's scale
     np.testing.assert_allclose(a[...], b[...], rtol=1e-4, atol=1e-5 * scale, err_msg=str(path))

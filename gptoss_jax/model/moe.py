@@ -2,8 +2,8 @@
 
 grouped (default): sort the (token, expert) assignments by expert and compute only those; compute grows
   with the active experts, not the total. Dropless (moe_capacity_factor = 0): each expert's rows padded
-  to whole blocks, a static bound on the number of rows, the experts run one after another over their
-  live blocks (expert_loop). With a capacity factor: per-expert buckets of a fixed size, one batched
+  to a multiple of 32, a static bound on the number of rows, the experts run one after another over
+  their rows in blocks of 128, 64 and 32 (expert_loop). With a capacity factor: per-expert buckets of a fixed size, one batched
   matmul, overflow dropped.
 ragged: jax.lax.ragged_dot over the sorted assignments (fast grouped GEMM on GPU/TPU; on CPU it
   lowers to a dense dot over all experts).
@@ -50,7 +50,7 @@ def aux_losses(logits_NxE: jax.Array, idx_NxK: jax.Array) -> dict[str, jax.Array
 
 
 ExpertFn = Callable[[jax.Array], jax.Array]  # [E, C, D] -> [E, C, D]
-RowsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # rows [R, D], start_E, end_E -> [R, D]
+RowsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # rows [R, D], start_E, count_E -> [R, D]
 
 
 def grouped_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, capacity: int, expert_fn: ExpertFn):
@@ -72,25 +72,24 @@ def grouped_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, capacity: int, exper
   return jnp.einsum("nkd,nk->nd", y_NxKxD, w_NxK.astype(y_NxKxD.dtype))
 
 
-def block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, block: int, expert_fn: RowsFn):
-  """Dropless: the assignments sorted by expert into rows, each expert's padded to whole blocks of `block`
-  rows, expert e owning blocks [start_E[e], end_E[e]). The row count is bounded statically
-  ((A / block + E) * block), so no token is ever dropped."""
+def block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, align: int, expert_fn: RowsFn):
+  """Dropless: the assignments sorted by expert into rows, each expert's padded to a multiple of `align`,
+  expert e owning rows [start_E[e], start_E[e] + count_E[e]). The row count is bounded statically
+  (A + E * (align - 1), rounded up), so no token is ever dropped."""
   N, K = idx_NxK.shape
   D = x_NxD.shape[-1]
   A, E = N * K, n_experts
-  n_blocks = -(-A // block) + E
+  n_rows = -(-(A + E * (align - 1)) // align) * align
   e_A = idx_NxK.reshape(-1)
   order_A = jnp.argsort(e_A, stable=True)
   e_sorted_A = e_A[order_A]
   counts_E = jnp.bincount(e_A, length=E)
-  padded_E = -(-counts_E // block) * block
-  padded_end_E = jnp.cumsum(padded_E)
-  row_A = (padded_end_E - padded_E)[e_sorted_A] + jnp.arange(A) - (jnp.cumsum(counts_E) - counts_E)[e_sorted_A]
-  row_token = jnp.full((n_blocks * block,), N, jnp.int32).at[row_A].set(order_A // K)
+  padded_E = -(-counts_E // align) * align
+  start_E = jnp.cumsum(padded_E) - padded_E
+  row_A = start_E[e_sorted_A] + jnp.arange(A) - (jnp.cumsum(counts_E) - counts_E)[e_sorted_A]
+  row_token = jnp.full((n_rows,), N, jnp.int32).at[row_A].set(order_A // K)
   x_pad = jnp.concatenate([x_NxD, jnp.zeros((1, D), x_NxD.dtype)])
-  end_E = padded_end_E // block
-  y_rows = expert_fn(x_pad[row_token], end_E - padded_E // block, end_E)
+  y_rows = expert_fn(x_pad[row_token], start_E, padded_E)
   row_of_assignment = jnp.zeros((A,), jnp.int32).at[order_A].set(row_A)
   y_NxKxD = y_rows[row_of_assignment].reshape(N, K, D)
   return jnp.einsum("nkd,nk->nd", y_NxKxD, w_NxK.astype(y_NxKxD.dtype))
@@ -99,62 +98,67 @@ def block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, block: int, exp
 Unpack = Callable[[tuple, jax.Array], tuple]  # (weights, e) -> w_in [D, G*F], b_in [G*F], w_out [F, D], b_out [D]
 
 
-def expert_loop(activation: Callable[[jax.Array], jax.Array], block: int, unpack: Unpack) -> RowsFn:
-  """The experts' FFN over block-laid-out rows as a loop: for each expert, its weights taken once, then
-  its live blocks one after another, so compute follows the real assignments (no padding blocks, no
-  weight copy per block; a grouped GEMM for CPUs). The backward pass is the same loop, accumulating each
-  expert's weight gradients in float32. Weights that are not floating point (packed MXFP4) are frozen:
-  only the input gets a gradient."""
+def expert_loop(activation: Callable[[jax.Array], jax.Array], blocks: tuple[int, ...], unpack: Unpack) -> RowsFn:
+  """The experts' FFN over expert-sorted rows as a loop: for each expert, its weights taken once, then its
+  rows in blocks of blocks[0] rows and the remainder in the smaller sizes (descending, each dividing the
+  one before), so compute follows the real assignments (no weight copy per block; a grouped GEMM for
+  CPUs). The backward pass is the same loop, accumulating each expert's weight gradients in float32.
+  Weights that are not floating point (packed MXFP4) are frozen: only the input gets a gradient."""
 
-  def rows(x_RxD, i):
-    return jax.lax.dynamic_slice_in_dim(x_RxD, i * block, block)
+  def rows(x_RxD, start, size):
+    return jax.lax.dynamic_slice_in_dim(x_RxD, start, size)
 
-  def each_expert(weights, start_E, end_E, body, carry):
+  def each_expert(weights, start_E, count_E, body, carry):
     def expert(e, carry):  # experts without rows are skipped, their weights never unpacked
       w = unpack(weights, e)
-      return jax.lax.fori_loop(start_E[e], end_E[e], lambda i, c: body(e, i, w, c), carry)
+      start, left = start_E[e], count_E[e]
+      for size in blocks:
+        n = left // size
+        carry = jax.lax.fori_loop(0, n, lambda j, c: body(e, start + j * size, size, w, c), carry)
+        start, left = start + n * size, left - n * size
+      return carry
     skip = lambda e, carry: carry
     return jax.lax.fori_loop(0, start_E.shape[0],
-                             lambda e, c: jax.lax.cond(end_E[e] > start_E[e], expert, skip, e, c), carry)
+                             lambda e, c: jax.lax.cond(count_E[e] > 0, expert, skip, e, c), carry)
 
-  def forward(x_RxD, start_E, end_E, weights, keep_h: bool):
+  def forward(x_RxD, start_E, count_E, weights, keep_h: bool):
     """y [R, D], and with keep_h the pre-activations [R, G*F] for the backward pass."""
-    def body(e, i, w, carry):
+    def body(e, i, size, w, carry):
       w_in, b_in, w_out, b_out = w
-      h = rows(x_RxD, i) @ w_in + b_in
+      h = rows(x_RxD, i, size) @ w_in + b_in
       y = activation(h) @ w_out + b_out
-      update = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, i * block, 0)
+      update = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, i, 0)
       return tuple(update(big, small) for big, small in zip(carry, (y, h)))
     R, GF = x_RxD.shape[0], jax.eval_shape(unpack, weights, 0)[0].shape[1]
     zeros = (jnp.zeros_like(x_RxD),) + ((jnp.zeros((R, GF), x_RxD.dtype),) if keep_h else ())
-    return each_expert(weights, start_E, end_E, body, zeros)
+    return each_expert(weights, start_E, count_E, body, zeros)
 
   @jax.custom_vjp
-  def run(x_RxD, start_E, end_E, weights):
-    return forward(x_RxD, start_E, end_E, weights, keep_h=False)[0]
+  def run(x_RxD, start_E, count_E, weights):
+    return forward(x_RxD, start_E, count_E, weights, keep_h=False)[0]
 
-  def run_fwd(x_RxD, start_E, end_E, weights):
-    y_RxD, h_RxGF = forward(x_RxD, start_E, end_E, weights, keep_h=True)
-    return y_RxD, (x_RxD, start_E, end_E, weights, h_RxGF)
+  def run_fwd(x_RxD, start_E, count_E, weights):
+    y_RxD, h_RxGF = forward(x_RxD, start_E, count_E, weights, keep_h=True)
+    return y_RxD, (x_RxD, start_E, count_E, weights, h_RxGF)
 
   def run_bwd(res, dy_RxD):
-    x_RxD, start_E, end_E, weights, h_RxGF = res
+    x_RxD, start_E, count_E, weights, h_RxGF = res
     trained = all(jnp.issubdtype(w.dtype, jnp.floating) for w in weights)
     f32 = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
 
-    def body(e, i, w, carry):
+    def body(e, i, size, w, carry):
       (dx_RxD, dweights), (w_in, _, w_out, _) = carry, w
-      x, dy = rows(x_RxD, i), rows(dy_RxD, i)
-      a, activation_vjp = jax.vjp(activation, rows(h_RxGF, i))
+      x, dy = rows(x_RxD, i, size), rows(dy_RxD, i, size)
+      a, activation_vjp = jax.vjp(activation, rows(h_RxGF, i, size))
       dh = activation_vjp(dy @ w_out.T)[0]
-      dx_RxD = jax.lax.dynamic_update_slice_in_dim(dx_RxD, dh @ w_in.T, i * block, 0)
+      dx_RxD = jax.lax.dynamic_update_slice_in_dim(dx_RxD, dh @ w_in.T, i, 0)
       if trained:  # accumulated in place, in float32
         grads = (f32(x.T, dh), jnp.sum(dh, 0, jnp.float32), f32(a.T, dy), jnp.sum(dy, 0, jnp.float32))
         dweights = tuple(dw.at[e].add(g.reshape(dw.shape[1:])) for dw, g in zip(dweights, grads))
       return dx_RxD, dweights
 
     dweights0 = tuple(jnp.zeros(w.shape, jnp.float32) for w in weights) if trained else None
-    dx_RxD, dweights = each_expert(weights, start_E, end_E, body, (jnp.zeros_like(x_RxD), dweights0))
+    dx_RxD, dweights = each_expert(weights, start_E, count_E, body, (jnp.zeros_like(x_RxD), dweights0))
     if trained:
       dweights = tuple(dw.astype(w.dtype) for dw, w in zip(dweights, weights))
     return dx_RxD, None, None, dweights
@@ -168,11 +172,14 @@ def grouped_capacity(cfg: ModelConfig, n_tokens: int) -> int:
   return min(capacity, n_tokens)
 
 
-def dropless_block(cfg: ModelConfig, n_tokens: int) -> int:
-  """Rows per block: the mean load per expert rounded down to a power of two in [8, 128]. Larger blocks
-  mean larger GEMMs; padding stays below one block per expert."""
+def dropless_blocks(cfg: ModelConfig, n_tokens: int) -> tuple[int, ...]:
+  """Row-block sizes of the dropless loop, largest first: the mean load per expert rounded down to a power
+  of two in [8, 128], then halved down to 32 rows for each expert's remainder. Most rows go through large
+  GEMMs and padding stays below 32 rows per expert (below one large block before: 1.4x the rows at 32
+  experts of mean load 128)."""
   mean_load = n_tokens * cfg.top_k / cfg.n_experts
-  return int(min(128, max(8, 2 ** math.floor(math.log2(max(mean_load, 1))))))
+  block = int(min(128, max(8, 2 ** math.floor(math.log2(max(mean_load, 1))))))
+  return tuple(block >> i for i in range(int(math.log2(block // min(block, 32))) + 1))
 
 
 class MoE(nnx.Module):
@@ -245,10 +252,10 @@ class MoE(nnx.Module):
     w_NxK, idx_NxK = route(cfg, logits_NxE)
     if cfg.moe_dispatch == "grouped" and not cfg.moe_capacity_factor:  # dropless: experts one after another
       weights, unpack = self.loop_weights(dt)
-      G, F, block = n_in_proj(cfg), cfg.d_expert, dropless_block(cfg, B * T)
-      loop = expert_loop(lambda h: activate(cfg, h.reshape(-1, G, F)), block, unpack)
-      y = block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, block,
-                                lambda rows, start_E, end_E: loop(rows, start_E, end_E, weights))
+      G, F, blocks = n_in_proj(cfg), cfg.d_expert, dropless_blocks(cfg, B * T)
+      loop = expert_loop(lambda h: activate(cfg, h.reshape(-1, G, F)), blocks, unpack)
+      y = block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, blocks[-1],
+                                lambda rows, start_E, count_E: loop(rows, start_E, count_E, weights))
     elif cfg.moe_dispatch == "dense":
       y = dense_dispatch(cfg, x_NxD, idx_NxK, w_NxK, *self.expert_weights(dt), *self.biases(dt))
     elif cfg.moe_dispatch == "ragged":
