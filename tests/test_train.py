@@ -20,7 +20,7 @@ from gptoss_jax.config import ModelConfig, apply_overrides, load_config_file
 from gptoss_jax.sharding import make_mesh
 from gptoss_jax.train.checkpoint import Checkpointer
 from gptoss_jax.train.loop import TrainingError, train
-from gptoss_jax.train.optimizer import decays, lr_schedule
+from gptoss_jax.train.optimizer import clip_by_global_norm, decays, lr_schedule
 from gptoss_jax.train.step import Trainer
 
 DENSE = "configs/gpt2.py:tiny"
@@ -209,6 +209,15 @@ def test_schedule_and_decay_mask():
   assert not decays(("blocks", 0, "attn_norm", "scale"), t) and decays(("embed",), t)
   t.decay_embeddings = False
   assert not decays(("embed",), t) and not decays(("pos_embed", "table"), t)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])  # clipped; left alone
+def test_clip_by_global_norm(rng, max_norm):
+  grads = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(5,)).astype(np.float32)}
+  norm = math.sqrt(sum(float(np.sum(g**2)) for g in grads.values()))
+  clipped, _ = clip_by_global_norm(max_norm).update(grads, None)
+  for name, g in grads.items():
+    np.testing.assert_allclose(clipped[name], g * min(1.0, max_norm / norm), rtol=1e-6)
 
 
 def test_logs_tensorboard_and_jsonl(text_dataset, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
@@ -43,9 +45,21 @@ def weight_decay_mask(params: nnx.State, t: ml_collections.ConfigDict) -> nnx.St
   return nnx.map_state(lambda path, v: decays(path, t), params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """Gradients scaled by min(1, max_norm / global norm): one scalar factor, which XLA fuses into the AdamW
+  update that reads each gradient. (optax's version divides every element by the norm, which XLA:CPU ran
+  as a pass of its own over every gradient: a fifth of the optimizer's time.)"""
+
+  def update(grads, state, params=None):
+    factor = jnp.minimum(1.0, max_norm / optax.global_norm(grads))
+    return jax.tree.map(lambda g: g * factor.astype(g.dtype), grads), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(t: ml_collections.ConfigDict, params: nnx.State) -> optax.GradientTransformation:
   return optax.chain(
-      optax.clip_by_global_norm(t.clip_norm) if t.clip_norm > 0 else optax.identity(),
+      clip_by_global_norm(t.clip_norm) if t.clip_norm > 0 else optax.identity(),
       optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
                   mask=weight_decay_mask(params, t)),
   )
