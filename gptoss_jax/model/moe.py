@@ -3,8 +3,8 @@
 grouped (default): sort the (token, expert) assignments by expert and compute only those; compute grows
   with the active experts, not the total. Dropless (moe_capacity_factor = 0): each expert's rows padded
   to a multiple of 32, a static bound on the number of rows, the experts run one after another over
-  their rows in blocks of 128, 64 and 32 (expert_loop). With a capacity factor: per-expert buckets of a fixed size, one batched
-  matmul, overflow dropped.
+  their rows in blocks of 128, 64 and 32 (expert_loop). With a capacity factor: per-expert buckets of a
+  fixed size, one batched matmul, overflow dropped.
 ragged: jax.lax.ragged_dot over the sorted assignments (fast grouped GEMM on GPU/TPU; on CPU it
   lowers to a dense dot over all experts).
 dense: every expert on every token, combined with the routing weights (the test reference).
