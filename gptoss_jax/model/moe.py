@@ -53,46 +53,47 @@ ExpertFn = Callable[[jax.Array], jax.Array]  # [E, C, D] -> [E, C, D]
 RowsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # rows [R, D], start_E, count_E -> [R, D]
 
 
-def grouped_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, capacity: int, expert_fn: ExpertFn):
-  N, K = idx_NxK.shape
-  D = x_NxD.shape[-1]
-  E, C = n_experts, capacity
+def sort_by_expert(idx_NxK: jax.Array, n_experts: int):
+  """The (token, expert) assignments sorted by expert: the order [A], each one's expert [A], the count
+  per expert [E], and each one's rank within its expert [A]."""
   e_A = idx_NxK.reshape(-1)
   order_A = jnp.argsort(e_A, stable=True)
   e_sorted_A = e_A[order_A]
-  counts_E = jnp.bincount(e_A, length=E)
-  rank_A = jnp.arange(N * K) - (jnp.cumsum(counts_E) - counts_E)[e_sorted_A]
-  slot_A = jnp.where(rank_A < C, e_sorted_A * C + rank_A, E * C)  # E * C: dropped
-  bucket_token = jnp.full((E * C + 1,), N, jnp.int32).at[slot_A].set(order_A // K)[:E * C]
-  x_pad = jnp.concatenate([x_NxD, jnp.zeros((1, D), x_NxD.dtype)])
-  y_ExCxD = expert_fn(x_pad[bucket_token].reshape(E, C, D))
-  y_pad = jnp.concatenate([y_ExCxD.reshape(E * C, D), jnp.zeros((1, D), y_ExCxD.dtype)])
-  slot_of_assignment = jnp.zeros((N * K,), jnp.int32).at[order_A].set(slot_A)
-  y_NxKxD = y_pad[slot_of_assignment].reshape(N, K, D)
+  counts_E = jnp.bincount(e_A, length=n_experts)
+  rank_A = jnp.arange(e_A.size) - (jnp.cumsum(counts_E) - counts_E)[e_sorted_A]
+  return order_A, e_sorted_A, counts_E, rank_A
+
+
+def through_rows(x_NxD, w_NxK, order_A, row_A, n_rows: int, rows_fn: Callable[[jax.Array], jax.Array]):
+  """Assignment order_A[i] placed at row row_A[i] of an [n_rows, D] buffer (row n_rows: dropped, output
+  0; empty rows hold zeros), rows_fn run over the buffer, each token's outputs mixed by its routing weights."""
+  N, K = w_NxK.shape
+  row_token = jnp.full((n_rows + 1,), N, jnp.int32).at[row_A].set(order_A // K)[:n_rows]
+  y_rows = rows_fn(jnp.concatenate([x_NxD, jnp.zeros_like(x_NxD[:1])])[row_token])
+  row_of_assignment = jnp.zeros_like(row_A).at[order_A].set(row_A)
+  y_NxKxD = y_rows.at[row_of_assignment].get(mode="fill", fill_value=0).reshape(N, K, -1)
   return jnp.einsum("nkd,nk->nd", y_NxKxD, w_NxK.astype(y_NxKxD.dtype))
+
+
+def grouped_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, capacity: int, expert_fn: ExpertFn):
+  E, C, D = n_experts, capacity, x_NxD.shape[-1]
+  order_A, e_sorted_A, _, rank_A = sort_by_expert(idx_NxK, E)
+  slot_A = jnp.where(rank_A < C, e_sorted_A * C + rank_A, E * C)  # E * C: dropped
+  return through_rows(x_NxD, w_NxK, order_A, slot_A, E * C,
+                      lambda rows: expert_fn(rows.reshape(E, C, D)).reshape(E * C, D))
 
 
 def block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, align: int, expert_fn: RowsFn):
   """Dropless: the assignments sorted by expert into rows, each expert's padded to a multiple of `align`,
   expert e owning rows [start_E[e], start_E[e] + count_E[e]). The row count is bounded statically
   (A + E * (align - 1), rounded up), so no token is ever dropped."""
-  N, K = idx_NxK.shape
-  D = x_NxD.shape[-1]
-  A, E = N * K, n_experts
-  n_rows = -(-(A + E * (align - 1)) // align) * align
-  e_A = idx_NxK.reshape(-1)
-  order_A = jnp.argsort(e_A, stable=True)
-  e_sorted_A = e_A[order_A]
-  counts_E = jnp.bincount(e_A, length=E)
+  A, E = idx_NxK.size, n_experts
+  order_A, e_sorted_A, counts_E, rank_A = sort_by_expert(idx_NxK, E)
   padded_E = -(-counts_E // align) * align
   start_E = jnp.cumsum(padded_E) - padded_E
-  row_A = start_E[e_sorted_A] + jnp.arange(A) - (jnp.cumsum(counts_E) - counts_E)[e_sorted_A]
-  row_token = jnp.full((n_rows,), N, jnp.int32).at[row_A].set(order_A // K)
-  x_pad = jnp.concatenate([x_NxD, jnp.zeros((1, D), x_NxD.dtype)])
-  y_rows = expert_fn(x_pad[row_token], start_E, padded_E)
-  row_of_assignment = jnp.zeros((A,), jnp.int32).at[order_A].set(row_A)
-  y_NxKxD = y_rows[row_of_assignment].reshape(N, K, D)
-  return jnp.einsum("nkd,nk->nd", y_NxKxD, w_NxK.astype(y_NxKxD.dtype))
+  n_rows = -(-(A + E * (align - 1)) // align) * align
+  return through_rows(x_NxD, w_NxK, order_A, start_E[e_sorted_A] + rank_A, n_rows,
+                      lambda rows: expert_fn(rows, start_E, padded_E))
 
 
 Unpack = Callable[[tuple, jax.Array], tuple]  # (weights, e) -> w_in [D, G*F], b_in [G*F], w_out [F, D], b_out [D]
@@ -178,8 +179,10 @@ def dropless_blocks(cfg: ModelConfig, n_tokens: int) -> tuple[int, ...]:
   GEMMs and padding stays below 32 rows per expert (below one large block before: 1.4x the rows at 32
   experts of mean load 128)."""
   mean_load = n_tokens * cfg.top_k / cfg.n_experts
-  block = int(min(128, max(8, 2 ** math.floor(math.log2(max(mean_load, 1))))))
-  return tuple(block >> i for i in range(int(math.log2(block // min(block, 32))) + 1))
+  sizes = (int(min(128, max(8, 2 ** math.floor(math.log2(max(mean_load, 1)))))),)
+  while sizes[-1] > 32:
+    sizes += (sizes[-1] // 2,)
+  return sizes
 
 
 class MoE(nnx.Module):
