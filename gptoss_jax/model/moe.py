@@ -2,8 +2,9 @@
 
 grouped (default): sort the (token, expert) assignments by expert and compute only those; compute grows
   with the active experts, not the total. Dropless (moe_capacity_factor = 0): each expert's rows padded
-  to a multiple of 32, a static bound on the number of rows, the experts run one after another over
-  their rows in blocks of 128, 64 and 32 (expert_loop). With a capacity factor: per-expert buckets of a
+  to a multiple of the smallest block (32, or less when the mean load is), a static bound on the number
+  of rows, the experts run one after another over their rows in blocks of up to 128 (dropless_blocks,
+  expert_loop). With a capacity factor: per-expert buckets of a
   fixed size, one batched matmul, overflow dropped.
 ragged: jax.lax.ragged_dot over the sorted assignments (fast grouped GEMM on GPU/TPU; on CPU it
   lowers to a dense dot over all experts).
@@ -176,8 +177,8 @@ def grouped_capacity(cfg: ModelConfig, n_tokens: int) -> int:
 def dropless_blocks(cfg: ModelConfig, n_tokens: int) -> tuple[int, ...]:
   """Row-block sizes of the dropless loop, largest first: the mean load per expert rounded down to a power
   of two in [8, 128], then halved down to 32 rows for each expert's remainder. Most rows go through large
-  GEMMs and padding stays below 32 rows per expert (below one large block before: 1.4x the rows at 32
-  experts of mean load 128)."""
+  GEMMs and padding stays below the smallest size per expert (a single block of 128 padded the benchmark's
+  32-expert model to 1.4x its rows)."""
   mean_load = n_tokens * cfg.top_k / cfg.n_experts
   sizes = (int(min(128, max(8, 2 ** math.floor(math.log2(max(mean_load, 1)))))),)
   while sizes[-1] > 32:
