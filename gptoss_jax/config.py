@@ -76,8 +76,10 @@ class ModelConfig:
   router_bias: bool = False
   routing: str = "topk_softmax"
   norm_topk_prob: bool = True
-  moe_aux_loss_weight: float = 0.0
-  moe_z_loss_weight: float = 0.0
+  # training from scratch balances the experts (Switch / OLMoE values); conversions set both to 0
+  moe_aux_loss_weight: float = 0.01  # load-balancing loss
+  moe_z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
+  moe_bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3: 1e-3); 0 = off
   moe_dispatch: str = "grouped"
   moe_capacity_factor: float = 0.0  # 0: dropless
   moe_mxfp4: bool = False
@@ -126,8 +128,9 @@ class ModelConfig:
         raise ConfigError("moe_mxfp4 needs d_model and d_expert divisible by 32 (the MXFP4 block)")
     elif self.moe_mxfp4:
       raise ConfigError("moe_mxfp4 needs n_experts > 0")
-    if self.moe_aux_loss_weight < 0 or self.moe_z_loss_weight < 0:
-      raise ConfigError("moe_aux_loss_weight and moe_z_loss_weight must be >= 0")
+    for name in ("moe_aux_loss_weight", "moe_z_loss_weight", "moe_bias_update_rate"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
   # ---- derived ----
   @property

@@ -11,7 +11,7 @@ from flax import nnx
 from gptoss_jax import ModelConfig
 from gptoss_jax.model import mxfp4
 from gptoss_jax.model.ffn import MLP
-from gptoss_jax.model.moe import MoE, aux_losses, dropless_blocks, route
+from gptoss_jax.model.moe import MoE, aux_losses, balance_step, dropless_blocks, route
 
 BASE = ModelConfig(d_model=32, n_experts=8, top_k=2, d_expert=32, ffn="clamped_swiglu", ffn_bias=True,
                    router_bias=True)
@@ -34,6 +34,33 @@ def test_routing_orders(rng):
   w, _ = route(BASE.replace(routing="softmax_topk", norm_topk_prob=True), jnp.asarray(logits))
   picked = np.take_along_axis(probs, top, -1)
   np.testing.assert_allclose(w, picked / picked.sum(-1, keepdims=True), rtol=1e-5)
+
+
+@pytest.mark.parametrize("routing", ["topk_softmax", "softmax_topk"])
+def test_top1_router_uses_switch_gate_and_gets_gradient(rng, routing):
+  """top_k = 1: the weight is the chosen expert's softmax probability over all experts (a softmax over
+  one logit, or a renormalised single weight, would be the constant 1 and leave the router untrained)."""
+  cfg = BASE.replace(top_k=1, routing=routing, norm_topk_prob=True)
+  logits = rng.normal(size=(6, 8)).astype(np.float32)
+  w, idx = route(cfg, jnp.asarray(logits))
+  np.testing.assert_array_equal(idx[:, 0], logits.argmax(-1))
+  np.testing.assert_allclose(w[:, 0], _softmax(logits).max(-1), rtol=1e-5)
+  moe = _randomized(cfg)
+  graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
+  x = jnp.asarray(rng.normal(size=(1, 16, 32)), jnp.float32)
+  grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x)[0] ** 2))(params)
+  assert float(jnp.abs(grads["router_w"][...]).max()) > 1e-3
+
+
+def test_selection_bias_moves_the_choice_not_the_weights(rng):
+  logits = rng.normal(size=(6, 8)).astype(np.float32)
+  bias = np.zeros(8, np.float32)
+  bias[5] = 100.0  # expert 5 is in every token's top-2
+  w, idx = route(BASE, jnp.asarray(logits), jnp.asarray(bias))
+  assert (np.asarray(idx) == 5).any(-1).all()
+  np.testing.assert_allclose(w, _softmax(np.take_along_axis(logits, np.asarray(idx), -1)), rtol=1e-5)
+  load = np.array([0.5, 0.25, 0.25, 0.0])  # shares of the assignments; 1/4 each is balanced
+  np.testing.assert_allclose(balance_step(jnp.zeros(4), jnp.asarray(load), 0.1), [-0.1, 0.0, 0.0, 0.1])
 
 
 def test_aux_losses_formula(rng):

@@ -21,6 +21,8 @@ from gptoss_jax.sharding import make_mesh
 from gptoss_jax.train.checkpoint import Checkpointer
 from gptoss_jax.train.loop import TrainingError, train
 from gptoss_jax.train.optimizer import clip_by_global_norm, decays, lr_schedule
+from gptoss_jax.data.pipeline import train_dataset
+from gptoss_jax.train.metrics import router_health
 from gptoss_jax.train.step import Trainer
 
 DENSE = "configs/gpt2.py:tiny"
@@ -183,6 +185,61 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(text_dataset, tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params)) and steps
 
 
+def _router_loads(dataset, steps, last=10, edit_params=None, **overrides):
+  """Trains the tiny gpt-oss model (width 32) for `steps`; expert loads [steps, layers, experts]."""
+  config = run_config(MOE, dataset, **{"model.d_model": 32, "model.head_dim": 8, "train.steps": steps,
+                                       "train.warmup_steps": 5} | overrides)
+  trainer = Trainer(ModelConfig.from_dict(config.model), config.train, make_mesh(config.mesh))
+  state = trainer.init_state()
+  if edit_params:
+    state = state._replace(params=edit_params(state.params))
+  batches = iter(train_dataset(dataset, config.data.seq_len, config.train.batch_size, seed=0))
+  loads = []
+  for _ in range(steps):
+    state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
+    loads.append(np.asarray(metrics["expert_load"]))
+  return np.stack(loads)
+
+
+def _max_load_ratio(loads_SxLxE):
+  """The worst layer's max_load_ratio, averaged over the given steps."""
+  return float(np.mean([max(v for k, v in router_health(load).items() if "max_load" in k) for load in loads_SxLxE]))
+
+
+def test_default_balancing_keeps_routers_from_collapsing(text_dataset):
+  """8 experts, top-2: collapse is one expert in every token's top-2, max_load_ratio E / k = 4."""
+  collapsed = _max_load_ratio(_router_loads(text_dataset, 150, **{"model.moe_aux_loss_weight": 0,
+                                                                   "model.moe_z_loss_weight": 0})[-10:])
+  balanced = _max_load_ratio(_router_loads(text_dataset, 150)[-10:])  # the defaults: 0.01 and 1e-3
+  assert collapsed > 0.85 * 4 and balanced < 0.6 * 4, (collapsed, balanced)
+
+
+def test_aux_loss_free_bias_moves_load_toward_uniform(text_dataset):
+  """Weights frozen (a learning rate of 1e-12), a router biased toward expert 0: only the selection bias
+  moves, and it spreads the load; with the update off the load stays where it was."""
+  def skew(params):
+    for block in params["blocks"].values():
+      block["ffn"]["router_b"][...] = block["ffn"]["router_b"][...].at[0].set(0.5)
+    return params
+  frozen = {"train.lr": 1e-12, "model.moe_aux_loss_weight": 0, "model.moe_z_loss_weight": 0}
+  off = _router_loads(text_dataset, 20, edit_params=skew, **frozen)
+  on = _router_loads(text_dataset, 20, edit_params=skew, **frozen, **{"model.moe_bias_update_rate": 0.05})
+  assert _max_load_ratio(on[:1]) == pytest.approx(_max_load_ratio(off[:1]))  # the same first step
+  assert _max_load_ratio(off[-5:]) > 0.95 * _max_load_ratio(off[:1])
+  assert _max_load_ratio(on[-5:]) < 0.75 * _max_load_ratio(off[-5:]), (_max_load_ratio(off[-5:]), _max_load_ratio(on[-5:]))
+
+
+def test_router_health_formula():
+  load = np.array([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+  health = router_health(load)
+  assert health["moe/max_load_ratio/layer00"] == pytest.approx(2.0)
+  assert health["moe/usage_entropy/layer00"] == pytest.approx(math.log(2) / math.log(4))
+  assert health["moe/dead_experts/layer00"] == pytest.approx(0.5)
+  assert health["moe/max_load_ratio/layer01"] == pytest.approx(1.0)
+  assert health["moe/usage_entropy/layer01"] == pytest.approx(1.0)
+  assert health["moe/dead_experts/layer01"] == 0.0
+
+
 def test_microbatches_equal_one_batch(text_dataset):
   batch = np.random.default_rng(0).integers(0, 256, (8, 33)).astype(np.int32)
   params = []
@@ -225,7 +282,7 @@ def test_logs_tensorboard_and_jsonl(text_dataset, tmp_path):
   last = train(config, tmp_path)
   assert {"train/loss", "train/grad_norm", "train/param_norm", "train/lr", "perf/tokens_per_s", "perf/mfu",
           "perf/step_time_s", "train/moe_aux_loss", "train/moe_z_loss", "moe/max_load_ratio/layer00",
-          "eval/loss"} <= set(last)
+          "moe/usage_entropy/layer03", "moe/dead_experts/layer01", "eval/loss"} <= set(last)
   assert json.loads((tmp_path / "config.json").read_text())["model"]["n_experts"] == 8
   assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
   tags = set()

@@ -75,7 +75,7 @@ def architecture(cfg: ModelConfig) -> dict:
   keep = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len", "norm",
           "norm_eps", "position", "ffn", "ffn_bias", "qkv_bias", "out_bias", "qk_norm", "attn_sinks",
           "tie_embeddings", "n_experts"]
-  keep += ["top_k", "d_expert", "router_bias", "routing"] if cfg.is_moe else ["d_ff"]
+  keep += ["top_k", "d_expert", "router_bias", "routing", "moe_bias_update_rate"] if cfg.is_moe else ["d_ff"]
   keep += ["norm_topk_prob"] if cfg.is_moe and cfg.routing == "softmax_topk" else []
   keep += ["rope_theta"] if cfg.position != "learned" else []
   keep += {"yarn": ["rope_factor", "rope_original_max_len", "yarn_beta_fast", "yarn_beta_slow", "yarn_truncate",

@@ -101,7 +101,8 @@ def _window_fields(hf: dict) -> dict:
 
 def config_from_hf(hf: dict, dtype: str = "float32") -> ModelConfig:
   kind = hf.get("model_type")
-  common = {"param_dtype": dtype, "dtype": dtype}
+  # evaluation first: no balancing losses unless a fine-tuning run asks for them
+  common = {"param_dtype": dtype, "dtype": dtype, "moe_aux_loss_weight": 0.0, "moe_z_loss_weight": 0.0}
   if kind == "gpt2":
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
       raise CheckpointError(f"gpt2 activation {hf['activation_function']!r} is not supported")
@@ -142,6 +143,10 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> ModelConfig:
                   routing="topk_softmax", router_bias=True, ffn="clamped_swiglu", ffn_bias=True,
                   swiglu_limit=float(hf.get("swiglu_limit", 7.0)), swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
                   attn_sinks=True, norm_eps=hf.get("rms_norm_eps", 1e-5))
+  if fields.get("top_k") == 1 and (kind == "gpt_oss" or fields["norm_topk_prob"]):
+    raise CheckpointError(f"{kind} with one expert per token gives that expert a weight of 1; this codebase "
+                          "uses Switch's gate (its softmax probability) at top_k = 1, so it would compute "
+                          "something else")
   try:
     return ModelConfig(**fields)
   except ConfigError as e:

@@ -25,14 +25,21 @@ from gptoss_jax.model.ffn import activate, init_std_out, n_in_proj
 from gptoss_jax.model.linear import project_batched
 
 
-def route(cfg: ModelConfig, logits_NxE: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Returns routing weights [N, k] and expert indices [N, k]."""
+def route(cfg: ModelConfig, logits_NxE: jax.Array, selection_bias_E: jax.Array | None = None
+          ) -> tuple[jax.Array, jax.Array]:
+  """Returns routing weights [N, k] and expert indices [N, k].
+
+  The experts are chosen by the logits plus `selection_bias_E` (aux-loss-free balancing: the bias moves
+  the choice only, never the weights). With top_k = 1 both routings use Switch's gate, the chosen
+  expert's probability under a softmax over all experts: top-k-then-softmax (and renormalising) would
+  make the weight a constant 1 and give the router no gradient at all."""
   logits = logits_NxE.astype(jnp.float32)
-  if cfg.routing == "topk_softmax":  # gpt-oss: softmax over the k selected logits
-    top, idx = jax.lax.top_k(logits, cfg.top_k)
-    return jax.nn.softmax(top, axis=-1), idx
-  weights, idx = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.top_k)  # Qwen3 / Mixtral
-  if cfg.norm_topk_prob:
+  choice = logits if selection_bias_E is None else logits + jax.lax.stop_gradient(selection_bias_E)
+  _, idx = jax.lax.top_k(choice, cfg.top_k)
+  if cfg.routing == "topk_softmax" and cfg.top_k > 1:  # gpt-oss: softmax over the k selected logits
+    return jax.nn.softmax(jnp.take_along_axis(logits, idx, axis=-1), axis=-1), idx
+  weights = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), idx, axis=-1)  # Qwen3 / Mixtral / Switch
+  if cfg.norm_topk_prob and cfg.top_k > 1:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   return weights, idx
 
@@ -48,6 +55,17 @@ def aux_losses(logits_NxE: jax.Array, idx_NxK: jax.Array) -> dict[str, jax.Array
       "moe_z_loss": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
       "expert_load": load_E,
   }
+
+
+class SelectionBias(nnx.Variable):
+  """Per-expert bias on the selection logits (aux-loss-free balancing): not trained by the optimizer;
+  the train step moves it toward under-loaded experts (`balance_step`)."""
+
+
+def balance_step(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
+  """DeepSeek-V3's update: each expert's bias up by `rate` when it got less than its share of the
+  assignments (1 / E), down when more."""
+  return bias_E + rate * jnp.sign(1.0 / load_E.shape[-1] - load_E)
 
 
 ExpertFn = Callable[[jax.Array], jax.Array]  # [E, C, D] -> [E, C, D]
@@ -196,6 +214,8 @@ class MoE(nnx.Module):
                               axes=("embed", None))
     if cfg.router_bias:
       self.router_b = nnx.Param(jnp.zeros((E,), pdt), axes=(None,))
+    if cfg.moe_bias_update_rate:
+      self.selection_bias = SelectionBias(jnp.zeros((E,), jnp.float32), axes=(None,))
     w_in = jax.random.normal(rngs.params(), (E, D, G, F), pdt) * cfg.init_std
     w_out = jax.random.normal(rngs.params(), (E, F, D), pdt) * init_std_out(cfg)
     if cfg.moe_mxfp4:  # stored as the checkpoints do: [E, out, in / 32, 16], blocks along the input
@@ -253,7 +273,7 @@ class MoE(nnx.Module):
     logits_NxE = x_NxD.astype(jnp.float32) @ self.router_w[...].astype(jnp.float32)
     if cfg.router_bias:
       logits_NxE = logits_NxE + self.router_b[...].astype(jnp.float32)
-    w_NxK, idx_NxK = route(cfg, logits_NxE)
+    w_NxK, idx_NxK = route(cfg, logits_NxE, self.selection_bias[...] if cfg.moe_bias_update_rate else None)
     if cfg.moe_dispatch == "grouped" and not cfg.moe_capacity_factor:  # dropless: experts one after another
       weights, unpack = self.loop_weights(dt)
       G, F, blocks = n_in_proj(cfg), cfg.d_expert, dropless_blocks(cfg, B * T)

@@ -11,13 +11,13 @@ from gptoss_jax.model.attention import Attention, KVCache
 from gptoss_jax.model.ffn import MLP
 from gptoss_jax.model.linear import project
 from gptoss_jax.model import mxfp4
-from gptoss_jax.model.moe import MoE
+from gptoss_jax.model.moe import MoE, SelectionBias
 from gptoss_jax.model.norms import make_norm
 from gptoss_jax.model.positions import LearnedPositions, rope_cos_sin
 
 
 VOCAB_CHUNK = 32768  # unembedding columns per matmul
-WEIGHTS = (nnx.Param, mxfp4.Packed)  # the variables a checkpoint holds; the rest is dropout RNG state
+WEIGHTS = (nnx.Param, mxfp4.Packed, SelectionBias)  # what a checkpoint holds; the rest is dropout RNG state
 
 
 def fresh_rest(rest: nnx.State) -> nnx.State:

@@ -22,7 +22,8 @@ from gptoss_jax.data.tokenizers import TOKENIZERS
 from gptoss_jax.inspect import stats
 from gptoss_jax.sharding import batch_divisor, make_mesh
 from gptoss_jax.train.checkpoint import Checkpointer
-from gptoss_jax.train.metrics import MetricsLogger, peak_flops_per_device, peak_memory_bytes, plot_losses
+from gptoss_jax.train.metrics import (MetricsLogger, peak_flops_per_device, peak_memory_bytes, plot_losses,
+                                     router_health)
 from gptoss_jax.train.optimizer import SCHEDULES
 from gptoss_jax.train.step import Trainer
 
@@ -215,9 +216,8 @@ def _log(logger: MetricsLogger, step: int, metrics: dict, tokens_per_s: float, t
   histograms = {}
   if "expert_load" in metrics:  # [layers, experts], fractions of the routed assignments
     load = np.asarray(metrics["expert_load"])
-    for layer, row in enumerate(load):
-      scalars[f"moe/max_load_ratio/layer{layer:02d}"] = float(row.max() * len(row))
-      histograms[f"moe/expert_load/layer{layer:02d}"] = row
+    scalars |= router_health(load)
+    histograms = {f"moe/expert_load/layer{layer:02d}": row for layer, row in enumerate(load)}
   logger.write(step, scalars, histograms)
   return scalars
 

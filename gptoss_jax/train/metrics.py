@@ -50,6 +50,21 @@ def peak_memory_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def router_health(load_LxE: np.ndarray) -> dict[str, float]:
+  """Per MoE layer, from the share of routed assignments each expert got: max_load_ratio (E x the largest
+  share; 1 when balanced, E / top_k when one expert is in every token's top-k), usage_entropy (entropy of
+  the shares / log E; 1 when balanced) and dead_experts (share of experts that got no assignment)."""
+  load = np.asarray(load_LxE, np.float64)
+  E = load.shape[-1]
+  p_log_p = np.where(load > 0, load * np.log(np.where(load > 0, load, 1.0)), 0.0)
+  health = {}
+  for layer, (row, plogp) in enumerate(zip(load, p_log_p)):
+    health[f"moe/max_load_ratio/layer{layer:02d}"] = float(row.max() * E)
+    health[f"moe/usage_entropy/layer{layer:02d}"] = float(-plogp.sum() / np.log(E))
+    health[f"moe/dead_experts/layer{layer:02d}"] = float(np.mean(row == 0))
+  return health
+
+
 class MetricsLogger:
   """Writes on process 0 only; every other process gets a logger that does nothing."""
 

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model import Transformer
+from gptoss_jax.model.moe import SelectionBias, balance_step
 from gptoss_jax.sharding import batch_sharding, state_shardings
 from gptoss_jax.train.loss import cross_entropy, total_loss
 from gptoss_jax.train.optimizer import lr_schedule, make_optimizer
@@ -52,6 +53,15 @@ class TrainState(NamedTuple):
   params: nnx.State  # float32 master weights
   opt_state: optax.OptState
   rest: nnx.State  # everything not trained: dropout RNG state, packed MXFP4 experts
+
+
+def balance_routers(rest: nnx.State, load_LxE: jax.Array, rate: float) -> nnx.State:
+  """Aux-loss-free balancing after a step: every MoE layer's selection bias moved by its expert load."""
+  def one(path, v):
+    if not isinstance(v, SelectionBias):
+      return v
+    return v.replace(balance_step(v.get_value(), load_LxE[path[1].key], rate))  # path: blocks, i, ffn, ...
+  return jax.tree_util.tree_map_with_path(one, rest, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _new_model(cfg: ModelConfig, seed: int) -> Transformer:
@@ -121,6 +131,8 @@ class Trainer:
       (grads, rest), metrics = jax.lax.scan(body, (zeros, state.rest), micro)
       grads = jax.tree.map(lambda g: g / M, grads)
       metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+    if self.cfg.moe_bias_update_rate:
+      rest = balance_routers(rest, metrics["expert_load"], self.cfg.moe_bias_update_rate)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics |= {"grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
