@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from experiments.run import metrics
-from experiments.sweeps import BEST
+
 
 
 @dataclasses.dataclass
@@ -70,7 +70,7 @@ def compare(result: Result, baseline: Result) -> tuple[float, bool | None]:
 
 def baseline_of(result: Result, results: list[Result]) -> Result | None:
   named = result.spec["baseline"]
-  if named == BEST:
+  if named == "best":
     best = min((r for r in results if r.finals), key=lambda r: r.mean, default=None)
     return None if best is result else best
   return next((r for r in results if r.name == named), None)

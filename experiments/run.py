@@ -1,27 +1,45 @@
-"""python -m experiments.run <sweep> --scale tiny [--seeds N] [--workdir DIR] [--dry-run] [--runs a,b]
-[--config.a.b=value ...]
+"""python -m experiments.run <sweep> --scale tiny [--seeds N] [--lrs a,b,c] [--jobs N] [--workdir DIR]
+[--runs a,b] [--dry-run] [--config.a.b=value ...]
 
-Runs every run of a sweep through the training command, each in DIR/<run>/seed<k>; a second call
-skips finished runs and resumes unfinished ones. Bad input: one line on stderr, exit status 2.
+Runs every run of a sweep through the training command. Each run first trains once per learning rate
+of the grid on a selection seed of its own (DIR/<run>/lr<value>); the value with the lowest held-out
+loss is kept (a best value at the edge of the grid adds the next value beyond it, up to MAX_WIDEN
+times), and the compared seeds 0..N-1 train at it (DIR/<run>/seed<k>). `--jobs N` trains N at a time,
+the CPUs split between them. A second call skips finished trainings and resumes unfinished ones.
+Bad input: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.sweeps import BASE_CONFIG, REPO, SCALES, SWEEPS, Run, Sweep, build
 from gptoss_jax.config import ConfigError, ModelConfig, apply_overrides, load_config_file, parse_override_args
 from gptoss_jax.inspect import stats
+from gptoss_jax.train.loop import ensure_dataset
+
+MAX_WIDEN = 2  # grid values added beyond an edge before the run goes on (and the report flags it)
 
 
 def run_dir(sweep_dir: Path, run: str, seed: int) -> Path:
   return sweep_dir / run / f"seed{seed}"
+
+
+def lr_dir(sweep_dir: Path, run: str, lr: float) -> Path:
+  return sweep_dir / run / f"lr{lr:.3g}"
+
+
+def three_digits(lr: float) -> float:
+  """Learning rates are kept to 3 significant digits, as their folders name them."""
+  return float(f"{lr:.3g}")
 
 
 def metrics(folder: Path) -> list[dict]:
@@ -33,80 +51,205 @@ def last_step(folder: Path) -> int:
   return max((r["step"] for r in metrics(folder)), default=0)
 
 
+def final_eval(folder: Path, steps: int) -> float | None:
+  """The held-out loss at the last step, or None if the training has not finished."""
+  done = [r["eval/loss"] for r in metrics(folder) if r["step"] >= steps and "eval/loss" in r]
+  return done[-1] if done else None
+
+
 def finished(folder: Path, steps: int) -> bool:
   """The run reached its last step and evaluated there (the loop always evaluates its final step)."""
-  return any(r["step"] >= steps and "eval/loss" in r for r in metrics(folder))
+  return final_eval(folder, steps) is not None
 
 
-def command(sweep: Sweep, run: Run, seed: int, folder: Path, extra: dict[str, str]) -> list[str]:
-  overrides = sweep.overrides(run, seed) | extra | {"log.progress": "false"}
+def grid_lrs(folder: Path) -> dict[float, Path]:
+  """The learning rates tried for one run: value -> its folder."""
+  return {float(p.name[2:]): p for p in sorted(folder.glob("lr*")) if p.is_dir()}
+
+
+@dataclass(frozen=True)
+class Choice:
+  lr: float  # the grid value with the lowest held-out loss
+  losses: dict[float, float]  # every grid value tried -> its held-out loss
+  widen: float | None  # the next value to try when the best one is at an edge of the grid, else None
+  at_edge: bool  # the best value is the smallest or largest tried
+
+
+def choose_lr(losses: dict[float, float]) -> Choice:
+  """The grid value with the lowest held-out loss; if it is the smallest or largest value tried, the
+  next value beyond it on the grid's own spacing (ratio of the two values nearest that edge)."""
+  grid = sorted(losses)
+  best = min(grid, key=lambda lr: losses[lr])
+  at_edge = len(grid) > 1 and best in (grid[0], grid[-1])
+  widen = None
+  if at_edge:
+    widen = three_digits(best * best / grid[1] if best == grid[0] else best * best / grid[-2])
+  return Choice(best, dict(sorted(losses.items())), widen, at_edge)
+
+
+def command(sweep: Sweep, run: Run, seed: int, lr: float, folder: Path, extra: dict[str, str]) -> list[str]:
+  overrides = sweep.overrides(run, seed, lr) | extra | {"log.progress": "false"}
   return ([sys.executable, "-m", "gptoss_jax.train", "--config", str(REPO / BASE_CONFIG), "--workdir", str(folder)]
           + [f"--config.{k}={v}" for k, v in overrides.items()])
 
 
-def describe(sweep: Sweep, extra: dict[str, str], seeds: int) -> dict:
+def describe(sweep: Sweep, extra: dict[str, str], seeds: int, lrs: tuple[float, ...]) -> dict:
   """sweep.json: what the report needs besides the metrics. Resolving every run's config here also
   checks the command-line overrides before anything trains."""
   runs = []
   for run in sweep.runs:
     config = load_config_file(str(REPO / BASE_CONFIG))
-    apply_overrides(config, sweep.overrides(run, 0) | extra)
+    apply_overrides(config, sweep.overrides(run, 0, lrs[0]) | extra)
     s = stats(ModelConfig.from_dict(config.model), config.data.seq_len)
+    tokens = config.train.batch_size * config.data.seq_len * config.train.steps
     runs.append({"name": run.name, "changes": list(run.changes), "baseline": run.baseline, "note": run.note,
                  "total_params": s.total_params, "active_params": s.active_params,
                  "flops_per_token": s.train_flops_per_token, "steps": config.train.steps,
-                 "stop_at": config.train.stop_at,
+                 "stop_at": config.train.stop_at, "tokens": tokens,
                  "tokens_per_step": config.train.batch_size * config.data.seq_len})
-  return {"sweep": sweep.name, "scale": sweep.scale, "seeds": seeds, "overrides": extra, "runs": runs}
+  scale = SCALES[sweep.scale]
+  return {"sweep": sweep.name, "scale": sweep.scale, "seeds": seeds, "lrs": list(lrs),
+          "selection_seed": scale.selection_seed, "overrides": extra, "runs": runs,
+          "min_tokens_per_active_param": scale.min_tokens_per_active_param}
 
 
 def table(description: dict) -> str:
-  lines = [f"{'run':<18} {'changes':<44} {'params':>10} {'active':>10} {'train FLOPs/token':>18}"]
+  lines = [f"{'run':<18} {'changes':<44} {'params':>10} {'active':>10} {'train FLOPs/token':>18} "
+           f"{'tokens/active':>14}"]
   for r in description["runs"]:
     lines.append(f"{r['name']:<18} {','.join(r['changes']) or '-':<44.44} {r['total_params']:>10,} "
-                 f"{r['active_params']:>10,} {r['flops_per_token']:>18,.0f}")
+                 f"{r['active_params']:>10,} {r['flops_per_token']:>18,.0f} {r['tokens'] / r['active_params']:>14.1f}")
   return "\n".join(lines)
 
 
-def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, str]) -> list[str]:
-  """Trains every unfinished (run, seed); returns the names of the ones that failed."""
+@dataclass(frozen=True)
+class Job:
+  run: Run
+  seed: int
+  lr: float
+  folder: Path
+
+
+class Scheduler:
+  """Which trainings can start now: a run's learning-rate grid first, then (once its grid is done and
+  its best value is inside the grid) its compared seeds at the chosen value."""
+
+  def __init__(self, sweep: Sweep, sweep_dir: Path, description: dict):
+    self.sweep, self.dir, self.d = sweep, sweep_dir, description
+    self.specs = {r["name"]: r for r in description["runs"]}
+    self.failed: set[str] = set()  # runs with a failed training: nothing more of them is started
+
+  def steps(self, run: Run) -> int:
+    return self.specs[run.name]["steps"]
+
+  def target(self, run: Run) -> int:
+    """Where this call's trainings stop: train.stop_at if set, else the last step."""
+    return self.specs[run.name]["stop_at"] or self.steps(run)
+
+  def tuned(self) -> bool:
+    return len(self.d["lrs"]) > 1
+
+  def choice(self, run: Run) -> Choice | None:
+    """The run's learning rate once every grid value tried has finished (None before)."""
+    if not self.tuned():
+      return Choice(self.d["lrs"][0], {}, None, False)
+    tried = grid_lrs(self.dir / run.name) | {lr: lr_dir(self.dir, run.name, lr) for lr in self.d["lrs"]}
+    losses = {lr: final_eval(folder, self.steps(run)) for lr, folder in tried.items()}
+    if any(v is None for v in losses.values()):
+      return None
+    return choose_lr(losses)
+
+  def jobs(self) -> list[Job]:
+    """Every training that is known now to be needed, finished or not."""
+    out = []
+    for run in self.sweep.runs:
+      if self.tuned():
+        tried = sorted(set(self.d["lrs"]) | set(grid_lrs(self.dir / run.name)))
+        out += [Job(run, self.d["selection_seed"], lr, lr_dir(self.dir, run.name, lr)) for lr in tried]
+      choice = self.choice(run)
+      if choice is None:
+        continue
+      widened = len(choice.losses) - len(self.d["lrs"])
+      if choice.widen is not None and widened < MAX_WIDEN:
+        out.append(Job(run, self.d["selection_seed"], choice.widen, lr_dir(self.dir, run.name, choice.widen)))
+      else:
+        out += [Job(run, seed, choice.lr, run_dir(self.dir, run.name, seed)) for seed in range(self.d["seeds"])]
+    return out
+
+  def ready(self, running: set[Path]) -> list[Job]:
+    return [j for j in self.jobs() if j.run.name not in self.failed and j.folder not in running
+            and not finished(j.folder, self.target(j.run))]
+
+  def total_steps(self) -> int:
+    """Steps of every training the sweep will need as far as known (a widened grid adds to it)."""
+    per_run = len(self.d["lrs"]) * self.tuned() + self.d["seeds"]
+    return sum(spec["steps"] * per_run for spec in self.specs.values())
+
+
+def cpu_sets(jobs: int) -> list[set[int]]:
+  """This process's CPUs split into `jobs` disjoint sets (each training runs on its own cores)."""
+  cpus = sorted(os.sched_getaffinity(0))
+  if jobs > len(cpus):
+    raise ConfigError(f"--jobs {jobs} is more than the {len(cpus)} CPUs this process may use")
+  return [set(cpus[i::jobs]) for i in range(jobs)]
+
+
+def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, str], jobs: int = 1) -> list[str]:
+  """Trains every unfinished job, `jobs` at a time; returns the names of the ones that failed."""
   sweep_dir.mkdir(parents=True, exist_ok=True)
   (sweep_dir / "sweep.json").write_text(json.dumps(description, indent=1))
-  specs = {r["name"]: r for r in description["runs"]}
-  jobs = [(run, seed, run_dir(sweep_dir, run.name, seed)) for run in sweep.runs
-          for seed in range(description["seeds"])]
-  todo = [job for job in jobs if not finished(job[2], specs[job[0].name]["steps"])]
-  steps = lambda some: sum(specs[run.name]["steps"] for run, _, _ in some)
-  print(f"{sweep.name} at scale {sweep.scale}: {len(jobs)} runs, {len(jobs) - len(todo)} finished already; "
-        f"TensorBoard: tensorboard --logdir {sweep_dir}", file=sys.stderr)
+  config = load_config_file(str(REPO / BASE_CONFIG))
+  apply_overrides(config, sweep.overrides(sweep.runs[0], 0, description["lrs"][0]) | extra)
+  ensure_dataset(config.data, progress=True)  # once, before trainings that would race to prepare it
+  plan = Scheduler(sweep, sweep_dir, description)
+  slots = cpu_sets(jobs)
+  # one compilation per program: the seeds of a run share their train step (JAX's persistent cache)
+  env = os.environ | {"JAX_COMPILATION_CACHE_DIR": str((sweep_dir / ".jax_cache").absolute()),
+                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  done_before = sum(last_step(j.folder) for j in plan.jobs())
+  print(f"{sweep.name} at scale {sweep.scale}: {len(sweep.runs)} runs x ({len(description['lrs'])} learning "
+        f"rates + {description['seeds']} seeds), {jobs} at a time; TensorBoard: tensorboard --logdir {sweep_dir}",
+        file=sys.stderr)
   from tqdm import tqdm
-  bar = tqdm(total=steps(jobs), initial=steps(jobs) - steps(todo), unit="step", file=sys.stderr,
-             dynamic_ncols=True)
+  bar = tqdm(total=plan.total_steps(), initial=done_before, unit="step", file=sys.stderr, dynamic_ncols=True,
+             mininterval=2.0 if sys.stderr.isatty() else 60.0)
+  running: dict[Path, tuple[Job, subprocess.Popen, int, set[int]]] = {}  # folder -> job, process, steps seen, cpus
   failed = []
-  for run, seed, folder in todo:
-    folder.mkdir(parents=True, exist_ok=True)
-    bar.set_description(f"{run.name} seed {seed}")
-    seen = 0
-    with open(folder / "train.log", "a") as log:
-      process = subprocess.Popen(command(sweep, run, seed, folder.resolve(), extra), stdout=log,
-                                 stderr=subprocess.STDOUT, cwd=REPO)
-      try:
-        while process.poll() is None:
-          time.sleep(1.0)
-          now = last_step(folder)
-          bar.update(now - seen)
-          seen = now
-      except KeyboardInterrupt:  # the run saves a checkpoint and stops; the next call resumes it
-        process.send_signal(signal.SIGINT)
-        process.wait()
-        bar.close()
-        raise
-    spec = specs[run.name]
-    bar.update(last_step(folder) - seen)
-    if process.returncode or last_step(folder) < (spec["stop_at"] or spec["steps"]):
-      failed.append(f"{run.name}/seed{seed}")
-      tail = (folder / "train.log").read_text().strip().splitlines()[-3:]
-      bar.write(f"{run.name} seed {seed} failed (exit {process.returncode}): " + " | ".join(tail))
+  try:
+    while True:
+      free = [s for s in slots if all(s is not cpus for *_, cpus in running.values())]
+      for job, cpus in zip(plan.ready(set(running)), free):
+        job.folder.mkdir(parents=True, exist_ok=True)
+        with open(job.folder / "train.log", "a") as log:
+          process = subprocess.Popen(command(sweep, job.run, job.seed, job.lr, job.folder.resolve(), extra),
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                     preexec_fn=lambda cpus=cpus: os.sched_setaffinity(0, cpus))
+        running[job.folder] = (job, process, last_step(job.folder), cpus)
+      if not running:
+        break
+      time.sleep(1.0)
+      for folder, (job, process, seen, cpus) in list(running.items()):
+        now = last_step(folder)
+        bar.update(now - seen)
+        running[folder] = (job, process, now, cpus)
+        if process.poll() is None:
+          continue
+        del running[folder]
+        name = f"{job.run.name}/{folder.name}"
+        bar.set_description(f"{name} done")
+        if process.returncode or not finished(folder, plan.target(job.run)):
+          failed.append(name)
+          plan.failed.add(job.run.name)
+          tail = (folder / "train.log").read_text().strip().splitlines()[-3:]
+          bar.write(f"{name} failed (exit {process.returncode}): " + " | ".join(tail))
+      bar.total = max(bar.total, bar.n)
+  except KeyboardInterrupt:  # every running training saves a checkpoint and stops; the next call resumes
+    for _, process, _, _ in running.values():
+      process.send_signal(signal.SIGINT)
+    for _, process, _, _ in running.values():
+      process.wait()
+    bar.close()
+    raise
   bar.close()
   return failed
 
@@ -115,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n\n")[0])
   parser.add_argument("sweep", help=" | ".join(SWEEPS))
   parser.add_argument("--scale", default="tiny", help=" | ".join(SCALES))
-  parser.add_argument("--seeds", type=int, default=0, help="seeds per run (default: the scale's)")
+  parser.add_argument("--seeds", type=int, default=0, help="compared seeds per run (default: the scale's)")
+  parser.add_argument("--lrs", default="", help="learning-rate grid, comma-separated (default: the scale's); "
+                                                "one value: no tuning")
+  parser.add_argument("--jobs", type=int, default=1, help="trainings at a time, the CPUs split between them")
   parser.add_argument("--workdir", default="", help="sweep folder (default runs/sweeps/<sweep>-<scale>)")
   parser.add_argument("--runs", default="", help="only these runs (comma-separated names)")
   parser.add_argument("--dry-run", action="store_true", help="print the runs, train nothing")
@@ -123,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     sweep = build(args.sweep, args.scale)
     extra = parse_override_args(rest)
+    if "train.lr" in extra or "train.seed" in extra:
+      raise ConfigError("train.lr and train.seed are set per training by the runner (use --lrs and --seeds)")
     if args.runs:
       names = args.runs.split(",")
       unknown = sorted(set(names) - {r.name for r in sweep.runs})
@@ -130,27 +278,46 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"unknown run(s) {', '.join(unknown)} (runs: {', '.join(r.name for r in sweep.runs)})")
       sweep = Sweep(sweep.name, sweep.scale, tuple(r for r in sweep.runs if r.name in names))
     seeds = args.seeds or SCALES[args.scale].seeds
-    if seeds < 1:
-      raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    description = describe(sweep, extra, seeds)  # also checks every override against the config
+    if seeds < 2:
+      raise ConfigError(f"--seeds must be >= 2 (paired statistics need two), got {seeds}")
+    lrs = parse_lrs(args.lrs) if args.lrs else SCALES[args.scale].lrs
+    if args.jobs < 1:
+      raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    cpu_sets(args.jobs)
+    description = describe(sweep, extra, seeds, lrs)  # also checks every override against the config
   except (ConfigError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   sweep_dir = Path(args.workdir or f"runs/sweeps/{args.sweep}-{args.scale}")
   print(table(description))
+  short = [r["name"] for r in description["runs"]
+           if r["tokens"] < description["min_tokens_per_active_param"] * r["active_params"]]
+  if short:
+    print(f"note: {', '.join(short)} train on fewer than the scale's {description['min_tokens_per_active_param']:g} "
+          "tokens per active parameter", file=sys.stderr)
   if args.dry_run:
     return 0
   try:
-    failed = execute(sweep, sweep_dir, description, extra)
+    failed = execute(sweep, sweep_dir, description, extra, args.jobs)
   except KeyboardInterrupt:
     print("\nstopped; run the same command again to resume", file=sys.stderr)
     return 130
   if failed:
-    print(f"{len(failed)} run(s) failed: {', '.join(failed)} (see their train.log); run again to retry",
+    print(f"{len(failed)} training(s) failed: {', '.join(failed)} (see their train.log); run again to retry",
           file=sys.stderr)
     return 1
   print(f"done; report: python -m experiments.report {sweep_dir}", file=sys.stderr)
   return 0
+
+
+def parse_lrs(text: str) -> tuple[float, ...]:
+  try:
+    lrs = tuple(sorted({three_digits(float(v)) for v in text.split(",")}))
+  except ValueError:
+    raise ConfigError(f"--lrs must be comma-separated numbers, got {text!r}") from None
+  if any(lr <= 0 for lr in lrs):
+    raise ConfigError(f"--lrs must be > 0, got {text!r}")
+  return lrs
 
 
 if __name__ == "__main__":

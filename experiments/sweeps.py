@@ -19,8 +19,8 @@ from gptoss_jax.inspect import stats
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = "configs/gpt2.py:124m"  # every run's model fields are given relative to this file
-BUDGET_TOLERANCE = 0.02
-BEST = "best"  # a run's baseline: compare it with the sweep's best run
+BUDGET_TOLERANCE = 0.02  # matched parameter counts: within 2%
+REMATCH = 0.01  # a ladder rung that moves the total by more than this gets it back in the FFN width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,18 +32,22 @@ class Scale:
   depths: tuple[int, ...]  # width vs depth
   expert_counts: dict[int, int]  # experts sweep: n_experts -> top_k
   run: dict  # every run's data / train / checkpoint / log settings
-  seeds: int = 3
+  lrs: tuple[float, ...]  # the learning-rate grid each run is tuned on (spaced ~3x)
+  seeds: int = 5  # compared seeds 0..seeds-1
+  selection_seed: int = 1000  # the learning rate is chosen on this seed, never one of the compared ones
+  min_tokens_per_active_param: float = 0.0  # checked for every run (tested)
 
 
 SCALES = {
-    # the whole of any sweep finishes on a 2-core CPU within 30 minutes (3 seeds)
+    # a whole sweep (learning-rate grid + 5 seeds per run) finishes on a 2-core CPU within 2 hours with --jobs 2
     "tiny": Scale(
         model=dict(vocab_size=256, max_seq_len=128, d_model=64, n_layers=4, n_heads=4, head_dim=16),
         kv_heads=2, moe=(8, 2), window=32, depths=(2, 4, 8, 16),
         expert_counts={4: 1, 8: 2, 16: 2, 32: 4, 64: 4},
-        run={"data.seq_len": 128, "train.steps": 300, "train.batch_size": 16, "train.lr": 3e-3,
-             "train.warmup_steps": 30, "train.eval_every": 50, "train.eval_batches": 8,
-             "checkpoint.every": 100, "checkpoint.keep": 1, "log.every": 10}),
+        run={"data.seq_len": 128, "data.eval_fraction": 0.03, "train.steps": 1200, "train.batch_size": 16,
+             "train.warmup_steps": 60, "train.eval_every": 300, "train.eval_batches": 0,
+             "checkpoint.every": 600, "checkpoint.keep": 1, "log.every": 25},
+        lrs=(1e-3, 3e-3, 1e-2), min_tokens_per_active_param=10.0),
     # one GPU, hours: GPT-2 tokens of FineWeb-Edu (needs `pip install datasets` and internet)
     "small": Scale(
         model=dict(vocab_size=50304, max_seq_len=512, d_model=384, n_layers=6, n_heads=6, head_dim=64,
@@ -52,9 +56,10 @@ SCALES = {
         expert_counts={4: 1, 8: 2, 16: 2, 32: 4, 64: 4},
         run={"data.source": "hf", "data.path": "HuggingFaceFW/fineweb-edu:sample-10BT",
              "data.hf_split": "train[:2%]", "data.tokenizer": "gpt2", "data.seq_len": 512,
-             "train.steps": 5000, "train.batch_size": 32, "train.lr": 1e-3, "train.warmup_steps": 250,
+             "train.steps": 5000, "train.batch_size": 32, "train.warmup_steps": 250,
              "train.eval_every": 250, "train.eval_batches": 32, "checkpoint.every": 1000,
-             "checkpoint.keep": 1, "log.every": 50}),
+             "checkpoint.keep": 1, "log.every": 50},
+        lrs=(3e-4, 1e-3, 3e-3), seeds=3),
     # realistic: GPT-2 124M's shape, ~Chinchilla tokens (2.6B) per run; a GPU node per sweep, days
     "gpu": Scale(
         model=dict(vocab_size=50304, max_seq_len=1024, d_model=768, n_layers=12, n_heads=12, head_dim=64,
@@ -63,9 +68,10 @@ SCALES = {
         expert_counts={4: 1, 8: 2, 16: 2, 32: 4, 64: 4},
         run={"data.source": "hf", "data.path": "HuggingFaceFW/fineweb-edu:sample-10BT",
              "data.hf_split": "train[:30%]", "data.tokenizer": "gpt2", "data.seq_len": 1024,
-             "train.steps": 20000, "train.batch_size": 128, "train.lr": 6e-4, "train.warmup_steps": 700,
+             "train.steps": 20000, "train.batch_size": 128, "train.warmup_steps": 700,
              "train.eval_every": 1000, "train.eval_batches": 64, "checkpoint.every": 2000,
-             "checkpoint.keep": 1, "log.every": 100}),
+             "checkpoint.keep": 1, "log.every": 100},
+        lrs=(2e-4, 6e-4, 1.8e-3), seeds=3, min_tokens_per_active_param=20.0),
 }
 
 
@@ -74,7 +80,7 @@ class Run:
   name: str
   model: ModelConfig
   changes: tuple[str, ...] = ()  # the model fields this run sets, relative to its baseline
-  baseline: str = ""  # the run the report compares it with: a name, BEST, or "" for none
+  baseline: str = ""  # the run the report compares it with (fixed before any run), or "" for none
   note: str = ""
 
 
@@ -84,11 +90,11 @@ class Sweep:
   scale: str
   runs: tuple[Run, ...]
 
-  def overrides(self, run: Run, seed: int) -> dict[str, str]:
-    """The training command's --config.<key>=<value> pairs for one run and seed."""
+  def overrides(self, run: Run, seed: int, lr: float) -> dict[str, str]:
+    """The training command's --config.<key>=<value> pairs for one run, seed and learning rate."""
     base = base_model_fields()
     model = {f"model.{k}": v for k, v in run.model.to_dict().items() if base[k] != v}
-    values = model | SCALES[self.scale].run | {"train.seed": seed}
+    values = model | SCALES[self.scale].run | {"train.seed": seed, "train.lr": lr}
     return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()}
 
 
@@ -138,26 +144,47 @@ def gpt2(scale: Scale) -> ModelConfig:
   return ModelConfig.from_dict(base_model_fields() | size)
 
 
+def ffn_field(cfg: ModelConfig) -> str:
+  return "d_expert" if cfg.is_moe else "d_ff"
+
+
+def rematched(before: ModelConfig, after: ModelConfig) -> ModelConfig:
+  """`after` with its FFN (or expert) width solved so its total parameters equal `before`'s, when the
+  change moved them by more than REMATCH (learned positions dropped, fewer key/value heads, ...)."""
+  if abs(total(after) / total(before) - 1) <= REMATCH:
+    return after
+  field = ffn_field(after)
+  width = solve(lambda f: after.replace(**{field: f}), total, total(before), getattr(after, field))
+  return after.replace(**{field: width})
+
+
 def ladder(scale: Scale) -> list[Run]:
+  """Each rung one change on the rung before, at its total parameters (within REMATCH, the FFN width
+  taking up the difference); the MoE rung matches active parameters instead."""
   rungs = [Run("gpt2", gpt2(scale), note="GPT-2: LayerNorm, learned positions, GELU, biases, dropout 0.1")]
 
-  def rung(name: str, note: str, **fields) -> None:
-    rungs.append(Run(name, rungs[-1].model.replace(**fields), tuple(fields), rungs[-1].name, note))
+  def rung(name: str, note: str, match: bool = True, **fields) -> None:
+    before = rungs[-1].model
+    after = before.replace(**fields)
+    after = rematched(before, after) if match else after
+    changes = tuple(k for k in after.to_dict() if getattr(after, k) != getattr(before, k))
+    rungs.append(Run(name, after, changes, rungs[-1].name, note))
 
   rung("no_dropout", "dropout off", embed_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
-  rung("rope", "rotary positions instead of learned", position="rope")
+  rung("rope", "rotary positions instead of learned; the FFN takes the position table's parameters",
+       position="rope")
   rung("rmsnorm", "RMSNorm instead of LayerNorm", norm="rmsnorm")
   rung("no_biases", "no biases anywhere (the Llama-era change; gpt-oss brings attention biases back)",
        qkv_bias=False, out_bias=False, ffn_bias=False)
-  dense = rungs[-1].model
-  d_ff = solve(lambda f: dense.replace(ffn="swiglu", d_ff=f), total, total(dense), dense.d_ff * 2 // 3)
-  rung("swiglu", "SwiGLU, hidden size set for the same parameters", ffn="swiglu", d_ff=d_ff)
-  rung("gqa", f"{scale.kv_heads} key/value heads", n_kv_heads=scale.kv_heads)
+  rung("swiglu", "SwiGLU, hidden size set for the same parameters", ffn="swiglu",
+       d_ff=round(rungs[-1].model.d_ff * 2 / 3))
+  rung("gqa", f"{scale.kv_heads} key/value heads; the FFN takes the parameters they free",
+       n_kv_heads=scale.kv_heads)
   dense = rungs[-1].model
   n_experts, top_k = scale.moe
   moe = lambda d: dense.replace(n_experts=n_experts, top_k=top_k, d_expert=d, router_bias=True)
   d_expert = solve(moe, active, active(dense), dense.d_ff // top_k)
-  rung("moe", f"{n_experts} experts, top-{top_k}, active parameters as the dense model's",
+  rung("moe", f"{n_experts} experts, top-{top_k}, active parameters as the dense model's", match=False,
        n_experts=n_experts, top_k=top_k, d_expert=d_expert, router_bias=True)
   rung("sliding_window", f"window of {scale.window} on alternate layers (window_layers='alternate')",
        sliding_window=scale.window)
@@ -167,28 +194,40 @@ def ladder(scale: Scale) -> list[Run]:
 
 
 def width_depth(scale: Scale) -> list[Run]:
-  """The gpt-oss-style model at its total parameter count, at every depth of the scale. Heads keep
-  their number (head_dim = d_model / n_heads); the FFN (or expert) width keeps its ratio to d_model,
-  then is trimmed to land on the budget."""
+  """The gpt-oss-style model at its total parameter count, at every depth of the scale. As gpt-oss and
+  Qwen3 do, head_dim stays and the number of heads follows the width (query heads ~ d_model / head_dim,
+  the key/value grouping kept); the expert width keeps its ratio to d_model, then is trimmed to land on
+  the budget. Total parameters are held (within 2%); training FLOPs per token are not (attention grows
+  with depth at equal parameters), so the report shows loss against FLOPs too. Every run is compared
+  with the one at the ladder's own depth."""
   base = ladder(scale)[-1].model
   budget = total(base)
-  ffn_field = "d_expert" if base.is_moe else "d_ff"
-  ratio = getattr(base, ffn_field) / base.d_model
-  quantum = 2 * base.n_heads  # d_model steps that keep head_dim whole and even (RoPE)
-  runs = []
+  field = ffn_field(base)
+  ratio = getattr(base, field) / base.d_model
+  group = base.n_heads // base.n_kv_heads
+
+  def shape(m: int, depth: int) -> ModelConfig:
+    d = 8 * m
+    heads = group * max(1, round(d / (base.head_dim * group)))
+    return base.replace(n_layers=depth, d_model=d, n_heads=heads, n_kv_heads=heads // group,
+                        **{field: max(1, round(ratio * d))})
+
+  reference = f"L{base.n_layers}"
+  configs = {}
   for depth in scale.depths:
-    def shape(m: int, depth=depth) -> ModelConfig:
-      d = m * quantum
-      return base.replace(n_layers=depth, d_model=d, head_dim=d // base.n_heads,
-                          **{ffn_field: max(1, round(ratio * d))})
-    cfg = shape(solve(shape, total, budget, base.d_model // quantum))
-    width = solve(lambda f, cfg=cfg: cfg.replace(**{ffn_field: f}), total, budget, getattr(cfg, ffn_field))
-    cfg = cfg.replace(**{ffn_field: width})
-    name = f"L{depth}_d{cfg.d_model}"
-    _check_budget(name, total(cfg), budget)
-    runs.append(Run(name, cfg, ("n_layers", "d_model", "head_dim", ffn_field), BEST,
-                    note=f"{depth} layers of width {cfg.d_model}, {ffn_field} {width}"))
-  return runs
+    cfg = shape(solve(lambda m, depth=depth: shape(m, depth), total, budget, base.d_model // 8), depth)
+    width = solve(lambda f, cfg=cfg: cfg.replace(**{field: f}), total, budget, getattr(cfg, field))
+    cfg = cfg.replace(**{field: width})
+    _check_budget(f"L{depth}", total(cfg), budget)
+    configs[f"L{depth}"] = cfg
+  if reference not in configs:
+    raise ValueError(f"width_depth: the scale's depths {scale.depths} must include the ladder's {base.n_layers}")
+  ref_name = lambda key: f"{key}_d{configs[key].d_model}"
+  return [Run(ref_name(key), cfg, ("n_layers", "d_model", "n_heads", "n_kv_heads", field),
+              "" if key == reference else ref_name(reference),
+              note=f"{cfg.n_layers} layers of width {cfg.d_model}, {cfg.n_heads} heads of {cfg.head_dim}, "
+                   f"{field} {getattr(cfg, field)}")
+          for key, cfg in configs.items()]
 
 
 def experts(scale: Scale) -> list[Run]:

@@ -46,7 +46,14 @@ def train_dataset(folder, seq_len: int, local_batch: int, seed: int, process_ind
 
 def eval_batches(folder, seq_len: int, local_batch: int, n_batches: int, process_index: int = 0,
                  process_count: int = 1) -> list[np.ndarray]:
-  """The same held-out batches every time (in order; repeated if the split is short)."""
-  ds = grain.MapDataset.source(windows(folder, "val", seq_len)).repeat()
+  """The same held-out batches every time, in order: n_batches of them (repeating the split if it is
+  short), or with n_batches = 0 the whole split once (what does not fill a last global batch left out)."""
+  source = windows(folder, "val", seq_len)
+  if n_batches == 0:
+    n_batches = len(source) // (local_batch * process_count)
+    if n_batches == 0:
+      raise ConfigError(f"{folder}/val.bin holds {len(source)} windows of {seq_len} tokens, fewer than one "
+                        f"batch of {local_batch * process_count}")
+  ds = grain.MapDataset.source(source).repeat()
   ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
   return [ds[i] for i in range(n_batches)]

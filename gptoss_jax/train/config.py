@@ -45,7 +45,7 @@ def run_config(model: Mapping) -> ml_collections.ConfigDict:
           "clip_norm": 1.0,
           "remat": False,
           "eval_every": 100,
-          "eval_batches": 8,
+          "eval_batches": 8,  # held-out batches per evaluation; 0 = the whole held-out split
       },
       "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1},
       "checkpoint": {"every": 250, "keep": 3, "async_save": True},

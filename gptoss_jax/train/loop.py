@@ -49,9 +49,11 @@ def validate(config: ml_collections.ConfigDict) -> tuple[ModelConfig, int]:
   cfg = ModelConfig.from_dict(config.model)
   t, d = config.train, config.data
   mesh = make_mesh(config.mesh)
-  for name in ("steps", "batch_size", "microbatches", "eval_every", "eval_batches"):
+  for name in ("steps", "batch_size", "microbatches", "eval_every"):
     if t[name] <= 0:
       raise ConfigError(f"train.{name} must be > 0, got {t[name]}")
+  if t.eval_batches < 0:
+    raise ConfigError(f"train.eval_batches must be >= 0 (0: the whole held-out split), got {t.eval_batches}")
   if t.lr <= 0 or t.warmup_steps < 0 or t.weight_decay < 0:
     raise ConfigError("train.lr must be > 0; train.warmup_steps and train.weight_decay >= 0")
   if t.schedule not in SCHEDULES:
@@ -188,8 +190,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
           bar.update(done - bar.n)
           bar.set_postfix(loss=f"{last['train/loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
       if done % t.eval_every == 0 or final:
-        last["eval/loss"] = float(np.mean([trainer.eval_step(state.params, state.rest, b) for b in held_out]))
-        logger.write(done, {"eval/loss": last["eval/loss"]})
+        per_batch = np.array([trainer.eval_step(state.params, state.rest, b) for b in held_out])
+        # the held-out estimate's own noise: standard error of the mean over batches of windows
+        se = float(np.std(per_batch, ddof=1) / np.sqrt(len(per_batch))) if len(per_batch) > 1 else float("nan")
+        last |= {"eval/loss": float(np.mean(per_batch)), "eval/loss_se": se}
+        logger.write(done, {"eval/loss": last["eval/loss"], "eval/loss_se": se})
       if done % config.checkpoint.every == 0 or final:
         checkpoints.save(done, state, {"data": batches.get_state(), "step": done,
                                        "elapsed_s": elapsed_before + time.perf_counter() - began})
