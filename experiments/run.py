@@ -1,9 +1,9 @@
-"""python -m experiments.run <sweep> --scale tiny [--seeds N] [--lrs a,b,c] [--jobs N] [--workdir DIR]
-[--runs a,b] [--dry-run] [--config.a.b=value ...]
+"""python -m experiments.run <sweep> --scale tiny [--seeds N] [--lrs a,b,c] [--widen N] [--jobs N]
+[--workdir DIR] [--runs a,b] [--dry-run] [--config.a.b=value ...]
 
 Runs every run of a sweep through the training command. Each run first trains once per learning rate
 of the grid on a selection seed of its own (DIR/<run>/lr<value>); the value with the lowest held-out
-loss is kept (a best value at the edge of the grid adds the next value beyond it, up to MAX_WIDEN
+loss is kept (a best value at the edge of the grid adds the next value beyond it, up to --widen
 times), and the compared seeds 0..N-1 train at it (DIR/<run>/seed<k>). `--jobs N` trains N at a time,
 the CPUs split between them. A second call skips finished trainings and resumes unfinished ones.
 Bad input: one line on stderr, exit status 2.
@@ -26,7 +26,7 @@ from gptoss_jax.config import ConfigError, ModelConfig, apply_overrides, load_co
 from gptoss_jax.inspect import stats
 from gptoss_jax.train.loop import ensure_dataset
 
-MAX_WIDEN = 2  # grid values added beyond an edge before the run goes on (and the report flags it)
+WIDEN = 2  # default: grid values added beyond an edge before the run goes on (and the report flags it)
 
 
 def run_dir(sweep_dir: Path, run: str, seed: int) -> Path:
@@ -100,11 +100,13 @@ def describe(sweep: Sweep, extra: dict[str, str], seeds: int, lrs: tuple[float, 
   for run in sweep.runs:
     config = load_config_file(str(REPO / BASE_CONFIG))
     apply_overrides(config, sweep.overrides(run, 0, lrs[0]) | extra)
-    s = stats(ModelConfig.from_dict(config.model), config.data.seq_len)
+    cfg = ModelConfig.from_dict(config.model)
+    s = stats(cfg, config.data.seq_len)
     tokens = config.train.batch_size * config.data.seq_len * config.train.steps
     runs.append({"name": run.name, "changes": list(run.changes), "baseline": run.baseline, "note": run.note,
                  "total_params": s.total_params, "active_params": s.active_params,
-                 "flops_per_token": s.train_flops_per_token, "steps": config.train.steps,
+                 "flops_per_token": s.train_flops_per_token, "n_experts": cfg.n_experts, "top_k": cfg.top_k,
+                 "steps": config.train.steps,
                  "stop_at": config.train.stop_at, "tokens": tokens,
                  "tokens_per_step": config.train.batch_size * config.data.seq_len})
   scale = SCALES[sweep.scale]
@@ -134,8 +136,8 @@ class Scheduler:
   """Which trainings can start now: a run's learning-rate grid first, then (once its grid is done and
   its best value is inside the grid) its compared seeds at the chosen value."""
 
-  def __init__(self, sweep: Sweep, sweep_dir: Path, description: dict):
-    self.sweep, self.dir, self.d = sweep, sweep_dir, description
+  def __init__(self, sweep: Sweep, sweep_dir: Path, description: dict, widen: int = WIDEN):
+    self.sweep, self.dir, self.d, self.widen = sweep, sweep_dir, description, widen
     self.specs = {r["name"]: r for r in description["runs"]}
     self.failed: set[str] = set()  # runs with a failed training: nothing more of them is started
 
@@ -170,7 +172,7 @@ class Scheduler:
       if choice is None:
         continue
       widened = len(choice.losses) - len(self.d["lrs"])
-      if choice.widen is not None and widened < MAX_WIDEN:
+      if choice.widen is not None and widened < self.widen:
         out.append(Job(run, self.d["selection_seed"], choice.widen, lr_dir(self.dir, run.name, choice.widen)))
       else:
         out += [Job(run, seed, choice.lr, run_dir(self.dir, run.name, seed)) for seed in range(self.d["seeds"])]
@@ -194,14 +196,15 @@ def cpu_sets(jobs: int) -> list[set[int]]:
   return [set(cpus[i::jobs]) for i in range(jobs)]
 
 
-def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, str], jobs: int = 1) -> list[str]:
+def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, str], jobs: int = 1,
+            widen: int = WIDEN) -> list[str]:
   """Trains every unfinished job, `jobs` at a time; returns the names of the ones that failed."""
   sweep_dir.mkdir(parents=True, exist_ok=True)
   (sweep_dir / "sweep.json").write_text(json.dumps(description, indent=1))
   config = load_config_file(str(REPO / BASE_CONFIG))
   apply_overrides(config, sweep.overrides(sweep.runs[0], 0, description["lrs"][0]) | extra)
   ensure_dataset(config.data, progress=True)  # once, before trainings that would race to prepare it
-  plan = Scheduler(sweep, sweep_dir, description)
+  plan = Scheduler(sweep, sweep_dir, description, widen)
   slots = cpu_sets(jobs)
   # one compilation per program: the seeds of a run share their train step (JAX's persistent cache)
   env = os.environ | {"JAX_COMPILATION_CACHE_DIR": str((sweep_dir / ".jax_cache").absolute()),
@@ -261,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seeds", type=int, default=0, help="compared seeds per run (default: the scale's)")
   parser.add_argument("--lrs", default="", help="learning-rate grid, comma-separated (default: the scale's); "
                                                 "one value: no tuning")
+  parser.add_argument("--widen", type=int, default=WIDEN, help="values added beyond a grid edge that holds "
+                                                                 "the best loss (0: only flag it in the report)")
   parser.add_argument("--jobs", type=int, default=1, help="trainings at a time, the CPUs split between them")
   parser.add_argument("--workdir", default="", help="sweep folder (default runs/sweeps/<sweep>-<scale>)")
   parser.add_argument("--runs", default="", help="only these runs (comma-separated names)")
@@ -281,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if seeds < 2:
       raise ConfigError(f"--seeds must be >= 2 (paired statistics need two), got {seeds}")
     lrs = parse_lrs(args.lrs) if args.lrs else SCALES[args.scale].lrs
+    if args.widen < 0:
+      raise ConfigError(f"--widen must be >= 0, got {args.widen}")
     if args.jobs < 1:
       raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     cpu_sets(args.jobs)
@@ -298,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.dry_run:
     return 0
   try:
-    failed = execute(sweep, sweep_dir, description, extra, args.jobs)
+    failed = execute(sweep, sweep_dir, description, extra, args.jobs, args.widen)
   except KeyboardInterrupt:
     print("\nstopped; run the same command again to resume", file=sys.stderr)
     return 130

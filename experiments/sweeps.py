@@ -41,12 +41,12 @@ class Scale:
 SCALES = {
     # a whole sweep (learning-rate grid + 5 seeds per run) finishes on a 2-core CPU within 2 hours with --jobs 2
     "tiny": Scale(
-        model=dict(vocab_size=256, max_seq_len=128, d_model=64, n_layers=4, n_heads=4, head_dim=16),
+        model=dict(vocab_size=256, max_seq_len=128, d_model=48, n_layers=4, n_heads=4, head_dim=12),
         kv_heads=2, moe=(8, 2), window=32, depths=(2, 4, 8, 16),
         expert_counts={4: 1, 8: 2, 16: 2, 32: 4, 64: 4},
-        run={"data.seq_len": 128, "data.eval_fraction": 0.03, "train.steps": 1200, "train.batch_size": 16,
-             "train.warmup_steps": 60, "train.eval_every": 300, "train.eval_batches": 0,
-             "checkpoint.every": 600, "checkpoint.keep": 1, "log.every": 25},
+        run={"data.seq_len": 128, "data.eval_fraction": 0.03, "train.steps": 700, "train.batch_size": 16,
+             "train.warmup_steps": 35, "train.eval_every": 175, "train.eval_batches": 0,
+             "checkpoint.every": 350, "checkpoint.keep": 1, "log.every": 25},
         lrs=(1e-3, 3e-3, 1e-2), min_tokens_per_active_param=10.0),
     # one GPU, hours: GPT-2 tokens of FineWeb-Edu (needs `pip install datasets` and internet)
     "small": Scale(

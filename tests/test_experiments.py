@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from experiments import report, run, sweeps
 from experiments.sweeps import SCALES, active, build, solve, total
@@ -32,12 +34,29 @@ def test_ladder_changes_exactly_the_named_fields_one_rung_at_a_time(ladder):
   for before, after in zip(ladder, ladder[1:]):
     assert after.baseline == before.name
     assert changed(before.model, after.model) == set(after.changes), after.name
-  expected = {"no_dropout": {"embed_dropout", "attn_dropout", "resid_dropout"}, "rope": {"position"},
-              "rmsnorm": {"norm"}, "no_biases": {"qkv_bias", "out_bias", "ffn_bias"}, "swiglu": {"ffn", "d_ff"},
-              "gqa": {"n_kv_heads"}, "moe": {"n_experts", "top_k", "d_expert", "router_bias"},
+  # the named change, plus the FFN width where the change moved the parameter count by more than 1%
+  expected = {"no_dropout": {"embed_dropout", "attn_dropout", "resid_dropout"}, "rope": {"position", "d_ff"},
+              "rmsnorm": {"norm"}, "no_biases": {"qkv_bias", "out_bias", "ffn_bias", "d_ff"},
+              "swiglu": {"ffn", "d_ff"}, "gqa": {"n_kv_heads", "d_ff"},
+              "moe": {"n_experts", "top_k", "d_expert", "router_bias"},
               "sliding_window": {"sliding_window"}, "sinks": {"attn_sinks"},
               "attention_biases": {"qkv_bias", "out_bias"}}
   assert {r.name: set(r.changes) for r in ladder[1:]} == expected
+
+
+def test_every_rung_compares_at_matched_parameters(ladder):
+  """Total parameters within 2% of the rung before; the MoE rung matches active parameters instead."""
+  for before, after in zip(ladder, ladder[1:]):
+    measure = active if after.name == "moe" else total
+    assert abs(measure(after.model) / measure(before.model) - 1) <= 0.02, after.name
+
+
+def test_tiny_budget_is_at_least_ten_tokens_per_active_parameter():
+  tokens = TINY.run["train.steps"] * TINY.run["train.batch_size"] * TINY.run["data.seq_len"]
+  assert TINY.seeds >= 5 and TINY.selection_seed >= TINY.seeds and len(TINY.lrs) >= 3
+  for name in sweeps.SWEEPS:
+    for r in build(name, "tiny").runs:
+      assert tokens >= 10 * active(r.model), (name, r.name, tokens / active(r.model))
 
 
 def test_ladder_runs_from_gpt2_to_a_gpt_oss_style_model(ladder):
@@ -71,16 +90,24 @@ def test_solver_finds_the_nearest_integer():
   assert solve(lambda x: x, lambda x: x * x, 1_000_000, guess=3) == 1000
 
 
-def test_width_depth_lands_within_two_percent_of_the_budget(ladder):
-  budget = total(ladder[-1].model)
+def test_width_depth_keeps_head_dim_and_lands_within_two_percent_of_the_budget(ladder):
+  base = ladder[-1].model
+  budget = total(base)
   runs = build("width_depth", "tiny").runs
   assert [r.model.n_layers for r in runs] == list(TINY.depths)
   widths = [r.model.d_model for r in runs]
   assert widths == sorted(widths, reverse=True) and len(set(widths)) == len(widths)
+  reference = next(r for r in runs if r.model.n_layers == base.n_layers)
+  assert reference.model == base and reference.baseline == ""
   for r in runs:
     assert abs(total(r.model) / budget - 1) <= 0.02, r.name
-    assert r.model.n_heads * r.model.head_dim == r.model.d_model
-    assert changed(ladder[-1].model, r.model) <= {"n_layers", "d_model", "head_dim", "d_expert"}
+    assert r.model.head_dim == base.head_dim, r.name
+    assert r.model.n_heads // r.model.n_kv_heads == base.n_heads // base.n_kv_heads
+    assert abs(r.model.n_heads * r.model.head_dim / r.model.d_model - 1) <= 0.5, r.name  # heads follow width
+    assert changed(base, r.model) <= {"n_layers", "d_model", "n_heads", "n_kv_heads", "d_expert"}
+    assert r is reference or r.baseline == reference.name
+  heads = [r.model.n_heads for r in runs]
+  assert heads == sorted(heads, reverse=True) and heads[0] > heads[-1]
 
 
 def test_expert_counts_keep_active_parameters_and_pair_few_large_with_many_small():
@@ -100,9 +127,9 @@ def test_overrides_rebuild_each_run_through_the_command_line_parser(ladder):
   sweep = build("ladder", "tiny")
   for r in (ladder[0], ladder[7], ladder[-1]):
     config = load_config_file(str(sweeps.REPO / sweeps.BASE_CONFIG))
-    apply_overrides(config, sweep.overrides(r, seed=2))
+    apply_overrides(config, sweep.overrides(r, seed=2, lr=0.004))
     assert ModelConfig.from_dict(config.model) == r.model
-    assert config.train.seed == 2 and config.train.steps == TINY.run["train.steps"]
+    assert config.train.seed == 2 and config.train.steps == TINY.run["train.steps"] and config.train.lr == 0.004
 
 
 def test_dry_run_prints_every_run_and_trains_nothing(tmp_path, capsys):
@@ -118,75 +145,168 @@ def test_bad_sweep_arguments_get_one_line_and_status_2(capsys):
   assert run.main(["ladder", "--runs", "gpt2,nope"]) == 2
   assert run.main(["ladder", "--config.train.nope=1"]) == 2
   assert run.main(["ladder", "--config.model.n_kv_heads=3"]) == 2  # 4 heads do not divide into 3
+  assert run.main(["ladder", "--lrs", "1e-3,fast"]) == 2
+  assert run.main(["ladder", "--config.train.lr=1e-3"]) == 2  # the runner sets it
+  assert run.main(["ladder", "--jobs", "0"]) == 2
   errors = capsys.readouterr().err.strip().splitlines()
-  assert len(errors) == 4 and all(e.startswith("error: ") for e in errors)
+  assert len(errors) == 7 and all(e.startswith("error: ") for e in errors)
 
 
-def _fake_sweep(folder, finals: dict[str, list[float]], baselines: dict[str, str]):
+def _write_metrics(folder, final: float, steps: int = 20, se: float = 0.01, extra: dict | None = None):
+  folder.mkdir(parents=True)
+  rows = [{"step": s, "train/loss": 5.0, "perf/tokens_per_s": 100.0 * (s // 10), "perf/peak_memory_gb": 0.5,
+           "perf/elapsed_s": 2.0 * s, **(extra or {})} for s in (10, steps)]
+  rows += [{"step": 10, "eval/loss": final + 1.0}, {"step": steps, "eval/loss": final, "eval/loss_se": se}]
+  (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _fake_sweep(folder, finals: dict[str, list[float]], baselines: dict[str, str], grids=None, experts=None):
+  """Fabricated metrics of a finished sweep: finals[run][seed], grids[run] = {lr: loss}."""
   runs = []
   for name, values in finals.items():
+    E, k = (experts or {}).get(name, (0, 1))
     runs.append({"name": name, "changes": ["x"], "baseline": baselines.get(name, ""), "note": "",
-                 "total_params": 1000, "active_params": 500, "flops_per_token": 3000.0, "steps": 20,
-                 "stop_at": 0, "tokens_per_step": 64})
+                 "total_params": 1000, "active_params": 500, "flops_per_token": 3000.0, "n_experts": E, "top_k": k,
+                 "steps": 20, "stop_at": 0, "tokens": 1280, "tokens_per_step": 64})
+    health = {f"moe/max_load_ratio/layer0{i}": 1.0 + i for i in range(2)} if E else {}
+    health |= {f"moe/usage_entropy/layer0{i}": 0.9 - 0.1 * i for i in range(2)} if E else {}
+    health |= {f"moe/dead_experts/layer0{i}": 0.0 for i in range(2)} if E else {}
     for seed, final in enumerate(values):
-      d = folder / name / f"seed{seed}"
-      d.mkdir(parents=True)
-      rows = [{"step": s, "train/loss": 5.0, "perf/tokens_per_s": 100.0 * (s // 10), "perf/peak_memory_gb": 0.5,
-               "perf/elapsed_s": 2.0 * s} for s in (10, 20)]
-      rows += [{"step": 10, "eval/loss": final + 1.0}, {"step": 20, "eval/loss": final}]
-      (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  (folder / "sweep.json").write_text(json.dumps({"sweep": "fake", "scale": "tiny", "seeds": 3, "overrides": {},
-                                                 "runs": runs}))
+      _write_metrics(folder / name / f"seed{seed}", final, extra=health)
+    for lr, loss in (grids or {}).get(name, {}).items():
+      _write_metrics(run.lr_dir(folder, name, lr), loss)
+  (folder / "sweep.json").write_text(json.dumps({"sweep": "fake", "scale": "tiny", "seeds": 5, "lrs": [1e-3, 3e-3, 1e-2],
+                                                 "selection_seed": 1000, "overrides": {}, "runs": runs}))
 
 
-def test_report_from_fabricated_metrics(tmp_path):
-  _fake_sweep(tmp_path, {"a": [3.0, 3.1, 3.2], "b": [2.5, 2.6, 2.7], "c": [2.55, 2.8, 2.9]},
-              {"b": "a", "c": "b"})
+def _table(text: str, header: str) -> dict[str, list[str]]:
+  """Rows of the markdown table whose header row starts with `header`, by their first cell."""
+  lines = text.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith(header))
+  rows = {}
+  for line in lines[start + 2:]:
+    if not line.startswith("| "):
+      break
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    rows[cells[0]] = cells
+  return rows
+
+
+BASE_LOSSES = np.array([2.00, 2.05, 1.98, 2.03, 2.01])
+DIFFS = {"a": [-0.10, -0.11, -0.09, -0.10, -0.12],  # p ~ 3e-5: distinguishable
+         "b": [0.02, 0.03, 0.0, 0.03, 0.01],  # p ~ 0.037: 0.073 after Holm's x2 -> not
+         "c": [-0.02, -0.01, -0.03, 0.002, -0.02]}  # p ~ 0.045 < 0.05, but Holm stopped at b -> not
+
+
+def test_paired_statistics_match_a_plain_formula_with_holm(tmp_path):
+  finals = {"base": list(BASE_LOSSES)} | {k: list(BASE_LOSSES + np.array(d)) for k, d in DIFFS.items()}
+  _fake_sweep(tmp_path, finals, {k: "base" for k in DIFFS})
   assert report.main([str(tmp_path)]) == 0
+  rows = _table((tmp_path / "report.md").read_text(), "| run | vs | n |")
+  n, m, expected = 5, 3, {}
+  for name, d in DIFFS.items():
+    d = np.array(finals[name]) - BASE_LOSSES
+    mean, se = d.mean(), d.std(ddof=1) / np.sqrt(n)
+    t = mean / se
+    p = 2 * (1 - scipy_stats.t.cdf(abs(t), n - 1))  # two-sided paired t-test
+    half = scipy_stats.t.ppf(0.975, n - 1) * se
+    expected[name] = (mean, se, p, half)
+  order = sorted(expected, key=lambda k: expected[k][2])  # Holm: ascending p, tested at alpha / (m - i)
+  assert order == ["a", "b", "c"]
+  adjusted, running = {}, 0.0
+  for i, name in enumerate(order):
+    running = max(running, min(1.0, (m - i) * expected[name][2]))
+    adjusted[name] = running
+  for name, (mean, se, p, half) in expected.items():
+    row = rows[name]
+    assert row[1:4] == ["base", "5", f"{mean:+.4f}"]
+    assert row[4] == f"[{mean - half:+.4f}, {mean + half:+.4f}]"
+    assert float(row[5]) == pytest.approx(p, rel=0.01) and float(row[6]) == pytest.approx(adjusted[name], rel=0.01)
+    i = order.index(name)
+    wide = scipy_stats.t.ppf(1 - 0.05 / (2 * (m - i)), n - 1) * se
+    assert row[7] == f"[{mean - wide:+.4f}, {mean + wide:+.4f}]"
+  assert rows["a"][8] == "**distinguishable: better**"
+  assert expected["b"][2] < 0.05 < adjusted["b"]  # significant alone, not after the correction
+  assert expected["c"][2] < 0.05 < adjusted["c"]  # below its own level alpha / 1, but tested after b failed
+  assert rows["b"][8] == rows["c"][8] == "not distinguishable"
   text = (tmp_path / "report.md").read_text()
-  cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
-  rows = {row[0]: row for row in cells}
-  assert rows["a"][2] == "3.1000 ± 0.1000" and rows["a"][3] == "[3.0000, 3.2000]" and rows["a"][4] == "-"
-  assert rows["b"][2] == "2.6000 ± 0.1000" and rows["b"][4:7] == ["a", "-0.5000", "**yes**"]
-  assert rows["c"][4:7] == ["b", f"{(2.55 + 2.8 + 2.9) / 3 - 2.6:+.4f}", "no"]  # ranges overlap
-  assert rows["a"][10:13] == ["200", "0.50", "40"]  # tokens/s without the first interval; peak; wall
-  assert "- `b` vs `a`: -0.5000 (better)" in text
-  assert "`c` vs `b`" in text.split("Within the spread")[1]
-  for png in ("loss_vs_steps.png", "loss_vs_flops.png", "final_loss.png"):
+  assert "Distinguishable at this scale: `a` vs `base`" in text
+  for png in ("loss_vs_steps.png", "loss_vs_flops.png", "final_loss.png", "differences.png", "lr_grid.png"):
     assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_report_compares_with_the_best_run_and_flags_unfinished(tmp_path):
-  _fake_sweep(tmp_path, {"wide": [2.0, 2.1], "deep": [2.5, 2.6]}, {"wide": "best", "deep": "best"})
-  (tmp_path / "deep" / "seed1" / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval/loss": 3.0}) + "\n")
+def test_lr_choice_picks_the_lowest_loss_and_widens_at_an_edge():
+  inside = run.choose_lr({1e-3: 2.5, 3e-3: 2.3, 1e-2: 2.4})
+  assert (inside.lr, inside.at_edge, inside.widen) == (3e-3, False, None)
+  high = run.choose_lr({1e-3: 2.5, 3e-3: 2.4, 1e-2: 2.3})
+  assert (high.lr, high.at_edge) == (1e-2, True) and high.widen == pytest.approx(1e-2 * 1e-2 / 3e-3, rel=1e-2)
+  low = run.choose_lr({1e-3: 2.2, 3e-3: 2.4, 1e-2: 2.5})
+  assert (low.lr, low.at_edge) == (1e-3, True) and low.widen == pytest.approx(1e-3 / 3, rel=1e-2)
+
+
+def test_scheduler_widens_the_grid_then_trains_seeds_at_the_chosen_value(tmp_path):
+  sweep = sweeps.Sweep("ladder", "tiny", build("ladder", "tiny").runs[:1])
+  description = {"runs": [{"name": "gpt2", "steps": 20, "stop_at": 0}], "lrs": [1e-3, 3e-3, 1e-2], "seeds": 2,
+                 "selection_seed": 1000}
+  plan = run.Scheduler(sweep, tmp_path, description)
+  folders = lambda: sorted(str(j.folder.relative_to(tmp_path)) for j in plan.ready(set()))
+  assert folders() == ["gpt2/lr0.001", "gpt2/lr0.003", "gpt2/lr0.01"]  # the grid, on the selection seed
+  assert {j.seed for j in plan.ready(set())} == {1000}
+  for lr, loss in ((1e-3, 2.5), (3e-3, 2.4), (1e-2, 2.3)):  # best at the upper edge
+    _write_metrics(run.lr_dir(tmp_path, "gpt2", lr), loss)
+  assert folders() == ["gpt2/lr0.0333"]
+  _write_metrics(tmp_path / "gpt2" / "lr0.0333", 2.35)  # worse: 0.01 is inside the widened grid
+  jobs = plan.ready(set())
+  assert folders() == ["gpt2/seed0", "gpt2/seed1"] and {j.lr for j in jobs} == {1e-2}
+  assert run.choose_lr({lr: run.final_eval(f, 20) for lr, f in run.grid_lrs(tmp_path / "gpt2").items()}).lr == 1e-2
+
+
+def test_report_flags_a_learning_rate_at_the_edge_and_shows_router_health(tmp_path):
+  _fake_sweep(tmp_path, {"dense": [2.0, 2.1], "moe": [2.2, 2.3]}, {"moe": "dense"},
+              grids={"dense": {1e-3: 2.5, 3e-3: 2.3, 1e-2: 2.4}, "moe": {1e-3: 2.5, 3e-3: 2.4, 1e-2: 2.3}},
+              experts={"moe": (8, 2)})
+  (tmp_path / "moe" / "seed1" / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval/loss": 3.0}) + "\n")
   assert report.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
   text = (tmp_path / "out" / "report.md").read_text()
-  assert "| wide | x | 2.0500 ± 0.0707 | [2.0000, 2.1000] | - |" in text
-  assert "| deep | x | 2.5000 | [2.5000, 2.5000] | wide | +0.4500 | n/a |" in text  # one seed finished
+  lrs = _table(text, "| run | chosen |")
+  assert lrs["dense"][1] == "0.003" and lrs["dense"][3] == ""
+  assert lrs["moe"][1] == "0.01" and "edge of the grid" in lrs["moe"][3]
+  main = _table(text, "| run | changes | lr |")
+  assert main["dense"][2:5] == ["0.003", "2.0500 ± 0.0707", "[2.0000, 2.1000]"]
+  assert main["moe"][3] == "2.2000" and main["dense"][7:9] == ["2.6", "1.3"]  # one seed finished; tokens/param
+  health = _table(text, "| run | experts, top-k |")
+  assert health["moe"][1:6] == ["8, 2", "2.00", "4.0", "0.800", "0.000"]  # the worst layer
+  assert "`moe` vs `dense`" not in text  # one common seed: no comparison
 
 
 def test_mini_sweep_end_to_end_resumes_and_skips(tmp_path, text_dataset):
   sweep_dir = tmp_path / "sweep"
-  common = [sys.executable, "-m", "experiments.run", "ladder", "--runs", "gpt2,no_dropout", "--seeds", "1",
-            "--workdir", str(sweep_dir), "--config.train.steps=4", "--config.train.eval_every=2",
-            "--config.log.every=2", "--config.train.batch_size=4", "--config.data.seq_len=32",
-            f"--config.data.dir={text_dataset}", "--config.train.eval_batches=2"]
+  common = [sys.executable, "-m", "experiments.run", "ladder", "--runs", "no_dropout", "--seeds", "2",
+            "--lrs", "1e-3,3e-3", "--widen", "0", "--jobs", "2", "--workdir", str(sweep_dir), "--config.train.steps=4",
+            "--config.train.eval_every=2", "--config.log.every=2", "--config.train.batch_size=4",
+            "--config.data.seq_len=32", f"--config.data.dir={text_dataset}", "--config.train.eval_batches=2",
+            "--config.train.warmup_steps=1"]
   env = os.environ | {"XLA_FLAGS": ""}
   cwd = sweeps.REPO
   first = subprocess.run(common + ["--config.train.stop_at=2"], capture_output=True, text=True, env=env, cwd=cwd)
   assert first.returncode == 0, first.stderr[-2000:]
-  assert all(run.last_step(sweep_dir / name / "seed0") == 2 for name in ("gpt2", "no_dropout"))
+  folder = sweep_dir / "no_dropout"
+  assert sorted(p.name for p in folder.iterdir()) == ["lr0.001", "lr0.003"]  # seeds wait for the grid
+  assert all(run.last_step(folder / name) == 2 for name in ("lr0.001", "lr0.003"))
   second = subprocess.run(common, capture_output=True, text=True, env=env, cwd=cwd)
   assert second.returncode == 0, second.stderr[-2000:]
-  assert "resumed from step 2" in (sweep_dir / "gpt2" / "seed0" / "train.log").read_text()
-  steps = [r["step"] for r in run.metrics(sweep_dir / "gpt2" / "seed0") if "eval/loss" in r]
-  assert steps == [2, 4]
+  assert "resumed from step 2" in (folder / "lr0.001" / "train.log").read_text()
+  grid = {lr: run.final_eval(f, 4) for lr, f in run.grid_lrs(folder).items()}
+  chosen = run.choose_lr(grid)
+  assert set(grid) == {1e-3, 3e-3}  # --widen 0: an edge is flagged, not widened
+  for seed in (0, 1):
+    config = json.loads((folder / f"seed{seed}" / "config.json").read_text())
+    assert config["train"]["lr"] == chosen.lr and config["train"]["seed"] == seed
+    assert [r["step"] for r in run.metrics(folder / f"seed{seed}") if "eval/loss" in r] == [2, 4]
   third = subprocess.run(common, capture_output=True, text=True, env=env, cwd=cwd)
-  assert third.returncode == 0 and "2 finished already" in third.stderr
+  assert third.returncode == 0 and sorted(p.name for p in folder.iterdir()) == ["lr0.001", "lr0.003", "seed0", "seed1"]
+  assert (folder / "seed0" / "train.log").read_text().count("done:") == 1  # the third call trained nothing
   assert report.main([str(sweep_dir)]) == 0
-  text = (sweep_dir / "report.md").read_text()
-  assert "| gpt2 |" in text and "| no_dropout |" in text and "| no_dropout | embed_dropout" in text
-  # one TensorBoard logdir per sweep: every run's events under the sweep folder, with HParams
-  for name in ("gpt2", "no_dropout"):
-    events = list((sweep_dir / name / "seed0" / "tb").glob("events.out.tfevents.*"))
-    assert any(b"hparams" in e.read_bytes() for e in events), name
+  assert "| no_dropout | embed_dropout" in (sweep_dir / "report.md").read_text()
+  events = list((folder / "seed0" / "tb").glob("events.out.tfevents.*"))
+  assert any(b"hparams" in e.read_bytes() for e in events)
