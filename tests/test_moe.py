@@ -181,15 +181,33 @@ def test_mxfp4_dequantize_plain_decode(rng):
   np.testing.assert_array_equal(mxfp4.dequantize(blocks, scales, jnp.float32), _plain_dequant(blocks, scales))
 
 
-def test_mxfp4_round_trip(rng):
-  w = rng.normal(size=(4, 64)).astype(np.float32)
-  blocks, scales = mxfp4.quantize(w)
-  assert blocks.shape == (4, 2, 16) and scales.shape == (4, 2)
-  back = np.asarray(mxfp4.dequantize(blocks, scales, jnp.float32))
-  amax = np.abs(w.reshape(4, 2, 32)).max(-1, keepdims=True)
-  assert np.all(np.abs(back - w).reshape(4, 2, 32) <= amax / 6 + 1e-7)  # half the widest FP4 gap, scaled
-  again = mxfp4.quantize(back)  # representable values survive exactly
-  np.testing.assert_array_equal(mxfp4.dequantize(*again, jnp.float32), back)
+def test_mxfp4_quantize_follows_the_ocp_spec(rng):
+  """2,000 random blocks against codes built with plain ml_dtypes casts: scale = 2**(floor(log2 amax) - 2)
+  as an e8m0 byte, each value / scale cast to e2m1 (round to nearest even, saturating at 6)."""
+  import ml_dtypes
+  n = 2000
+  magnitude = 2.0 ** rng.integers(-20, 20, size=(n, 1))
+  w = (rng.normal(size=(n, 32)) * magnitude).astype(np.float32)
+  w[::7] = np.round(w[::7] / magnitude[::7] * 4) / 4 * magnitude[::7]  # quarter steps: many exact ties
+  w[5] = 0.0  # an all-zero block
+  w[6, 3] = -0.0
+  blocks, scales = mxfp4.quantize(w.reshape(1, -1))
+  amax = np.abs(w).max(-1)
+  shared = np.where(amax > 0, np.floor(np.log2(np.where(amax > 0, amax, 1))) - 2, -127)
+  want_scales = (2.0 ** shared).astype(np.float32).astype(ml_dtypes.float8_e8m0fnu).view(np.uint8)
+  want_scales[5] = 0  # 2**-127 is e8m0's smallest
+  codes = (w / 2.0 ** shared[:, None]).astype(np.float32).astype(ml_dtypes.float4_e2m1fn).view(np.uint8) & 0xF
+  np.testing.assert_array_equal(np.asarray(scales).reshape(n), want_scales)
+  np.testing.assert_array_equal(np.asarray(blocks).reshape(n, 16), codes[:, 0::2] | (codes[:, 1::2] << 4))
+  back = np.asarray(mxfp4.dequantize(blocks, scales, jnp.float32)).reshape(n, 32)
+  np.testing.assert_array_equal(back, codes_to_values(codes) * 2.0 ** shared[:, None])
+  again = mxfp4.quantize(back.reshape(1, -1))  # representable values survive exactly
+  np.testing.assert_array_equal(mxfp4.dequantize(*again, jnp.float32), back.reshape(1, -1))
+
+
+def codes_to_values(codes):
+  import ml_dtypes
+  return codes.astype(np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float32)
 
 
 def test_mxfp4_matches_transformers(rng):

@@ -29,16 +29,22 @@ def dequantize(blocks: jax.Array, scales: jax.Array, dtype=jnp.bfloat16) -> jax.
 
 
 def quantize(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """[..., K] -> ([..., K / 32, 16] uint8 blocks, [..., K / 32] uint8 scales), round to nearest."""
+  """[..., K] -> ([..., K / 32, 16] uint8 blocks, [..., K / 32] uint8 scales), as the OCP Microscaling
+  spec (v1.0, 6.3) gives it: each block's shared exponent is floor(log2(max |v|)) - 2 (2: the largest
+  e2m1 exponent, 6 = 1.5 * 2**2), and every v / 2**shared is rounded to the nearest e2m1 value, ties to
+  the even code, saturating at +-6. An all-zero block gets the smallest scale, 2**-127."""
   w = jnp.asarray(w, jnp.float32)
   if w.shape[-1] % BLOCK:
     raise ValueError(f"MXFP4 needs the last dimension divisible by {BLOCK}, got {w.shape}")
   wb = w.reshape(*w.shape[:-1], w.shape[-1] // BLOCK, BLOCK)
   amax = jnp.max(jnp.abs(wb), axis=-1)
-  # smallest power of two that brings the block's largest magnitude within the FP4 range (6)
-  exponent = jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-30) / 6.0))
-  exponent = jnp.clip(jnp.where(amax > 0, exponent, -127), -127, 127).astype(jnp.int32)
-  scaled = jnp.ldexp(wb, -exponent[..., None])
-  nibbles = jnp.argmin(jnp.abs(scaled[..., None] - jnp.asarray(FP4_VALUES)), axis=-1).astype(jnp.uint8)
+  _, e = jnp.frexp(jnp.where(amax > 0, amax, 1.0))  # amax = m * 2**e, m in [0.5, 1): floor(log2) = e - 1
+  exponent = jnp.clip(jnp.where(amax > 0, e - 1 - 2, -127), -127, 127).astype(jnp.int32)
+  scaled = jnp.minimum(jnp.abs(jnp.ldexp(wb, -exponent[..., None])), 6.0)
+  distance = jnp.abs(scaled[..., None] - jnp.asarray(FP4_VALUES[:8]))  # to the 8 magnitudes, codes 0..7
+  nearest = distance == jnp.min(distance, axis=-1, keepdims=True)
+  odd = jnp.arange(8) % 2  # the mantissa bit: a tie goes to the code whose mantissa is 0
+  magnitude = jnp.argmin(jnp.where(nearest, odd, 2), axis=-1).astype(jnp.uint8)
+  nibbles = magnitude | (jnp.signbit(wb).astype(jnp.uint8) << 3)
   blocks = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
   return blocks, (exponent + 127).astype(jnp.uint8)
