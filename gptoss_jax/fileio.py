@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,3 +26,11 @@ def atomic_folder(dst: str | Path, replace: bool = False) -> Iterator[Path]:
     tmp.rename(dst)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write(path: str | Path, text: str) -> None:
+  """Replaces a file's contents at once: a reader (or a kill mid-write) sees the old or the new text."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)

@@ -19,7 +19,7 @@ from conftest import REPO
 from gptoss_jax.config import ModelConfig, apply_overrides, load_config_file
 from gptoss_jax.sharding import make_mesh
 from gptoss_jax.train.checkpoint import Checkpointer
-from gptoss_jax.train.loop import TrainingError, train
+from gptoss_jax.train.loop import train
 from gptoss_jax.train.optimizer import clip_by_global_norm, decays, lr_schedule
 from gptoss_jax.data.pipeline import train_dataset
 from gptoss_jax.train.metrics import router_health
@@ -114,7 +114,9 @@ def _overrides(config_args: dict) -> list[str]:
   return [f"--config.{k}={v}" for k, v in config_args.items()]
 
 
-def test_sigterm_saves_and_resume_is_exact(text_dataset, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_and_resume_is_exact(text_dataset, tmp_path, sig):
+  """SIGTERM and SIGINT (Ctrl-C) alike: a checkpoint at the current step, exit 0, an exact resume."""
   args = _overrides({"data.dir": text_dataset, "data.seq_len": 32, "train.batch_size": 8, "train.steps": 200,
                      "train.warmup_steps": 2, "train.eval_every": 1000, "train.eval_batches": 1, "log.every": 1,
                      "log.progress": "false", "checkpoint.every": 1000, "log.peak_flops": 1e12,
@@ -124,7 +126,7 @@ def test_sigterm_saves_and_resume_is_exact(text_dataset, tmp_path):
   deadline = time.time() + 120
   while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
     time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err
   assert "stopped by signal" in err
@@ -173,16 +175,6 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, message):
   assert proc.returncode == 2
   assert message in err and len(err.strip().splitlines()) == 1, err
   assert not (tmp_path / "w").exists()
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(text_dataset, tmp_path):
-  config = run_config(DENSE, text_dataset, **{"train.lr": 1e38, "train.warmup_steps": 0, "train.steps": 8,
-                                              "checkpoint.every": 1, "train.clip_norm": 0.0})
-  with pytest.raises(TrainingError, match="loss is (nan|inf).*last good checkpoint: step"):
-    train(config, tmp_path)
-  steps = Checkpointer(tmp_path / "checkpoints").steps()
-  state = final_params(config, tmp_path)
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params)) and steps
 
 
 def _router_loads(dataset, steps, last=10, edit_params=None, **overrides):
@@ -302,18 +294,6 @@ def _read_events(folder):
       (n,) = struct.unpack("<Q", data[i:i + 8])
       yield Event.FromString(data[i + 12:i + 12 + n])
       i += 12 + n + 4
-
-
-def test_damaged_newest_checkpoint_falls_back(text_dataset, tmp_path, capsys):
-  config = run_config(DENSE, text_dataset, **{"train.steps": 4, "checkpoint.every": 2})
-  train(config, tmp_path)
-  assert Checkpointer(tmp_path / "checkpoints").steps() == [2, 4]
-  for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
-    if f.is_file() and f.stat().st_size > 0:
-      f.write_bytes(b"garbage")
-  state = final_params(config, tmp_path)
-  assert int(state.step) == 2
-  assert "checkpoint 4 is damaged" in capsys.readouterr().err
 
 
 def test_remat_changes_nothing_but_memory(text_dataset):

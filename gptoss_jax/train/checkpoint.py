@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -39,6 +41,31 @@ def _is_key(x) -> bool:
   return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _as_uint32(x: jax.Array) -> jax.Array:
+  """The array's bits as uint32 words (1- and 2-byte types widened, 8-byte types split)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = x.dtype.itemsize
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if size == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+
+
+@jax.jit
+def fingerprint(tree) -> jax.Array:
+  """Per leaf, two exact checksums of its bits (their sum, and their sum weighted by position, mod 2**32):
+  integer sums do not depend on the order or sharding of the reduction, so a state restored onto another
+  mesh has the same fingerprint, and one read back wrong does not. (A truncated array file can be read
+  back by tensorstore without an error, as other values.)"""
+  def one(x):
+    bits = _as_uint32(x).reshape(-1)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) % 65521 + 1
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+  return jnp.stack([one(x) for x in jax.tree.leaves(tree)])
+
+
 class Checkpointer:
 
   def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
@@ -49,20 +76,38 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: TrainState, record: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_keys_to_data(state)),
+    data = _keys_to_data(state)
+    record = record | {"fingerprint": np.asarray(fingerprint(data)).tolist()}
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(data),
                                                     record=ocp.args.JsonSave(record)), force=True)
 
-  def restore(self, abstract: TrainState, step: int | None = None) -> tuple[TrainState, dict] | None:
-    """The newest checkpoint (or `step`) that reads back; a damaged one is reported and skipped."""
+  def restore(self, abstract: TrainState, step: int | None = None, set_aside: bool = False
+              ) -> tuple[TrainState, dict] | None:
+    """The newest checkpoint (or `step`) that reads back. A damaged one is reported and skipped; with
+    `set_aside` (a training run) it is also renamed <step>.damaged, so the run can save that step anew."""
     for s in ([step] if step is not None else reversed(self.steps())):
       try:
         restored = self.manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_keys_to_data(abstract)), record=ocp.args.JsonRestore()))
+        saved = restored["record"].get("fingerprint")
+        if saved is not None and np.asarray(fingerprint(restored["state"])).tolist() != saved:
+          raise ValueError("the arrays read back differ from those saved (fingerprint)")
         return _data_to_keys(restored["state"], abstract), restored["record"]
       except Exception as e:  # orbax and tensorstore raise many kinds for missing or corrupt files
-        print(f"warning: checkpoint {s} is damaged ({type(e).__name__}: {str(e)[:200]}); "
+        where = f"; moved to {self._set_aside(s).name}" if set_aside else ""
+        print(f"warning: checkpoint {s} is damaged ({type(e).__name__}: {str(e)[:200]}){where}; "
               "trying the previous one", file=sys.stderr)
     return None
+
+  def _set_aside(self, step: int) -> Path:
+    folder = Path(self.manager.directory) / str(step)
+    target = folder.with_name(f"{step}.damaged")
+    n = 1
+    while target.exists():
+      target, n = folder.with_name(f"{step}.damaged-{n}"), n + 1
+    folder.rename(target)
+    self.manager.reload()
+    return target
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

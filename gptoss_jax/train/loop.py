@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import signal
 import sys
@@ -26,6 +25,7 @@ from gptoss_jax.train.metrics import (MetricsLogger, peak_flops_per_device, peak
                                      router_health)
 from gptoss_jax.train.optimizer import SCHEDULES
 from gptoss_jax.train.step import Trainer
+from gptoss_jax.train.workdir import RunLock, refuse_changed_config, write_config
 
 
 class TrainingError(RuntimeError):
@@ -123,93 +123,126 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Trains (resuming from the newest checkpoint in workdir); returns the last logged metrics."""
   began = time.perf_counter()
   cfg, local_batch = validate(config)
-  t = config.train
+  workdir = Path(workdir)
   is_main = jax.process_index() == 0
-  progress = config.log.progress and is_main
+  with RunLock(workdir, enabled=is_main):
+    refuse_changed_config(workdir, config)
+    data = prepared_data(config, cfg, progress=config.log.progress and is_main)
+    if is_main:
+      write_config(workdir, config)
+    trainer = Trainer(cfg, config.train, make_mesh(config.mesh))
+    checkpoints = Checkpointer(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
+    batches = iter(train_dataset(data, config.data.seq_len, local_batch, config.train.seed, jax.process_index(),
+                                 jax.process_count()))
+    state, elapsed_before = resume(trainer, checkpoints, batches, workdir, is_main)
+    logger = MetricsLogger(workdir, enabled=is_main, resume_step=int(state.step))
+    logger.hparams(_flat_hparams(config), ("eval/loss", "train/loss"))
+    held_out = [trainer.global_batch(b) for b in eval_batches(data, config.data.seq_len, local_batch,
+                                                               config.train.eval_batches, jax.process_index(),
+                                                               jax.process_count())]
+    try:
+      loop = Loop(config, cfg, trainer, checkpoints, logger, held_out, workdir, began - (elapsed_before or 0.0))
+      last = loop.run(state, batches, resumed=elapsed_before is not None)
+    finally:
+      checkpoints.close()
+      logger.close()
+  if is_main:
+    plot_losses(workdir)
+  return last
+
+
+def prepared_data(config: ml_collections.ConfigDict, cfg: ModelConfig, progress: bool) -> Path:
   data = ensure_dataset(config.data, progress)
   meta = load_meta(data)
   if meta["vocab_size"] > cfg.vocab_size:
     raise ConfigError(f"model.vocab_size {cfg.vocab_size} is smaller than the {meta['tokenizer']} "
                       f"tokenizer's {meta['vocab_size']}")
+  return data
 
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+
+def resume(trainer: Trainer, checkpoints: Checkpointer, batches, workdir: Path, is_main: bool):
+  """The newest readable checkpoint's state (the data iterator set to where it was) and the wall time of
+  the earlier invocations (None for a fresh start); damaged checkpoints are set aside."""
+  restored = checkpoints.restore(trainer.abstract_state(), set_aside=is_main)
+  if not restored:
+    return trainer.init_state(), None
+  state, record = restored
+  batches.set_state(record["data"])
   if is_main:
-    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    print(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}", file=sys.stderr)
+  return state, record.get("elapsed_s", 0.0)
 
-  mesh = make_mesh(config.mesh)
-  trainer = Trainer(cfg, t, mesh)
-  checkpoints = Checkpointer(workdir / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
-  batches = iter(train_dataset(data, config.data.seq_len, local_batch, t.seed, jax.process_index(),
-                               jax.process_count()))
-  restored = checkpoints.restore(trainer.abstract_state())
-  elapsed_before = 0.0  # wall time of earlier invocations of this run
-  if restored:
-    state, record = restored
-    batches.set_state(record["data"])
-    elapsed_before = record.get("elapsed_s", 0.0)
-    if is_main:
-      print(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}", file=sys.stderr)
-  else:
-    state = trainer.init_state()
-  held_out = [trainer.global_batch(b) for b in eval_batches(data, config.data.seq_len, local_batch, t.eval_batches,
-                                                             jax.process_index(), jax.process_count())]
 
-  flops_per_token = stats(cfg, config.data.seq_len).train_flops_per_token
-  peak, peak_source = peak_flops_per_device(config.log.peak_flops)
-  tokens_per_step = t.batch_size * config.data.seq_len
-  logger = MetricsLogger(workdir, enabled=is_main)
-  logger.hparams(_flat_hparams(config), ("eval/loss", "train/loss"))
-  if is_main:
-    print(f"MFU is relative to {peak / 1e12:.3g} TFLOP/s per device ({peak_source}) x {jax.device_count()} devices",
-          file=sys.stderr)
+class Loop:
+  """The step loop: train, log, evaluate, check, save; SIGTERM / Ctrl-C save and stop."""
 
-  start, end = int(state.step), t.stop_at or t.steps
-  end = min(end, t.steps)
-  bar = _progress_bar(progress, start, t.steps)
-  last, last_saved = {}, start if restored else None
-  clock, clock_step = time.perf_counter(), start
-  with StopRequest() as stop:
-    for step in range(start, end):
-      state, metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
-      done = step + 1
-      final = done == end or stop.requested
-      if done % config.log.every == 0 or final or done % config.checkpoint.every == 0:
-        metrics = jax.device_get(metrics)
-        if not math.isfinite(float(metrics["loss"])):
-          checkpoints.wait()
-          good = f"step {last_saved}" if last_saved is not None else "none"
-          raise TrainingError(f"loss is {float(metrics['loss'])} at step {done}; stopping "
-                              f"(last good checkpoint: {good} in {workdir / 'checkpoints'})")
-        now = time.perf_counter()
-        tokens_per_s = tokens_per_step * (done - clock_step) / (now - clock)
-        clock, clock_step = now, done
-        last = _log(logger, done, metrics, tokens_per_s, tokens_per_step, flops_per_token, peak,
-                    elapsed_before + now - began)
-        if bar:
-          bar.update(done - bar.n)
-          bar.set_postfix(loss=f"{last['train/loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-      if done % t.eval_every == 0 or final:
-        per_batch = np.array([trainer.eval_step(state.params, state.rest, b) for b in held_out])
-        # the held-out estimate's own noise: standard error of the mean over batches of windows
-        se = float(np.std(per_batch, ddof=1) / np.sqrt(len(per_batch))) if len(per_batch) > 1 else float("nan")
-        last |= {"eval/loss": float(np.mean(per_batch)), "eval/loss_se": se}
-        logger.write(done, {"eval/loss": last["eval/loss"], "eval/loss_se": se})
-      if done % config.checkpoint.every == 0 or final:
-        checkpoints.save(done, state, {"data": batches.get_state(), "step": done,
-                                       "elapsed_s": elapsed_before + time.perf_counter() - began})
-        last_saved = done
-      if stop.requested:
-        if is_main:
-          print(f"\nstopped by signal at step {done}; checkpoint saved", file=sys.stderr)
-        break
-  checkpoints.close()
-  logger.close()
-  if bar:
-    bar.close()
-  if is_main:
-    plot_losses(workdir)
-  return last
+  def __init__(self, config, cfg, trainer, checkpoints, logger, held_out, workdir, began):
+    self.config, self.t, self.trainer, self.checkpoints = config, config.train, trainer, checkpoints
+    self.logger, self.held_out, self.workdir, self.began = logger, held_out, workdir, began
+    self.flops_per_token = stats(cfg, config.data.seq_len).train_flops_per_token
+    self.peak, source = peak_flops_per_device(config.log.peak_flops)
+    self.tokens_per_step = config.train.batch_size * config.data.seq_len
+    self.is_main = jax.process_index() == 0
+    if self.is_main:
+      print(f"MFU is relative to {self.peak / 1e12:.3g} TFLOP/s per device ({source}) x {jax.device_count()} "
+            "devices", file=sys.stderr)
+
+  def run(self, state, batches, resumed: bool) -> dict:
+    t, every = self.t, self.config.checkpoint.every
+    start, end = int(state.step), min(t.stop_at or t.steps, t.steps)
+    bar = _progress_bar(self.config.log.progress and self.is_main, start, t.steps)
+    last, self.last_saved = {}, start if resumed else None
+    self.clock, self.clock_step = time.perf_counter(), start
+    with StopRequest() as stop:
+      for step in range(start, end):
+        state, metrics = self.trainer.train_step(state, self.trainer.global_batch(next(batches)))
+        done = step + 1
+        final = done == end or stop.requested
+        save = done % every == 0 or final
+        if done % self.config.log.every == 0 or save:
+          last = self.log(done, jax.device_get(metrics))
+          if bar:
+            bar.update(done - bar.n)
+            bar.set_postfix(loss=f"{last['train/loss']:.3f}", tok_s=f"{last['perf/tokens_per_s']:,.0f}")
+        if done % t.eval_every == 0 or save:  # every checkpoint is evaluated before it is written
+          last |= self.evaluate(done, state)
+        if save:
+          self.check_finite("held-out loss", last["eval/loss"], done)
+          self.checkpoints.save(done, state, {"data": batches.get_state(), "step": done,
+                                              "elapsed_s": time.perf_counter() - self.began})
+          self.last_saved = done
+        if stop.requested:
+          if self.is_main:
+            print(f"\nstopped by signal at step {done}; checkpoint saved", file=sys.stderr)
+          break
+    if bar:
+      bar.close()
+    return last
+
+  def check_finite(self, what: str, value: float, step: int) -> None:
+    """A loss (training, or held-out before a save) that is not finite stops the run, naming the last
+    checkpoint written: a checkpoint is written only after its held-out loss came out finite."""
+    if not math.isfinite(value):
+      self.checkpoints.wait()
+      good = f"step {self.last_saved}" if self.last_saved is not None else "none"
+      raise TrainingError(f"{what} is {value} at step {step}; stopping (last good checkpoint: {good} in "
+                          f"{self.workdir / 'checkpoints'})")
+
+  def log(self, step: int, metrics: dict) -> dict:
+    self.check_finite("loss", float(metrics["loss"]), step)
+    now = time.perf_counter()
+    tokens_per_s = self.tokens_per_step * (step - self.clock_step) / (now - self.clock)
+    self.clock, self.clock_step = now, step
+    return _log(self.logger, step, metrics, tokens_per_s, self.tokens_per_step, self.flops_per_token, self.peak,
+                now - self.began)
+
+  def evaluate(self, step: int, state) -> dict:
+    per_batch = np.array([self.trainer.eval_step(state.params, state.rest, b) for b in self.held_out])
+    # the held-out estimate's own noise: standard error of the mean over batches of windows
+    se = float(np.std(per_batch, ddof=1) / np.sqrt(len(per_batch))) if len(per_batch) > 1 else float("nan")
+    scalars = {"eval/loss": float(np.mean(per_batch)), "eval/loss_se": se}
+    self.logger.write(step, scalars)
+    return scalars
 
 
 def _log(logger: MetricsLogger, step: int, metrics: dict, tokens_per_s: float, tokens_per_step: int,

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptoss_jax.fileio import atomic_write
+
 # dense bf16 peak FLOP/s per device, by substring of jax's device_kind
 PEAK_FLOPS = {
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
@@ -66,15 +68,22 @@ def router_health(load_LxE: np.ndarray) -> dict[str, float]:
 
 
 class MetricsLogger:
-  """Writes on process 0 only; every other process gets a logger that does nothing."""
+  """Writes on process 0 only; every other process gets a logger that does nothing. A run resumed from
+  step `resume_step` first drops what an earlier process logged past it (metrics.jsonl rows, and
+  TensorBoard events through purge_step), so the logs read as one uninterrupted run."""
 
-  def __init__(self, workdir: Path, enabled: bool = True):
+  def __init__(self, workdir: Path, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
     if not enabled:
       return
     from tensorboardX import SummaryWriter
-    self.writer = SummaryWriter(str(workdir / "tb"))
-    self.jsonl = open(workdir / "metrics.jsonl", "a")
+    path = workdir / "metrics.jsonl"
+    if path.is_file():
+      atomic_write(path, "".join(line + "\n" for line in path.read_text().splitlines()
+                                 if _step_of(line) is not None and _step_of(line) <= resume_step))
+    purge = resume_step + 1 if (workdir / "tb").is_dir() else None
+    self.writer = SummaryWriter(str(workdir / "tb"), purge_step=purge)
+    self.jsonl = open(path, "a")
 
   def hparams(self, hparams: dict, metrics: tuple[str, ...]) -> None:
     if not self.enabled:
@@ -98,6 +107,14 @@ class MetricsLogger:
     if self.enabled:
       self.writer.close()
       self.jsonl.close()
+
+
+def _step_of(line: str) -> int | None:
+  """The step of a metrics.jsonl row; None for a line a killed process left half-written."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def plot_losses(workdir: Path) -> Path:
