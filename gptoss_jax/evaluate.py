@@ -1,4 +1,4 @@
-"""python -m gptoss_jax.evaluate --ckpt DIR (--text FILE | --dataset PREPARED_DIR) [--seq-len N] [--batch B] [--json]
+"""python -m gptoss_jax.evaluate --ckpt DIR (--text FILE | --dataset PREPARED_DIR) [--seq-len N] [--batch B] [--step N] [--json]
 
 Loss, perplexity, bits per byte and token count of a checkpoint (from training or conversion) on a text
 file or on the held-out split of a prepared dataset: non-overlapping windows of seq_len + 1 tokens,
@@ -77,11 +77,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's data.seq_len")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--vocab-file", default="", help="local .tiktoken file for the checkpoint's tokenizer")
+  parser.add_argument("--step", type=int, default=None, help="an older checkpoint of the run (default: the newest)")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
   try:
     from gptoss_jax.train.checkpoint import load_model
-    config, cfg, model = load_model(args.ckpt)
+    config, cfg, model = load_model(args.ckpt, args.step)
     seq_len = args.seq_len or config.data.seq_len
     if not 0 < seq_len <= cfg.max_seq_len or args.batch <= 0:
       raise ConfigError(f"--seq-len must be in 1..{cfg.max_seq_len} and --batch > 0")

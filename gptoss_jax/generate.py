@@ -1,4 +1,4 @@
-"""python -m gptoss_jax.generate --ckpt DIR --prompt "..." [--max-new-tokens N] [--temperature T] [--top-p P]
+"""python -m gptoss_jax.generate --ckpt DIR --prompt "..." [--step N] [--max-new-tokens N] [--temperature T] [--top-p P]
     [--seed S] [--chat] [--reasoning-effort low|medium|high]
 
 Incremental decoding with a KV cache (sliding-window layers keep only their window, sinks honoured):
@@ -88,13 +88,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--chat", action="store_true", help="harmony chat format (gpt-oss checkpoints)")
   parser.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
   parser.add_argument("--vocab-file", default="", help="local .tiktoken file for the checkpoint's tokenizer")
+  parser.add_argument("--step", type=int, default=None, help="an older checkpoint of the run (default: the newest)")
   args = parser.parse_args(argv)
   try:
     if args.max_new_tokens <= 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
       raise ConfigError("--max-new-tokens must be > 0, --top-p in (0, 1], --temperature >= 0")
     from gptoss_jax.data.tokenizers import get_tokenizer
     from gptoss_jax.train.checkpoint import load_model
-    config, cfg, model = load_model(args.ckpt)
+    config, cfg, model = load_model(args.ckpt, args.step)
     tokenizer = get_tokenizer(config.data.tokenizer, args.vocab_file or config.data.vocab_file)
     stop_ids: tuple[int, ...] = ()
     if args.chat:

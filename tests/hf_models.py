@@ -85,6 +85,28 @@ def save_mxfp4_gpt_oss(src, dst):
   return dst
 
 
+# OpenAI's original/ layout of gpt-oss, tensor by tensor (Hugging Face name -> original name), written
+# here from the released checkpoints' names, not taken from the code under test
+ORIGINAL_LAYOUT = {
+    "model.embed_tokens.weight": "embedding.weight",
+    "model.norm.weight": "norm.scale",
+    "lm_head.weight": "unembedding.weight",
+    "model.layers.{i}.input_layernorm.weight": "block.{i}.attn.norm.scale",
+    "model.layers.{i}.post_attention_layernorm.weight": "block.{i}.mlp.norm.scale",
+    "model.layers.{i}.self_attn.o_proj.weight": "block.{i}.attn.out.weight",
+    "model.layers.{i}.self_attn.o_proj.bias": "block.{i}.attn.out.bias",
+    "model.layers.{i}.self_attn.sinks": "block.{i}.attn.sinks",
+    "model.layers.{i}.mlp.router.weight": "block.{i}.mlp.gate.weight",
+    "model.layers.{i}.mlp.router.bias": "block.{i}.mlp.gate.bias",
+    "model.layers.{i}.mlp.experts.gate_up_proj_blocks": "block.{i}.mlp.mlp1_weight.blocks",
+    "model.layers.{i}.mlp.experts.gate_up_proj_scales": "block.{i}.mlp.mlp1_weight.scales",
+    "model.layers.{i}.mlp.experts.gate_up_proj_bias": "block.{i}.mlp.mlp1_bias",
+    "model.layers.{i}.mlp.experts.down_proj_blocks": "block.{i}.mlp.mlp2_weight.blocks",
+    "model.layers.{i}.mlp.experts.down_proj_scales": "block.{i}.mlp.mlp2_weight.scales",
+    "model.layers.{i}.mlp.experts.down_proj_bias": "block.{i}.mlp.mlp2_bias",
+}
+
+
 def save_original_gpt_oss(mxfp4_src, dst):
   """The MXFP4 gpt_oss folder rewritten in OpenAI's original/ layout (names, fused qkv, config keys)."""
   import json
@@ -94,7 +116,6 @@ def save_original_gpt_oss(mxfp4_src, dst):
   import numpy as np
   from safetensors.numpy import load_file, save_file
 
-  from gptoss_jax.convert.hf import _original_name
   src, dst = Path(mxfp4_src), Path(dst)
   dst.mkdir(parents=True, exist_ok=True)
   tensors = load_file(src / "model.safetensors")
@@ -108,7 +129,7 @@ def save_original_gpt_oss(mxfp4_src, dst):
     elif not re.search(r"self_attn\.[kv]_proj\.", name):
       layer = re.search(r"layers\.(\d+)\.", name)
       generic = re.sub(r"layers\.\d+\.", "layers.{i}.", name)
-      renamed = _original_name(generic)
+      renamed = ORIGINAL_LAYOUT[generic]
       out[renamed.replace("{i}", layer.group(1)) if layer else renamed] = value
   save_file(out, dst / "model.safetensors")
   hf = json.loads((src / "config.json").read_text())

@@ -106,20 +106,94 @@ def test_bad_conversions_leave_nothing(hf_folder, tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty"]  # no output, no temporary folder
 
 
-def test_evaluate_cli(hf_folder, tmp_path):
-  folder, _ = hf_folder("gpt2")
-  convert(str(folder), str(tmp_path / "ckpt"), dtype="float32", progress=False)
-  from gptoss_jax.data.prepare import prepare
-  text = tmp_path / "t.txt"
-  text.write_text("abc " * 200)
-  prepare(tmp_path / "data", "text", "byte", path=str(text), eval_fraction=0.4, progress=False)
-  out = _cli("gptoss_jax.evaluate", "--ckpt", tmp_path / "ckpt", "--dataset", tmp_path / "data", "--seq-len", 16,
-             "--json")
-  assert out.returncode == 0, out.stderr
-  result = json.loads(out.stdout)
-  assert result["tokens"] == (320 - 1) // 16 * 16 and result["perplexity"] == pytest.approx(np.exp(result["loss"]))
-  out = _cli("gptoss_jax.evaluate", "--ckpt", tmp_path / "nope", "--text", text)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, text_dataset):
+  """A byte-level model trained 4 steps here, checkpoints at steps 2 and 4."""
+  from test_train import run_config
+  from gptoss_jax.train.loop import train
+  folder = tmp_path_factory.mktemp("trained") / "run"
+  train(run_config("configs/gpt2.py:tiny", text_dataset, **{"train.steps": 4, "checkpoint.every": 2,
+                                                            "train.lr": 1e-2}), folder)
+  return folder
+
+
+def _direct_loss(model, tokens, seq_len):
+  """Mean next-token cross-entropy over non-overlapping windows, written out here."""
+  n = (len(tokens) - 1) // seq_len
+  total = 0.0
+  for i in range(n):
+    w = tokens[i * seq_len:i * seq_len + seq_len + 1]
+    logits = np.asarray(model(jnp.asarray(w[None, :-1], jnp.int32))[0], np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    total += float(np.sum(logz - logits[np.arange(seq_len), w[1:]]))
+  return total / (n * seq_len), n * seq_len
+
+
+def test_evaluate_cli_against_a_direct_computation_at_each_step(trained, text_dataset):
+  tokens = np.fromfile(text_dataset / "val.bin", dtype=json.loads((text_dataset / "meta.json").read_text())["dtype"])
+  results = {}
+  for step in (2, 4):
+    out = _cli("gptoss_jax.evaluate", "--ckpt", trained, "--dataset", text_dataset, "--seq-len", 16, "--step", step,
+               "--json")
+    assert out.returncode == 0, out.stderr
+    results[step] = json.loads(out.stdout)
+    want, n = _direct_loss(load_model(trained, step)[2], tokens.astype(np.int64), 16)
+    assert results[step]["tokens"] == n == results[step]["bytes"]  # byte tokens: one byte each
+    assert results[step]["loss"] == pytest.approx(want, rel=1e-5)
+    assert results[step]["bits_per_byte"] == pytest.approx(want / np.log(2), rel=1e-5)
+    assert results[step]["perplexity"] == pytest.approx(np.exp(want), rel=1e-5)
+  assert results[2]["loss"] != results[4]["loss"]
+  out = _cli("gptoss_jax.evaluate", "--ckpt", trained, "--dataset", text_dataset, "--step", 3)
+  assert out.returncode == 2 and "no step 3" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+  out = _cli("gptoss_jax.evaluate", "--ckpt", trained.parent / "nope", "--dataset", text_dataset)
   assert out.returncode == 2 and "not a checkpoint folder" in out.stderr
+
+
+def test_generate_cli_greedy_is_the_models_own_argmax_decoding(trained):
+  _, _, model = load_model(trained)
+  ids = list(b"The ")
+  for _ in range(8):
+    logits = np.asarray(model(jnp.asarray([ids], jnp.int32))[0, -1])
+    ids.append(int(logits.argmax()))
+  out = _cli("gptoss_jax.generate", "--ckpt", trained, "--prompt", "The ", "--max-new-tokens", 8, "--temperature", 0)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.rstrip("\n") == bytes(ids).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("tokenizer, vocab", [("byte", 256), ("gpt2", 50257), ("o200k_harmony", 201088)])
+def test_hf_round_trip_keeps_the_tokenizer(tmp_path, tokenizer, vocab):
+  from flax import nnx
+  from gptoss_jax import ModelConfig, Transformer
+  from gptoss_jax.convert.__main__ import main as convert_main
+  from gptoss_jax.train.checkpoint import save_model
+  from gptoss_jax.train.config import run_config
+  cfg = ModelConfig(vocab_size=vocab, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8, d_ff=32)
+  config = run_config(cfg.to_dict())
+  config.data.tokenizer = tokenizer
+  save_model(tmp_path / "ours", config, Transformer(cfg, nnx.Rngs(0)))
+  assert convert_main(["--to-hf", "--src", str(tmp_path / "ours"), "--dst", str(tmp_path / "hf")]) == 0
+  assert convert_main(["--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "back"), "--dtype", "float32"]) == 0
+  back = json.loads((tmp_path / "back" / "config.json").read_text())
+  assert back["data"]["tokenizer"] == tokenizer and back["model"]["vocab_size"] == vocab
+
+
+def test_a_conversion_that_fails_midway_leaves_nothing(hf_folder, tmp_path, monkeypatch):
+  """The failure comes after the temporary folder exists and holds the written weights."""
+  import orbax.checkpoint as ocp
+  folder, _ = hf_folder("llama")
+  real_save, seen = ocp.CheckpointManager.save, []
+
+  def save_then_fail(self, *args, **kwargs):
+    real_save(self, *args, **kwargs)
+    self.wait_until_finished()
+    seen.extend(p.name for p in tmp_path.iterdir())
+    raise OSError("disk full")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save_then_fail)
+  with pytest.raises(OSError, match="disk full"):
+    convert(str(folder), str(tmp_path / "out"), dtype="float32", progress=False)
+  assert any(name.startswith(".out.") for name in seen)  # the temporary folder existed
+  assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_oss", "qwen3", "qwen3_moe", "llama"])
@@ -231,6 +305,3 @@ def test_chat_needs_a_harmony_checkpoint(text_dataset, tmp_path):
   train(run_config("configs/gpt2.py:tiny", text_dataset, **{"train.steps": 1}), tmp_path / "run")
   out = _cli("gptoss_jax.generate", "--ckpt", tmp_path / "run", "--prompt", "hi", "--chat")
   assert out.returncode == 2 and "--chat needs a gpt-oss checkpoint" in out.stderr
-  out = _cli("gptoss_jax.generate", "--ckpt", tmp_path / "run", "--prompt", "Th", "--max-new-tokens", "5",
-             "--temperature", "0")
-  assert out.returncode == 0 and out.stdout.startswith("Th") and len(out.stdout.strip()) >= 3

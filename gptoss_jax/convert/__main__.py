@@ -12,11 +12,13 @@ import sys
 
 from gptoss_jax.config import ConfigError
 
-# the tokenizer each family's released checkpoints use, where tiktoken has it
+# the tokenizer each family's released checkpoints use, where tiktoken has it (a folder exported from here
+# names its own)
 TOKENIZERS = {"gpt2": "gpt2", "gpt_oss": "o200k_harmony"}
 
 
 def convert(src: str, dst: str, dtype: str = "bfloat16", keep_mxfp4: bool = False, progress: bool = True):
+  from gptoss_jax.convert.export import TOKENIZER_KEY
   from gptoss_jax.convert.hf import read_hf_config, load_pretrained
   from gptoss_jax.train.checkpoint import save_model
   from gptoss_jax.train.config import run_config
@@ -36,7 +38,7 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", keep_mxfp4: bool = Fals
     if bar:
       bar[0].close()
   config = run_config(cfg.to_dict())
-  config.data.tokenizer = TOKENIZERS.get(hf["model_type"], "byte")
+  config.data.tokenizer = hf.get(TOKENIZER_KEY) or TOKENIZERS.get(hf["model_type"], "byte")
   config.data.seq_len = min(config.data.seq_len, cfg.max_seq_len)
   return save_model(dst, config, model, {"source": str(src), "model_type": hf["model_type"]})
 
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.to_hf:
       from gptoss_jax.convert.export import export_hf
       from gptoss_jax.train.checkpoint import load_model
-      out = export_hf(load_model(args.src)[2], args.dst, args.family)
+      config, _, model = load_model(args.src)
+      out = export_hf(model, args.dst, args.family, config.data.tokenizer)
     else:
       out = convert(args.src, args.dst, args.dtype, args.keep_mxfp4)
   except (ConfigError, CheckpointError, FileExistsError) as e:

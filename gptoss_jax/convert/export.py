@@ -15,6 +15,8 @@ from gptoss_jax.config import ModelConfig
 from gptoss_jax.convert.hf import CheckpointError, config_from_hf, expand, rules_for
 from gptoss_jax.fileio import atomic_folder
 
+TOKENIZER_KEY = "gptoss_jax_tokenizer"  # config.json: the tokenizer the model was trained with (byte | gpt2 | ...)
+
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_oss": "GptOssForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM"}
 
@@ -88,8 +90,9 @@ def architecture(cfg: ModelConfig) -> dict:
   return fields
 
 
-def export_hf(model, dst: str | Path, family: str | None = None) -> Path:
-  """Writes DST/config.json + DST/model.safetensors (float32), atomically."""
+def export_hf(model, dst: str | Path, family: str | None = None, tokenizer: str = "") -> Path:
+  """Writes DST/config.json + DST/model.safetensors (float32), atomically; config.json names the
+  tokenizer (TOKENIZER_KEY), which conversion reads back."""
   cfg: ModelConfig = model.cfg
   family = family or infer_family(cfg)
   hf = hf_config(cfg, family)
@@ -109,5 +112,6 @@ def export_hf(model, dst: str | Path, family: str | None = None) -> Path:
     tensors.update({name: np.ascontiguousarray(a) for name, a in zip(rule.hf, arrays)})
   with atomic_folder(dst) as tmp:
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf | {"dtype": "float32"}, indent=2))
+    (tmp / "config.json").write_text(json.dumps(hf | {"dtype": "float32"} | ({TOKENIZER_KEY: tokenizer} if tokenizer else {}),
+                                                indent=2))
   return Path(dst).absolute()

@@ -132,8 +132,9 @@ def save_model(dst: str | Path, config: ml_collections.ConfigDict, model, record
   return Path(dst).absolute()
 
 
-def load_model(directory: str | Path):
-  """The newest checkpoint of a training run or a conversion -> (run config, ModelConfig, model in eval mode)."""
+def load_model(directory: str | Path, step: int | None = None):
+  """The newest checkpoint of a training run or a conversion (or the one at `step`) -> (run config,
+  ModelConfig, model in eval mode)."""
   from gptoss_jax.config import ConfigError, ModelConfig
   from gptoss_jax.model import Transformer
   from gptoss_jax.sharding import make_mesh
@@ -146,16 +147,18 @@ def load_model(directory: str | Path):
   checkpoints = Checkpointer(directory / "checkpoints", async_save=False)
   if not checkpoints.steps():
     raise ConfigError(f"{directory}/checkpoints holds no checkpoint")
-  step = checkpoints.steps()[-1]
+  if step is not None and step not in checkpoints.steps():
+    raise ConfigError(f"{directory}/checkpoints has no step {step} (steps: {', '.join(map(str, checkpoints.steps()))})")
+  step = checkpoints.steps()[-1] if step is None else step
   if (directory / "checkpoints" / str(step) / "weights").is_dir():  # a conversion
     graphdef, weights, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), WEIGHTS, ...)
     restored = checkpoints.manager.restore(step, args=ocp.args.Composite(weights=ocp.args.StandardRestore(weights)))
     model = nnx.merge(graphdef, restored["weights"], fresh_rest(rest))
   else:  # a training run
     trainer = Trainer(cfg, config.train, make_mesh({"data": 1}, jax.devices()[:1]))
-    restored = checkpoints.restore(trainer.abstract_state())
+    restored = checkpoints.restore(trainer.abstract_state(), step)
     if restored is None:
-      raise ConfigError(f"{directory}/checkpoints: no checkpoint could be read")
+      raise ConfigError(f"{directory}/checkpoints: checkpoint {step} could not be read")
     state = restored[0]
     model = nnx.merge(trainer.graphdef, state.params, state.rest)
   model.eval()
