@@ -31,6 +31,13 @@ def command(workdir: Path, corpus: str, steps: int) -> list[str]:
           + [f"--config.{k}={v}" for k, v in overrides.items()])
 
 
+def wait_for_first_step(workdir: Path) -> float:
+  """The moment the run logged its first step (start-up, data and compilation done)."""
+  while not (workdir / "metrics.jsonl").is_file() or not (workdir / "metrics.jsonl").read_text().strip():
+    time.sleep(0.05)
+  return time.perf_counter()
+
+
 def logged(workdir: Path) -> dict:
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   return {(r["step"], k): r[k] for r in rows for k in ("train/loss", "eval/loss") if k in r}
@@ -59,18 +66,22 @@ def main() -> int:
   corpus = ",".join(str(p) for p in sorted(REPO.glob("gptoss_jax/**/*.py")))
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
-    start = time.perf_counter()
-    subprocess.run(command(tmp / "straight", corpus, args.steps), cwd=REPO, check=True, capture_output=True)
-    duration = time.perf_counter() - start
+    proc = subprocess.Popen(command(tmp / "straight", corpus, args.steps), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = wait_for_first_step(tmp / "straight")
+    proc.wait()
+    duration = time.perf_counter() - first
     want_logs, want_params = logged(tmp / "straight"), final_params(tmp / "straight")
-    print(f"uninterrupted run: {args.steps} steps in {duration:.1f} s; {args.kills} trials, each killed once "
-          f"(SIGKILL) at a random moment in [0, {duration:.1f}] s")
+    print(f"uninterrupted run: {args.steps} steps in {duration:.1f} s after start-up; {args.kills} trials, each "
+          f"killed once (SIGKILL) at a random moment of its training: [0, {duration:.1f}] s after its first step",
+          flush=True)
     exact = 0
     for trial in range(args.kills):
       workdir = tmp / f"trial{trial}"
       delay = rng.uniform(0.0, duration)
       proc = subprocess.Popen(command(workdir, corpus, args.steps), cwd=REPO, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
+      wait_for_first_step(workdir)
       time.sleep(delay)
       proc.send_signal(signal.SIGKILL)
       proc.wait()
@@ -80,8 +91,8 @@ def main() -> int:
           (a == b).all() for a, b in zip(final_params(workdir), want_params))
       exact += same
       resumed = next((line for line in again.stderr.splitlines() if line.startswith("resumed from")), "started afresh")
-      print(f"trial {trial}: killed after {delay:5.1f} s (step {before} logged), {resumed.split(' in ')[0]}: "
-            f"{'exact' if same else 'DIFFERENT'}")
+      print(f"trial {trial}: killed {delay:5.1f} s after its first step (step {before} logged), "
+            f"{resumed.split(' in ')[0]}: {'exact' if same else 'DIFFERENT'}", flush=True)
     print(f"{exact} of {args.kills} killed runs resumed exactly (every logged loss and the final parameters)")
   return 0 if exact == args.kills else 1
 
