@@ -93,8 +93,10 @@ def measure(workdir: Path, layers: int) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
     tag = "mxfp4" if keep else "bf16"
     [convert] = peak_rss(
+        f"from gptoss_jax import runtime; runtime.configure()\n"
         f"from gptoss_jax.convert.__main__ import convert; convert({str(src)!r}, {str(dst)!r}, 'bfloat16', {keep}, False)")
     load, compile_, run = peak_rss(
+        f"from gptoss_jax import runtime; runtime.configure()\n"
         f"import jax, jax.numpy as jnp\nfrom gptoss_jax.train.checkpoint import load_model\n"
         f"_, _, m = load_model({str(dst)!r})\ntokens = jnp.zeros((1, {TOKENS}), jnp.int32)",
         "forward = jax.jit(lambda m, t: m(t)).lower(m, tokens).compile()",
@@ -125,6 +127,8 @@ def compiled_memory(layers: int) -> dict:
 
 
 if __name__ == "__main__":
+  from gptoss_jax import runtime
+  runtime.configure()  # the compiled-memory analysis below runs in this process
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
   parser.add_argument("--compiled-layers", type=int, nargs="*", default=[4, 24])

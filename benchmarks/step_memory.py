@@ -1,5 +1,5 @@
 """Page faults per call of a jitted function with a 64 MB temporary, with and without
-`gptoss_jax.train.step.reuse_step_memory()` (each in a fresh process). The counts depend on the kernel,
+`gptoss_jax.runtime.reuse_step_memory()` (each in a fresh process). The counts depend on the kernel,
 transparent huge pages and glibc, so they are measured here and never asserted in tests.
 
   python benchmarks/step_memory.py [--calls 5]
@@ -11,7 +11,7 @@ import sys
 
 WORKER = """
 import resource, sys
-from gptoss_jax.train.step import reuse_step_memory
+from gptoss_jax.runtime import reuse_step_memory
 applied = reuse_step_memory() if sys.argv[1] == "reuse" else False
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.sum(jnp.tanh(x @ x.T) @ x))  # a 64 MB temporary per call

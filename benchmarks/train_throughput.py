@@ -106,8 +106,9 @@ FRAMEWORKS = {"gptoss_jax": "jax", "transformers": "torch"}
 
 def measure(name: str, framework: str, args) -> list[float]:
   """Step seconds of one model under one framework, one value per round (run in a process of its own)."""
-  from gptoss_jax.train.step import reuse_step_memory
-  reuse_step_memory()  # as `python -m gptoss_jax.train` does, before JAX starts
+  from gptoss_jax import runtime
+  runtime.configure()  # as `python -m gptoss_jax.train` does, before JAX starts
+  runtime.reuse_step_memory()
   experts = MODELS[name]
   run = (jax_steps(jax_configs(experts), args.batch, args.seq) if framework == "gptoss_jax"
          else torch_steps(experts, args.batch, args.seq))

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.sweeps import BASE_CONFIG, REPO, SCALES, SWEEPS, Run, Sweep, build
+from experiments.sweeps import BASE_CONFIG, SCALES, SWEEPS, Run, Sweep, build
 from gptoss_jax.config import ConfigError, ModelConfig, apply_overrides, load_config_file, parse_override_args
 from gptoss_jax.inspect import stats
 from gptoss_jax.train.loop import ensure_dataset
@@ -89,7 +89,7 @@ def choose_lr(losses: dict[float, float]) -> Choice:
 
 def command(sweep: Sweep, run: Run, seed: int, lr: float, folder: Path, extra: dict[str, str]) -> list[str]:
   overrides = sweep.overrides(run, seed, lr) | extra | {"log.progress": "false"}
-  return ([sys.executable, "-m", "gptoss_jax.train", "--config", str(REPO / BASE_CONFIG), "--workdir", str(folder)]
+  return ([sys.executable, "-m", "gptoss_jax.train", "--config", BASE_CONFIG, "--workdir", str(folder)]
           + [f"--config.{k}={v}" for k, v in overrides.items()])
 
 
@@ -98,7 +98,7 @@ def describe(sweep: Sweep, extra: dict[str, str], seeds: int, lrs: tuple[float, 
   checks the command-line overrides before anything trains."""
   runs = []
   for run in sweep.runs:
-    config = load_config_file(str(REPO / BASE_CONFIG))
+    config = load_config_file(BASE_CONFIG)
     apply_overrides(config, sweep.overrides(run, 0, lrs[0]) | extra)
     cfg = ModelConfig.from_dict(config.model)
     s = stats(cfg, config.data.seq_len)
@@ -201,7 +201,7 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
   """Trains every unfinished job, `jobs` at a time; returns the names of the ones that failed."""
   sweep_dir.mkdir(parents=True, exist_ok=True)
   (sweep_dir / "sweep.json").write_text(json.dumps(description, indent=1))
-  config = load_config_file(str(REPO / BASE_CONFIG))
+  config = load_config_file(BASE_CONFIG)
   apply_overrides(config, sweep.overrides(sweep.runs[0], 0, description["lrs"][0]) | extra)
   ensure_dataset(config.data, progress=True)  # once, before trainings that would race to prepare it
   plan = Scheduler(sweep, sweep_dir, description, widen)
@@ -225,7 +225,7 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
         job.folder.mkdir(parents=True, exist_ok=True)
         with open(job.folder / "train.log", "a") as log:
           process = subprocess.Popen(command(sweep, job.run, job.seed, job.lr, job.folder.resolve(), extra),
-                                     stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                     stdout=log, stderr=subprocess.STDOUT, env=env,
                                      preexec_fn=lambda cpus=cpus: os.sched_setaffinity(0, cpus))
         running[job.folder] = (job, process, last_step(job.folder), cpus)
       if not running:

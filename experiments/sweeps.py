@@ -12,13 +12,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from functools import cache
-from pathlib import Path
 
 from gptoss_jax.config import ModelConfig, load_config_file
 from gptoss_jax.inspect import stats
 
-REPO = Path(__file__).resolve().parents[1]
-BASE_CONFIG = "configs/gpt2.py:124m"  # every run's model fields are given relative to this file
+BASE_CONFIG = "gpt2:124m"  # every run's model fields are given relative to this preset
 BUDGET_TOLERANCE = 0.02  # matched parameter counts: within 2%
 REMATCH = 0.01  # a ladder rung that moves the total by more than this gets it back in the FFN width
 
@@ -136,7 +134,7 @@ def _check_budget(name: str, value: int, target: int) -> None:
 
 @cache
 def base_model_fields() -> dict:
-  return load_config_file(str(REPO / BASE_CONFIG)).model.to_dict()
+  return load_config_file(BASE_CONFIG).model.to_dict()
 
 
 def gpt2(scale: Scale) -> ModelConfig:

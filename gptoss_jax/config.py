@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import importlib.util
 import math
 import types
@@ -217,14 +218,19 @@ def preset_config(presets: Mapping[str, dict], name: str) -> ml_collections.Conf
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path/to/file.py[:arg]` by calling its get_config(arg)."""
+  """Loads `path/to/file.py[:arg]`, or a preset file by name from any directory (`gpt_oss:tiny`, the
+  installed `configs` package), by calling its get_config(arg)."""
   path, _, arg = spec.partition(":")
   file = Path(path)
-  if not file.is_file():
-    raise ConfigError(f"config file not found: {path}")
-  module_spec = importlib.util.spec_from_file_location(f"_gptoss_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  if file.is_file():
+    module_spec = importlib.util.spec_from_file_location(f"_gptoss_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  elif path.isidentifier() and importlib.util.find_spec(f"configs.{path}") is not None:
+    module = importlib.import_module(f"configs.{path}")
+  else:
+    names = sorted(p.stem for p in Path(importlib.util.find_spec("configs").origin).parent.glob("[!_]*.py"))
+    raise ConfigError(f"config file not found: {path} (a .py file, or a preset file by name: {', '.join(names)})")
   if not isinstance(getattr(module, "get_config", None), types.FunctionType):
     raise ConfigError(f"{path} has no get_config() function")
   return module.get_config(arg) if arg else module.get_config()

@@ -111,4 +111,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  from gptoss_jax import runtime
+  runtime.configure()  # before JAX starts its backend
   sys.exit(main())

@@ -34,6 +34,22 @@ def sample(logits_V: jax.Array, key: jax.Array, temperature: float, top_p: float
   return jax.random.categorical(key, logits)
 
 
+def prefill(model, tokens_1xT, cache, key, temperature: float, top_p: float):
+  """The prompt through the model, filling the KV cache; the first new token sampled."""
+  out = model.forward(tokens_1xT, cache=cache)
+  return sample(out.logits_BxTxV[0, -1], key, temperature, top_p), out.cache
+
+
+def decode_step(model, token, position, cache, key, temperature: float, top_p: float):
+  """One new token: the last one through the model at `position` with the KV cache, then sampled."""
+  out = model.forward(token[None, None], position[None, None], cache)
+  return sample(out.logits_BxTxV[0, -1], key, temperature, top_p), out.cache
+
+
+_prefill = jax.jit(prefill, static_argnames=("temperature", "top_p"))
+_decode_step = jax.jit(decode_step, static_argnames=("temperature", "top_p"))
+
+
 def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, stop_ids: tuple[int, ...] = (), on_token: Callable[[int], None] | None = None) -> list[int]:
   cfg = model.cfg
@@ -43,20 +59,9 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
   if total > cfg.max_seq_len:
     raise ConfigError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                       f"max_seq_len ({cfg.max_seq_len})")
-  cache = model.init_cache(1, total)
-
-  @jax.jit
-  def prefill(model, tokens, cache, key):
-    out = model.forward(tokens, cache=cache)
-    return sample(out.logits_BxTxV[0, -1], key, temperature, top_p), out.cache
-
-  @jax.jit
-  def step(model, token, position, cache, key):
-    out = model.forward(token[None, None], position[None, None], cache)
-    return sample(out.logits_BxTxV[0, -1], key, temperature, top_p), out.cache
-
+  sampling = dict(temperature=temperature, top_p=top_p)
   keys = jax.random.split(jax.random.key(seed), max_new_tokens)
-  token, cache = prefill(model, jnp.asarray([prompt_ids], jnp.int32), cache, keys[0])
+  token, cache = _prefill(model, jnp.asarray([prompt_ids], jnp.int32), model.init_cache(1, total), keys[0], **sampling)
   new = []
   for i in range(max_new_tokens):
     new.append(int(token))
@@ -64,7 +69,8 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
       on_token(new[-1])
     if new[-1] in stop_ids or i == max_new_tokens - 1:
       break
-    token, cache = step(model, token.astype(jnp.int32), jnp.asarray(len(prompt_ids) + i, jnp.int32), cache, keys[i + 1])
+    token, cache = _decode_step(model, token.astype(jnp.int32), jnp.asarray(len(prompt_ids) + i, jnp.int32), cache,
+                                keys[i + 1], **sampling)
   return new
 
 
@@ -128,4 +134,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  from gptoss_jax import runtime
+  runtime.configure()  # before JAX starts its backend
   sys.exit(main())

@@ -110,7 +110,7 @@ def format_stats(s: ModelStats) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m gptoss_jax.inspect", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True, help="configs/<file>.py[:<preset>]")
+  parser.add_argument("--config", required=True, help="a preset file by name (gpt_oss:20b) or a path")
   parser.add_argument("--seq-len", type=int, default=None, help="sequence length for attention FLOPs")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   args, rest = parser.parse_known_args(argv)
@@ -128,4 +128,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  from gptoss_jax import runtime
+  runtime.configure()  # before JAX starts its backend
   sys.exit(main())

@@ -81,3 +81,22 @@ def test_bad_overrides(args, message):
 def test_unknown_preset_lists_presets():
   with pytest.raises(ConfigError, match="124m"):
     load_config_file(os.path.join(REPO, "configs/gpt2.py:huge"))
+
+
+def test_presets_and_commands_work_from_any_directory(tmp_path):
+  """After `pip install -e .`: presets by name, and the training, sweep and report commands, from a folder
+  that is not the repository."""
+  import json
+  import subprocess
+  import sys
+  run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, capture_output=True, text=True)
+  out = run("gptoss_jax.inspect", "--config", "gpt_oss:20b", "--json")
+  assert out.returncode == 0, out.stderr
+  assert json.loads(out.stdout)["total_params"] == 20_914_757_184
+  out = run("experiments.run", "experts", "--dry-run")
+  assert out.returncode == 0 and "e16_k4" in out.stdout, out.stderr
+  out = run("experiments.report", str(tmp_path))
+  assert out.returncode == 2 and "not a sweep folder" in out.stderr
+  out = run("gptoss_jax.train", "--config", "gpt_os:tiny", "--workdir", str(tmp_path / "w"))
+  assert out.returncode == 2 and "gpt_oss" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+  assert load_config_file("qwen3:tiny-moe").model.n_experts > 0

@@ -126,7 +126,7 @@ def test_expert_counts_keep_active_parameters_and_pair_few_large_with_many_small
 def test_overrides_rebuild_each_run_through_the_command_line_parser(ladder):
   sweep = build("ladder", "tiny")
   for r in (ladder[0], ladder[7], ladder[-1]):
-    config = load_config_file(str(sweeps.REPO / sweeps.BASE_CONFIG))
+    config = load_config_file(sweeps.BASE_CONFIG)
     apply_overrides(config, sweep.overrides(r, seed=2, lr=0.004))
     assert ModelConfig.from_dict(config.model) == r.model
     assert config.train.seed == 2 and config.train.steps == TINY.run["train.steps"] and config.train.lr == 0.004
@@ -287,7 +287,7 @@ def test_mini_sweep_end_to_end_resumes_and_skips(tmp_path, text_dataset):
             "--config.data.seq_len=32", f"--config.data.dir={text_dataset}", "--config.train.eval_batches=2",
             "--config.train.warmup_steps=1"]
   env = os.environ | {"XLA_FLAGS": ""}
-  cwd = sweeps.REPO
+  cwd = tmp_path  # the commands work from any directory
   first = subprocess.run(common + ["--config.train.stop_at=2"], capture_output=True, text=True, env=env, cwd=cwd)
   assert first.returncode == 0, first.stderr[-2000:]
   folder = sweep_dir / "no_dropout"

@@ -312,7 +312,7 @@ def test_reuse_step_memory_applies_on_cpu_only_glibc_hosts():
   """What the call sets, read back in a fresh process (the page faults it saves depend on the kernel and
   are measured by benchmarks/step_memory.py): applied on a CPU-only host, synchronous CPU dispatch;
   skipped when JAX_PLATFORMS names an accelerator."""
-  probe = ("import sys, jax; from gptoss_jax.train.step import reuse_step_memory; "
+  probe = ("import sys, jax; from gptoss_jax.runtime import reuse_step_memory; "
            "print(reuse_step_memory(), jax.config.read(\"jax_cpu_enable_async_dispatch\"))")
   for platforms, expected in (("cpu", "True False"), ("cuda", "False True")):
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env={**os.environ, "JAX_PLATFORMS": platforms},

@@ -8,13 +8,16 @@ with pip into the cache and never installed.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import tarfile
 import zipfile
 from pathlib import Path
 from typing import Protocol
-from unittest import mock
 
 from gptoss_jax.config import ConfigError
 
@@ -52,18 +55,14 @@ class TiktokenTokenizer:
 
   def __init__(self, name: str, vocab_file: str | None = None):
     import tiktoken
-    import tiktoken.load
     import tiktoken_ext.openai_public as openai_public
     constructor = {"gpt2": openai_public.r50k_base, "o200k_harmony": openai_public.o200k_harmony}[name]
     try:
       if vocab_file == "pypi":
         vocab_file = str(registry_vocab(name))
       if vocab_file:
-        ranks = tiktoken.load.load_tiktoken_bpe(vocab_file)
-        with mock.patch.object(openai_public, "load_tiktoken_bpe", lambda *a, **k: ranks):
-          spec = constructor()
-      else:
-        spec = constructor()
+        into_tiktoken_cache(name, Path(vocab_file))
+      spec = constructor()  # reads tiktoken's cache, checking the file's hash; downloads if it is not there
     except ConfigError:
       raise
     except Exception as e:  # no internet, no cache, unreadable file
@@ -84,6 +83,26 @@ class TiktokenTokenizer:
 
   def bpe(self) -> tuple[dict[bytes, int], str, dict[str, int]]:
     return self.spec["mergeable_ranks"], self.spec["pat_str"], self.spec["special_tokens"]
+
+
+# the address tiktoken downloads each vocabulary from; its cache names the file by the address's sha1
+VOCAB_URLS = {"gpt2": "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken",
+              "o200k_harmony": "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"}
+
+
+def into_tiktoken_cache(name: str, vocab_file: Path) -> None:
+  """Puts a local .tiktoken file where tiktoken's own loader looks first (its cache), so the encoding is
+  built by tiktoken itself, which also checks the file's hash; nothing else in the process changes."""
+  cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR",
+                                                               os.path.join(tempfile.gettempdir(), "data-gym-cache")))
+  if not cache:
+    raise ConfigError("tiktoken's cache is switched off (TIKTOKEN_CACHE_DIR is empty): a vocab file cannot be used")
+  target = Path(cache) / hashlib.sha1(VOCAB_URLS[name].encode()).hexdigest()
+  if not target.is_file() or target.read_bytes() != vocab_file.read_bytes():
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    shutil.copyfile(vocab_file, tmp)
+    os.replace(tmp, target)
 
 
 def get_tokenizer(name: str, vocab_file: str | None = None) -> Tokenizer:

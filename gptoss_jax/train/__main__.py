@@ -1,4 +1,4 @@
-"""python -m gptoss_jax.train --config configs/<file>.py[:<preset>] --workdir DIR [--config.a.b=value ...]
+"""python -m gptoss_jax.train --config <file>[:<preset>] --workdir DIR [--config.a.b=value ...]
 
 Trains, or resumes from the newest checkpoint in DIR. Bad input: one line on stderr, exit status 2.
 """
@@ -9,12 +9,13 @@ import sys
 
 from gptoss_jax.config import ConfigError, apply_overrides, load_config_file, parse_override_args
 
-DEFAULT_CONFIG = "configs/gpt_oss.py:tiny"
+DEFAULT_CONFIG = "gpt_oss:tiny"
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m gptoss_jax.train", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", default=DEFAULT_CONFIG, help="configs/<file>.py[:<preset>]")
+  parser.add_argument("--config", default=DEFAULT_CONFIG,
+                      help="a preset file by name (gpt_oss:tiny) or a path (configs/gpt_oss.py:tiny)")
   parser.add_argument("--workdir", required=True, help="checkpoints, TensorBoard logs, metrics.jsonl")
   args, rest = parser.parse_known_args(argv)
   try:
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from gptoss_jax.train.step import reuse_step_memory
-  reuse_step_memory()  # before JAX starts its backend
+  from gptoss_jax import runtime
+  runtime.configure()  # before JAX starts its backend
+  runtime.reuse_step_memory()
   sys.exit(main())

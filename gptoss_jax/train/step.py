@@ -3,11 +3,6 @@ in/out shardings, state donated)."""
 
 from __future__ import annotations
 
-import ctypes
-import importlib.metadata
-import importlib.util
-import os
-import platform
 from typing import NamedTuple
 
 import jax
@@ -23,29 +18,6 @@ from gptoss_jax.model.moe import SelectionBias, balance_step
 from gptoss_jax.sharding import batch_sharding, state_shardings
 from gptoss_jax.train.loss import cross_entropy, total_loss
 from gptoss_jax.train.optimizer import lr_schedule, make_optimizer
-
-
-def reuse_step_memory() -> bool:
-  """On a CPU-only host, lets every train step reuse the same host memory for its temporaries.
-
-  XLA:CPU allocates a step's temporaries afresh on every call (650 MB for the benchmark's dense model).
-  glibc serves blocks that large from fresh mappings and unmaps them when they are freed, so every step
-  page-faults through all of it again (180k faults and 0.3 s of kernel time per step). This runs steps on
-  the calling thread (no asynchronous CPU dispatch) from glibc's main heap, with no mappings and freed
-  memory kept: the benchmark's dense step goes from 950 to about 790 ms. Call it before JAX starts its backend.
-  It is skipped (returns False) off glibc, or when a GPU/TPU plugin could take over.
-  """
-  platforms = os.environ.get("JAX_PLATFORMS", "")
-  plugins = any(importlib.metadata.entry_points(group="jax_plugins")) or importlib.util.find_spec("libtpu")
-  cpu_only = platforms == "cpu" or (not platforms and not plugins)
-  if not cpu_only or platform.libc_ver()[0] != "glibc":
-    return False
-  libc = ctypes.CDLL(None)
-  m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters (malloc.h)
-  libc.mallopt(m_mmap_max, 0)
-  libc.mallopt(m_trim_threshold, 2**31 - 1)
-  jax.config.update("jax_cpu_enable_async_dispatch", False)
-  return True
 
 
 class TrainState(NamedTuple):
