@@ -97,7 +97,7 @@ def measure(workdir: Path, layers: int) -> dict:
         f"from gptoss_jax.convert.__main__ import convert; convert({str(src)!r}, {str(dst)!r}, 'bfloat16', {keep}, False)")
     load, compile_, run = peak_rss(
         f"from gptoss_jax import runtime; runtime.configure()\n"
-        f"import jax, jax.numpy as jnp\nfrom gptoss_jax.train.checkpoint import load_model\n"
+        f"import jax, jax.numpy as jnp\nfrom gptoss_jax.weights import load_model\n"
         f"_, _, m = load_model({str(dst)!r})\ntokens = jnp.zeros((1, {TOKENS}), jnp.int32)",
         "forward = jax.jit(lambda m, t: m(t)).lower(m, tokens).compile()",
         "forward(m, tokens).block_until_ready()")

@@ -209,9 +209,57 @@ def _check_types(cfg: ModelConfig):
 # ---- config files: configs/<file>.py[:<arg>] with get_config(arg) -> ConfigDict(model=...) ----
 
 
+def run_config(model: Mapping) -> ml_collections.ConfigDict:
+  """The whole run config as config files give it: the model's fields and every other section at its
+  defaults; any field can be overridden on the command line as --config.<section>.<field>=<value>."""
+  return ml_collections.ConfigDict({
+      "model": dict(model),
+      "data": {
+          "source": "shakespeare",  # shakespeare | text | hf
+          "path": "",  # text: glob(s); hf: name[:config]
+          "tokenizer": "byte",  # byte | gpt2 | o200k_harmony
+          "vocab_file": "",  # local .tiktoken file for offline use
+          "dir": "",  # prepared dataset; "" = <cache>/data/<source>-<tokenizer>
+          "seq_len": 128,
+          "eval_fraction": 0.01,
+          "hf_split": "train",
+          "hf_field": "text",
+      },
+      "train": {
+          "steps": 1000,
+          "stop_at": 0,  # stop (with a checkpoint) at this step; 0 = run to `steps`
+          "batch_size": 16,  # global, in sequences
+          "microbatches": 1,  # gradient accumulation
+          "seed": 0,
+          "lr": 3e-3,
+          "warmup_steps": 100,
+          "schedule": "cosine",  # cosine | linear | constant
+          "min_lr_ratio": 0.1,
+          "weight_decay": 0.1,
+          "decay_norms": False,
+          "decay_biases": False,
+          "decay_embeddings": True,
+          "b1": 0.9,
+          "b2": 0.95,
+          "eps": 1e-8,
+          "clip_norm": 1.0,
+          "remat": False,
+          "eval_every": 100,
+          "eval_batches": 8,  # held-out batches per evaluation; 0 = the whole held-out split
+      },
+      "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1},
+      "checkpoint": {"every": 250, "keep": 3, "async_save": True},
+      "log": {
+          "every": 10,
+          "peak_flops": 0.0,  # per device; 0 = known accelerators' bf16 peak, or measured on CPU
+          "progress": True,
+      },
+      "distributed": {"coordinator": "", "num_processes": 1, "process_id": 0},
+  })
+
+
 def preset_config(presets: Mapping[str, dict], name: str) -> ml_collections.ConfigDict:
   """A config file's get_config(): the run config (model, data, train, ...) for a named preset."""
-  from gptoss_jax.train.config import run_config  # the run sections beside the model
   if name not in presets:
     raise ConfigError(f"unknown preset {name!r} (presets: {', '.join(presets)})")
   return run_config(ModelConfig(**presets[name]).to_dict())

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
   try:
-    from gptoss_jax.train.checkpoint import load_model
+    from gptoss_jax.weights import load_model
     config, cfg, model = load_model(args.ckpt, args.step)
     seq_len = args.seq_len or config.data.seq_len
     if not 0 < seq_len <= cfg.max_seq_len or args.batch <= 0:

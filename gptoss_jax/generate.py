@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_new_tokens <= 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
       raise ConfigError("--max-new-tokens must be > 0, --top-p in (0, 1], --temperature >= 0")
     from gptoss_jax.data.tokenizers import get_tokenizer
-    from gptoss_jax.train.checkpoint import load_model
+    from gptoss_jax.weights import load_model
     config, cfg, model = load_model(args.ckpt, args.step)
     tokenizer = get_tokenizer(config.data.tokenizer, args.vocab_file or config.data.vocab_file)
     stop_ids: tuple[int, ...] = ()

@@ -17,7 +17,7 @@ from gptoss_jax.convert.__main__ import convert
 from gptoss_jax.convert.export import architecture
 from gptoss_jax.evaluate import evaluate_tokens
 from gptoss_jax.model import mxfp4
-from gptoss_jax.train.checkpoint import load_model
+from gptoss_jax.weights import load_model
 from hf_models import save_mxfp4_gpt_oss
 
 TOKENS = np.random.default_rng(2).integers(0, 128, (2, 41))
@@ -165,8 +165,8 @@ def test_hf_round_trip_keeps_the_tokenizer(tmp_path, tokenizer, vocab):
   from flax import nnx
   from gptoss_jax import ModelConfig, Transformer
   from gptoss_jax.convert.__main__ import main as convert_main
-  from gptoss_jax.train.checkpoint import save_model
-  from gptoss_jax.train.config import run_config
+  from gptoss_jax.weights import save_model
+  from gptoss_jax.config import run_config
   cfg = ModelConfig(vocab_size=vocab, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8, d_ff=32)
   config = run_config(cfg.to_dict())
   config.data.tokenizer, config.data.vocab_file = tokenizer, "" if tokenizer == "byte" else "pypi"

@@ -20,8 +20,8 @@ TOKENIZERS = {"gpt2": "gpt2", "gpt_oss": "o200k_harmony"}
 def convert(src: str, dst: str, dtype: str = "bfloat16", keep_mxfp4: bool = False, progress: bool = True):
   from gptoss_jax.convert.export import TOKENIZER_KEY
   from gptoss_jax.convert.hf import read_hf_config, load_pretrained
-  from gptoss_jax.train.checkpoint import save_model
-  from gptoss_jax.train.config import run_config
+  from gptoss_jax.weights import save_model
+  from gptoss_jax.config import run_config
   hf = read_hf_config(src)
   bar = []  # created at the first tensor, so that input rejected up front prints one line only
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.to_hf:
       from gptoss_jax.convert.export import export_hf
-      from gptoss_jax.train.checkpoint import load_model
+      from gptoss_jax.weights import load_model
       config, _, model = load_model(args.src)
       out = export_hf(model, args.dst, args.family, config.data.tokenizer, vocabulary(config.data))
     else:
