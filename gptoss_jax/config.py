@@ -28,6 +28,16 @@ class ConfigError(ValueError):
   """A configuration value that cannot work; the message names the field."""
 
 
+# Marks a field that does not change the function a trained model computes in evaluation (dtypes, dropout,
+# kernels, training losses): every other field is compared by the export's architecture check
+# (ModelConfig.computation), so a new switch is compared unless it is marked here, next to it.
+SAME_MATH = {"same_math": True}
+
+# fields that only matter for mixtures of experts
+MOE_FIELDS = ("top_k", "d_expert", "router_bias", "routing", "norm_topk_prob", "moe_capacity_factor",
+              "moe_bias_update_rate")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   # sizes
@@ -40,9 +50,9 @@ class ModelConfig:
   d_ff: int = 512
   max_seq_len: int = 256
   # dropout (0 = off)
-  embed_dropout: float = 0.0
-  attn_dropout: float = 0.0
-  resid_dropout: float = 0.0
+  embed_dropout: float = dataclasses.field(default=0.0, metadata=SAME_MATH)
+  attn_dropout: float = dataclasses.field(default=0.0, metadata=SAME_MATH)
+  resid_dropout: float = dataclasses.field(default=0.0, metadata=SAME_MATH)
   # norms: pre-norm blocks and a final norm
   norm: str = "rmsnorm"
   norm_eps: float = 1e-5
@@ -69,7 +79,7 @@ class ModelConfig:
   attn_sinks: bool = False
   sliding_window: int = 0  # 0: every layer is full causal
   window_layers: str = "alternate"  # alternate (0, 2, 4, ...) | all | explicit indices "0,3,5"
-  attn_impl: str = "auto"
+  attn_impl: str = dataclasses.field(default="auto", metadata=SAME_MATH)
   # mixture of experts (n_experts = 0: dense FFN)
   n_experts: int = 0
   top_k: int = 1
@@ -78,17 +88,17 @@ class ModelConfig:
   routing: str = "topk_softmax"
   norm_topk_prob: bool = True
   # training from scratch balances the experts (Switch / OLMoE values); conversions set both to 0
-  moe_aux_loss_weight: float = 0.01  # load-balancing loss
-  moe_z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
+  moe_aux_loss_weight: float = dataclasses.field(default=0.01, metadata=SAME_MATH)  # load-balancing loss
+  moe_z_loss_weight: float = dataclasses.field(default=0.001, metadata=SAME_MATH)  # router z-loss (ST-MoE)
   moe_bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3: 1e-3); 0 = off
-  moe_dispatch: str = "grouped"
+  moe_dispatch: str = dataclasses.field(default="grouped", metadata=SAME_MATH)
   moe_capacity_factor: float = 0.0  # 0: dropless
-  moe_mxfp4: bool = False
+  moe_mxfp4: bool = dataclasses.field(default=False, metadata=SAME_MATH)  # how experts are stored
   # embeddings and dtypes
   tie_embeddings: bool = False
-  param_dtype: str = "float32"
-  dtype: str = "float32"
-  init_std: float = 0.02
+  param_dtype: str = dataclasses.field(default="float32", metadata=SAME_MATH)
+  dtype: str = dataclasses.field(default="float32", metadata=SAME_MATH)
+  init_std: float = dataclasses.field(default=0.02, metadata=SAME_MATH)
 
   def __post_init__(self):
     _check_types(self)
@@ -167,6 +177,31 @@ class ModelConfig:
     if self.yarn_attention_factor:
       return self.yarn_attention_factor
     return 1.0 if self.rope_factor <= 1 else 0.1 * math.log(self.rope_factor) + 1.0
+
+  def computation(self) -> dict[str, Any]:
+    """The fields that decide what the model computes (every field not marked SAME_MATH), without those
+    this configuration leaves unused, and the windows per layer: two configs that agree here compute the
+    same function."""
+    unused = {"d_ff"} if self.is_moe else set(MOE_FIELDS)
+    if self.routing != "softmax_topk" or self.top_k == 1:  # top_k = 1 is Switch's gate in both routings
+      unused.add("norm_topk_prob")
+    if self.position == "learned":
+      unused.add("rope_theta")
+    if self.position not in ("yarn", "llama3"):
+      unused |= {"rope_factor", "rope_original_max_len"}
+    if self.position != "yarn":
+      unused |= {"yarn_beta_fast", "yarn_beta_slow", "yarn_truncate", "yarn_attention_factor"}
+    if self.position != "llama3":
+      unused |= {"llama3_low_freq_factor", "llama3_high_freq_factor"}
+    if self.ffn != "clamped_swiglu":
+      unused |= {"swiglu_limit", "swiglu_alpha"}
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+           if not f.metadata.get("same_math") and f.name not in unused}
+    out["window_layers"] = self.sliding_layers
+    out["sliding_window"] = self.sliding_window if any(self.sliding_layers) else 0
+    if "yarn_attention_factor" in out:
+      out["yarn_attention_factor"] = self.yarn_mscale  # 0 means 0.1 ln(factor) + 1
+    return out
 
   def replace(self, **changes) -> ModelConfig:
     return dataclasses.replace(self, **changes)

@@ -100,3 +100,18 @@ def test_presets_and_commands_work_from_any_directory(tmp_path):
   out = run("gptoss_jax.train", "--config", "gpt_os:tiny", "--workdir", str(tmp_path / "w"))
   assert out.returncode == 2 and "gpt_oss" in out.stderr and len(out.stderr.strip().splitlines()) == 1
   assert load_config_file("qwen3:tiny-moe").model.n_experts > 0
+
+
+def test_every_model_field_is_compared_at_export_or_marked():
+  """A field is either marked SAME_MATH next to it (it does not change what a trained model computes), or
+  the export's architecture check compares it (ModelConfig.computation) in some configuration."""
+  import dataclasses
+  configs = [model_config_from_file(spec) for spec in ("gpt2:tiny", "gpt_oss:tiny", "qwen3:tiny-moe", "llama:tiny")]
+  configs.append(configs[-1].replace(position="llama3", rope_factor=8.0))
+  compared = set().union(*(c.computation() for c in configs))
+  for f in dataclasses.fields(ModelConfig):
+    assert f.metadata.get("same_math") or f.name in compared, f"{f.name}: neither compared at export nor marked"
+  base = configs[1]
+  assert base.computation() == base.replace(dtype="bfloat16", moe_dispatch="dense", attn_impl="masked").computation()
+  assert base.computation() != base.replace(swiglu_limit=5.0).computation()
+  assert base.computation() != base.replace(moe_bias_update_rate=1e-3).computation()  # a learned routing bias

@@ -73,24 +73,6 @@ def hf_config(cfg: ModelConfig, family: str) -> dict:
   return hf
 
 
-def architecture(cfg: ModelConfig) -> dict:
-  """The fields that decide what the model computes in evaluation (not dtypes, dropout, dispatch, init)."""
-  keep = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len", "norm",
-          "norm_eps", "position", "ffn", "ffn_bias", "qkv_bias", "out_bias", "qk_norm", "attn_sinks",
-          "tie_embeddings", "n_experts"]
-  keep += ["top_k", "d_expert", "router_bias", "routing", "moe_bias_update_rate"] if cfg.is_moe else ["d_ff"]
-  keep += ["norm_topk_prob"] if cfg.is_moe and cfg.routing == "softmax_topk" else []
-  keep += ["rope_theta"] if cfg.position != "learned" else []
-  keep += {"yarn": ["rope_factor", "rope_original_max_len", "yarn_beta_fast", "yarn_beta_slow", "yarn_truncate",
-                    "yarn_mscale"],
-           "llama3": ["rope_factor", "rope_original_max_len", "llama3_low_freq_factor", "llama3_high_freq_factor"]
-           }.get(cfg.position, [])
-  keep += ["swiglu_limit", "swiglu_alpha"] if cfg.ffn == "clamped_swiglu" else []
-  fields = {k: getattr(cfg, k) for k in keep}
-  fields["sliding"] = tuple(cfg.sliding_window if s else 0 for s in cfg.sliding_layers)
-  return fields
-
-
 def export_hf(model, dst: str | Path, family: str | None = None, tokenizer: str = "", vocab=None) -> Path:
   """Writes DST/config.json + DST/model.safetensors (float32), atomically; config.json names the
   tokenizer (TOKENIZER_KEY), which conversion reads back, and with its vocabulary at hand (`vocab`, a
@@ -98,7 +80,7 @@ def export_hf(model, dst: str | Path, family: str | None = None, tokenizer: str 
   cfg: ModelConfig = model.cfg
   family = family or infer_family(cfg)
   hf = hf_config(cfg, family)
-  theirs, ours = architecture(config_from_hf(hf)), architecture(cfg)
+  theirs, ours = config_from_hf(hf).computation(), cfg.computation()
   differ = sorted(k for k in ours if theirs.get(k) != ours[k])
   if differ:
     raise CheckpointError(f"a {family} model on Hugging Face cannot express this architecture "
