@@ -37,6 +37,7 @@ class Result:
   finals: dict[int, float]  # finished seed -> eval loss at the last step
   eval_se: float  # mean over seeds of the final held-out loss's standard error (the held-out set's noise)
   grid: dict[float, float]  # learning rate -> held-out loss of the selection seed (finished ones)
+  heldout: dict[int, list[float]]  # seed -> final held-out loss per held-out batch (experiments.heldout)
   health: dict[str, float]  # router health at the last logged step, worst layer, mean over seeds
   tokens_per_s: float  # median over seeds and logged intervals (the first, which compiles, left out)
   peak_memory_gb: float
@@ -59,6 +60,8 @@ class Comparison:
   mean: float  # mean of run - baseline over those seeds (negative: the run is better)
   ci: tuple[float, float]  # 95% t-interval of the mean difference
   p: float  # paired t-test, two-sided
+  seed_se: float = float("nan")  # standard error of the mean difference over seeds
+  heldout_se: float = float("nan")  # the held-out set's own noise in it: standard error over held-out batches
   p_holm: float = float("nan")  # Holm-adjusted over the sweep's comparisons
   ci_holm: tuple[float, float] = (float("nan"), float("nan"))  # interval at the level Holm tests it at
 
@@ -77,10 +80,14 @@ def paired(run: Result, baseline: Result) -> Comparison | None:
   p = float(stats.ttest_rel([run.finals[s] for s in seeds], [baseline.finals[s] for s in seeds]).pvalue)
   if se == 0:  # identical differences on every seed
     p = 0.0 if mean else 1.0
-  return Comparison(run.name, baseline.name, len(d), mean, (mean - half, mean + half), p)
+  heldout_se = float("nan")
+  if all(s in run.heldout and s in baseline.heldout for s in seeds):
+    per_batch = np.mean([np.subtract(run.heldout[s], baseline.heldout[s]) for s in seeds], axis=0)
+    heldout_se = float(per_batch.std(ddof=1) / math.sqrt(len(per_batch)))
+  return Comparison(run.name, baseline.name, len(d), mean, (mean - half, mean + half), p, se, heldout_se)
 
 
-def holm(comparisons: list[Comparison], ses: dict[str, float]) -> list[Comparison]:
+def holm(comparisons: list[Comparison]) -> list[Comparison]:
   """Holm's step-down correction: sorted by p, the i-th (from 0) is tested at ALPHA / (m - i), and
   rejected only if every smaller p was; adjusted p = running max of (m - i) p. Each comparison's
   corrected interval is its t-interval at the level it is tested at. Returned in the input order."""
@@ -90,22 +97,15 @@ def holm(comparisons: list[Comparison], ses: dict[str, float]) -> list[Compariso
   for rank, i in enumerate(order):
     c = comparisons[i]
     running = max(running, min(1.0, (m - rank) * c.p))
-    half = stats.t.ppf(1 - ALPHA / (2 * (m - rank)), c.n - 1) * ses[c.run]
+    half = stats.t.ppf(1 - ALPHA / (2 * (m - rank)), c.n - 1) * c.seed_se
     out[i] = dataclasses.replace(c, p_holm=running, ci_holm=(c.mean - half, c.mean + half))
   return out
 
 
 def compare_all(results: list[Result]) -> list[Comparison]:
   by_name = {r.name: r for r in results}
-  comparisons, ses = [], {}
-  for r in results:
-    base = by_name.get(r.spec["baseline"])
-    c = paired(r, base) if base else None
-    if c:
-      comparisons.append(c)
-      seeds = sorted(set(r.finals) & set(base.finals))
-      ses[r.name] = float(np.std([r.finals[s] - base.finals[s] for s in seeds], ddof=1) / math.sqrt(len(seeds)))
-  return holm(comparisons, ses)
+  comparisons = [c for r in results if (base := by_name.get(r.spec["baseline"])) and (c := paired(r, base))]
+  return holm(comparisons)
 
 
 def _seed_folders(run_folder: Path) -> dict[int, Path]:
@@ -128,7 +128,7 @@ def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
   results = []
   for spec in description["runs"]:
     folder, steps = sweep_dir / spec["name"], spec["steps"]
-    curves, finals, ses, healths, rates, peaks, walls = {}, {}, [], [], [], [], []
+    curves, finals, ses, healths, rates, peaks, walls, heldout = {}, {}, [], [], [], [], [], {}
     for seed, sub in sorted(_seed_folders(folder).items()):
       rows = metrics(sub)
       curve = sorted((r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r)
@@ -139,6 +139,8 @@ def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
         finals[seed] = curve[-1][1]
         ses += [r["eval/loss_se"] for r in rows if r["step"] >= steps and "eval/loss_se" in r][-1:]
         healths.append(_health(rows))
+        if (sub / "heldout.json").is_file():
+          heldout[seed] = json.loads((sub / "heldout.json").read_text())["batch_losses"]
       perf = [r for r in rows if "perf/tokens_per_s" in r]
       rates += [r["perf/tokens_per_s"] for r in perf[1:]]
       peaks += [r["perf/peak_memory_gb"] for r in perf if "perf/peak_memory_gb" in r]
@@ -146,7 +148,7 @@ def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
     grid = {lr: loss for lr, sub in grid_lrs(folder).items() if (loss := final_eval(sub, steps)) is not None}
     health = {k: statistics.fmean(h[k] for h in healths) for k in healths[0]} if healths and healths[0] else {}
     results.append(Result(spec["name"], spec, curves, finals, statistics.fmean(ses) if ses else float("nan"),
-                          grid, health, statistics.median(rates) if rates else float("nan"),
+                          grid, heldout, health, statistics.median(rates) if rates else float("nan"),
                           max(peaks, default=float("nan")), statistics.fmean(walls) if walls else float("nan")))
   return description, results
 
@@ -234,6 +236,15 @@ def markdown(description: dict, results: list[Result], comparisons: list[Compari
   for r in results:
     if len(r.finals) > 1:
       lines.append(f"| {r.name} | {r.sd:.4f} | {r.eval_se:.4f} | {r.sd / r.eval_se:.1f} |")
+  if any(math.isfinite(c.heldout_se) for c in comparisons):
+    lines += ["", "Each comparison's own noise: the standard error of Δ over seeds (what the interval above is made "
+              "of) against the part of it that is the held-out set's (the standard error, over held-out batches, of "
+              "the per-batch difference between the two runs, seeds averaged; from `python -m experiments.heldout`). "
+              "The held-out set is large enough when the second is small against the first.", "",
+              "| run | vs | seed standard error of Δ | held-out standard error of Δ | ratio |", "|---|---|---|---|---|"]
+    for c in comparisons:
+      if math.isfinite(c.heldout_se):
+        lines.append(f"| {c.run} | {c.baseline} | {c.seed_se:.4f} | {c.heldout_se:.4f} | {c.seed_se / c.heldout_se:.1f} |")
   lines += ["", "![eval loss against steps](loss_vs_steps.png)", "![eval loss against training FLOPs]"
             "(loss_vs_flops.png)", "![final eval loss per run](final_loss.png)",
             "![paired differences](differences.png)", "![learning-rate grid](lr_grid.png)", ""]

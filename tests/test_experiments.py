@@ -198,9 +198,15 @@ DIFFS = {"a": [-0.10, -0.11, -0.09, -0.10, -0.12],  # p ~ 3e-5: distinguishable
          "c": [-0.02, -0.01, -0.03, 0.002, -0.02]}  # p ~ 0.045 < 0.05, but Holm stopped at b -> not
 
 
+HELDOUT_B = np.random.default_rng(0).normal(0.02, 0.01, size=(5, 6))  # seeds x held-out batches
+
+
 def test_paired_statistics_match_a_plain_formula_with_holm(tmp_path):
   finals = {"base": list(BASE_LOSSES)} | {k: list(BASE_LOSSES + np.array(d)) for k, d in DIFFS.items()}
   _fake_sweep(tmp_path, finals, {k: "base" for k in DIFFS})
+  for seed in range(5):  # per held-out batch (experiments.heldout): base 2.0 everywhere, b + HELDOUT_B
+    for name, losses in (("base", np.full(6, 2.0)), ("b", 2.0 + HELDOUT_B[seed])):
+      (tmp_path / name / f"seed{seed}" / "heldout.json").write_text(json.dumps({"step": 20, "batch_losses": list(losses)}))
   assert report.main([str(tmp_path)]) == 0
   rows = _table((tmp_path / "report.md").read_text(), "| run | vs | n |")
   n, m, expected = 5, 3, {}
@@ -226,6 +232,10 @@ def test_paired_statistics_match_a_plain_formula_with_holm(tmp_path):
     wide = scipy_stats.t.ppf(1 - 0.05 / (2 * (m - i)), n - 1) * se
     assert row[7] == f"[{mean - wide:+.4f}, {mean + wide:+.4f}]"
   assert rows["a"][8] == "**distinguishable: better**"
+  noise = _table((tmp_path / "report.md").read_text(), "| run | vs | seed standard error")
+  assert set(noise) == {"b"}  # the only run with held-out batches beside its baseline's
+  assert noise["b"][2] == f"{expected['b'][1]:.4f}"
+  assert noise["b"][3] == f"{np.std(HELDOUT_B.mean(0), ddof=1) / np.sqrt(HELDOUT_B.shape[1]):.4f}"
   assert expected["b"][2] < 0.05 < adjusted["b"]  # significant alone, not after the correction
   assert expected["c"][2] < 0.05 < adjusted["c"]  # below its own level alpha / 1, but tested after b failed
   assert rows["b"][8] == rows["c"][8] == "not distinguishable"
