@@ -1,4 +1,4 @@
-"""python -m experiments.report <sweep folder> [--out DIR]
+"""python -m experiments.report <sweep folder> [--out DIR] [--tensorboard]
 
 Reads the sweep's sweep.json and every training's metrics.jsonl; writes report.md and PNG plots:
 - each run's learning rate (every grid value's held-out loss; a best value at the grid's edge flagged);
@@ -143,7 +143,8 @@ def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
           heldout[seed] = json.loads((sub / "heldout.json").read_text())["batch_losses"]
       perf = [r for r in rows if "perf/tokens_per_s" in r]
       rates += [r["perf/tokens_per_s"] for r in perf[1:]]
-      peaks += [r["perf/peak_memory_gb"] for r in perf if "perf/peak_memory_gb" in r]
+      peaks += [r.get("perf/peak_memory_gib", r.get("perf/peak_memory_gb")) for r in perf  # _gb: before 2026-12
+                if "perf/peak_memory_gib" in r or "perf/peak_memory_gb" in r]
       walls += [max(r["perf/elapsed_s"] for r in perf)] if perf and "perf/elapsed_s" in perf[-1] else []
     grid = {lr: loss for lr, sub in grid_lrs(folder).items() if (loss := final_eval(sub, steps)) is not None}
     health = {k: statistics.fmean(h[k] for h in healths) for k in healths[0]} if healths and healths[0] else {}
@@ -341,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
   parser.add_argument("sweep_dir", help="the folder experiments.run wrote (holds sweep.json)")
   parser.add_argument("--out", default="", help="where report.md and the plots go (default: the sweep folder)")
+  parser.add_argument("--tensorboard", action="store_true",
+                      help="also write OUT/tb: every training's scalars, HParams and a layout, from metrics.jsonl")
   args = parser.parse_args(argv)
   sweep_dir = Path(args.sweep_dir)
   if not (sweep_dir / "sweep.json").is_file():
@@ -357,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
   plot(description, results, comparisons, out)
   print(f"wrote {out / 'report.md'} and loss_vs_steps.png, loss_vs_flops.png, final_loss.png, differences.png, "
         "lr_grid.png")
+  if args.tensorboard:
+    from experiments import tensorboard
+    print(f"wrote {tensorboard.write(sweep_dir, description, out / 'tb')}: tensorboard --logdir {out / 'tb'}")
   return 0
 
 

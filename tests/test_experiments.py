@@ -320,3 +320,38 @@ def test_mini_sweep_end_to_end_resumes_and_skips(tmp_path, text_dataset):
   assert "| no_dropout | embed_dropout" in (sweep_dir / "report.md").read_text()
   events = list((folder / "seed0" / "tb").glob("events.out.tfevents.*"))
   assert any(b"hparams" in e.read_bytes() for e in events)
+
+
+def test_tensorboard_export_has_what_a_comparison_needs(tmp_path):
+  """Two runs: HParams name the run, the fields the sweep varies and the parameter counts (integers as
+  whole numbers), the seeds of a run share a session group; the layout is written."""
+  from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+  from test_train import _read_events
+  _fake_sweep(tmp_path, {"dense": [2.0, 2.1], "wide": [1.9, 2.0]}, {"wide": "dense"})
+  description = json.loads((tmp_path / "sweep.json").read_text())
+  description["runs"][0]["changes"], description["runs"][1]["changes"] = [], ["d_model", "n_heads"]
+  description["runs"][1]["total_params"] = 123_456
+  (tmp_path / "sweep.json").write_text(json.dumps(description))
+  for run_name, width in (("dense", 48), ("wide", 64)):
+    for seed in (0, 1):
+      (tmp_path / run_name / f"seed{seed}" / "config.json").write_text(json.dumps(
+          {"model": {"d_model": width, "n_heads": 4, "x": 1}, "train": {"seed": seed, "lr": 0.003}}))
+  assert report.main([str(tmp_path), "--tensorboard"]) == 0
+  sessions = {}
+  for run_name in ("dense", "wide"):
+    for seed in (0, 1):
+      for event in _read_events(tmp_path / "tb" / run_name / f"seed{seed}"):
+        for value in event.summary.value:
+          if value.tag == "_hparams_/session_start_info":
+            info = HParamsPluginData.FromString(value.metadata.plugin_data.content).session_start_info
+            sessions[(run_name, seed)] = (info.group_name, dict(info.hparams))
+  assert set(sessions) == {("dense", 0), ("dense", 1), ("wide", 0), ("wide", 1)}
+  group, hp = sessions[("wide", 1)]
+  assert group == sessions[("wide", 0)][0] == "wide" != sessions[("dense", 0)][0]
+  assert hp["run"].string_value == "wide" and hp["sweep"].string_value == "fake-tiny"
+  assert hp["d_model"].number_value == 64 and hp["n_heads"].number_value == 4 and "x" not in hp
+  assert hp["total_params"].number_value == 123_456 and hp["seed"].number_value == 1
+  assert all(hp[k].number_value.is_integer() for k in ("total_params", "active_params", "seed", "d_model"))
+  tags = {v.tag for e in _read_events(tmp_path / "tb" / "wide" / "seed0") for v in e.summary.value}
+  assert {"eval/loss", "train/loss", "train/tokens"} <= tags
+  assert any(e.summary.value and e.summary.value[0].tag == "custom_scalars__config__" for e in _read_events(tmp_path / "tb"))

@@ -274,7 +274,8 @@ def test_logs_tensorboard_and_jsonl(text_dataset, tmp_path):
   last = train(config, tmp_path)
   assert {"train/loss", "train/grad_norm", "train/param_norm", "train/lr", "perf/tokens_per_s", "perf/mfu",
           "perf/step_time_s", "train/moe_aux_loss", "train/moe_z_loss", "moe/max_load_ratio/layer00",
-          "moe/usage_entropy/layer03", "moe/dead_experts/layer01", "eval/loss"} <= set(last)
+          "moe/usage_entropy/layer03", "moe/dead_experts/layer01", "eval/loss", "perf/peak_memory_gib"} <= set(last)
+  assert last["train/tokens"] == 3 * 8 * 32  # tokens seen: steps x batch x sequence
   assert json.loads((tmp_path / "config.json").read_text())["model"]["n_experts"] == 8
   assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
   tags = set()

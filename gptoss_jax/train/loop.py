@@ -22,7 +22,7 @@ from gptoss_jax.inspect import stats
 from gptoss_jax.sharding import batch_divisor, make_mesh
 from gptoss_jax.train.checkpoint import Checkpointer
 from gptoss_jax.train.metrics import (MetricsLogger, peak_flops_per_device, peak_memory_bytes, plot_losses,
-                                     router_health)
+                                     router_health, run_names)
 from gptoss_jax.train.optimizer import SCHEDULES
 from gptoss_jax.train.step import Trainer
 from gptoss_jax.train.workdir import RunLock, refuse_changed_config, write_config
@@ -136,7 +136,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                                  jax.process_count()))
     state, elapsed_before = resume(trainer, checkpoints, batches, workdir, is_main)
     logger = MetricsLogger(workdir, enabled=is_main, resume_step=int(state.step))
-    logger.hparams(_flat_hparams(config), ("eval/loss", "train/loss"))
+    logger.hparams(*run_hparams(config, cfg, workdir))
     held_out = [trainer.global_batch(b) for b in eval_batches(data, config.data.seq_len, local_batch,
                                                                config.train.eval_batches, jax.process_index(),
                                                                jax.process_count())]
@@ -250,7 +250,8 @@ def _log(logger: MetricsLogger, step: int, metrics: dict, tokens_per_s: float, t
   scalars = {f"train/{k}": float(v) for k, v in metrics.items() if k != "expert_load"}
   scalars |= {"perf/tokens_per_s": tokens_per_s, "perf/step_time_s": tokens_per_step / tokens_per_s,
               "perf/mfu": tokens_per_s * flops_per_token / (peak * jax.device_count()),
-              "perf/peak_memory_gb": peak_memory_bytes() / 2**30, "perf/elapsed_s": elapsed_s}
+              "perf/peak_memory_gib": peak_memory_bytes() / 2**30, "perf/elapsed_s": elapsed_s,
+              "train/tokens": step * tokens_per_step}
   histograms = {}
   if "expert_load" in metrics:  # [layers, experts], fractions of the routed assignments
     load = np.asarray(metrics["expert_load"])
@@ -260,12 +261,17 @@ def _log(logger: MetricsLogger, step: int, metrics: dict, tokens_per_s: float, t
   return scalars
 
 
-def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
-  flat = {}
-  for section, values in config.to_dict().items():
-    if isinstance(values, dict):
-      flat |= {f"{section}.{k}": v for k, v in values.items()}
-  return flat
+def run_hparams(config, cfg: ModelConfig, workdir: Path) -> tuple[dict, str]:
+  """What a comparison of runs needs in TensorBoard's HParams table: the run's name, seed, learning rate
+  and budget, its parameter counts and FLOPs per token, and the model's switches (the fields that decide
+  what it computes); and the session group (a sweep run's seeds share one)."""
+  name, group = run_names(workdir.absolute())
+  s = stats(cfg, config.data.seq_len)
+  hparams = {"run": name, "seed": config.train.seed, "lr": config.train.lr, "steps": config.train.steps,
+             "tokens": config.train.steps * config.train.batch_size * config.data.seq_len,
+             "total_params": s.total_params, "active_params": s.active_params,
+             "train_flops_per_token": s.train_flops_per_token, "tokenizer": config.data.tokenizer}
+  return hparams | {f"model.{k}": v for k, v in cfg.computation().items()}, group
 
 
 def _progress_bar(enabled: bool, start: int, total: int):

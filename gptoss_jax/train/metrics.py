@@ -85,13 +85,10 @@ class MetricsLogger:
     self.writer = SummaryWriter(str(workdir / "tb"), purge_step=purge)
     self.jsonl = open(path, "a")
 
-  def hparams(self, hparams: dict, metrics: tuple[str, ...]) -> None:
-    if not self.enabled:
-      return
-    from tensorboardX.summary import hparams as hparams_summary
-    clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-    for summary in hparams_summary(clean, {m: 0.0 for m in metrics}):
-      self.writer.file_writer.add_summary(summary)
+  def hparams(self, hparams: dict, group: str, metrics: tuple[str, ...] = ("eval/loss", "train/loss")) -> None:
+    if self.enabled:
+      for summary in hparams_summaries(hparams, group, metrics):
+        self.writer.file_writer.add_summary(summary)
 
   def write(self, step: int, scalars: dict[str, float], histograms: dict[str, np.ndarray] | None = None) -> None:
     if not self.enabled:
@@ -107,6 +104,31 @@ class MetricsLogger:
     if self.enabled:
       self.writer.close()
       self.jsonl.close()
+
+
+def hparams_summaries(hparams: dict, group: str, metrics: tuple[str, ...]) -> list:
+  """TensorBoard HParams summaries of one training: numbers, booleans and strings as such (anything else
+  as its text), and the session put in `group`: TensorBoard aggregates a group's sessions (the seeds of
+  one run) into one row of its table."""
+  from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+  from tensorboardX.summary import hparams as hparams_summary
+  clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+  experiment, start, end = hparams_summary(clean, {m: 0.0 for m in metrics})
+  plugin = start.value[0].metadata.plugin_data
+  content = HParamsPluginData.FromString(plugin.content)
+  content.session_start_info.group_name = group
+  plugin.content = content.SerializeToString()
+  return [experiment, start, end]
+
+
+def run_names(workdir: Path) -> tuple[str, str]:
+  """(run name, session group) of a training folder: a sweep's <run>/seed<k> is named so and grouped
+  with the other seeds of <run>; any other folder is its own."""
+  if workdir.name.startswith("seed") and workdir.name[4:].isdigit():
+    return f"{workdir.parent.name}/{workdir.name}", workdir.parent.name
+  if workdir.name.startswith("lr"):
+    return f"{workdir.parent.name}/{workdir.name}", f"{workdir.parent.name}/{workdir.name}"
+  return workdir.name, workdir.name
 
 
 def _step_of(line: str) -> int | None:
