@@ -301,7 +301,7 @@ def plot(description: dict, results: list[Result], comparisons: list[Comparison]
   ax.axvline(0, color="black", linewidth=0.8)
   ax.set_yticks(y, [f"{c.run} vs {c.baseline}" for c in comparisons])
   ax.set(xlabel="paired difference in final eval loss (run - vs): thick 95% CI, thin Holm-corrected CI",
-         title=f"{title}: blue better, red worse (distinguishable), gray not distinguishable")
+         title=f"{title}\nblue better, red worse (distinguishable after Holm), gray not distinguishable")
   ax.grid(alpha=0.3, axis="x")
   paths.append(_save(fig, out / "differences.png"))
 

@@ -18,6 +18,11 @@ LAYOUT = {"losses": {"held-out loss, every run": ["Multiline", ["eval/loss"]],
                       "usage entropy (1 balanced)": ["Multiline", [r"moe/usage_entropy/.*"]]}}
 
 
+# in metrics.jsonl, not worth their size in the committed logdir
+LEFT_OUT = ("perf/step_time_s", "perf/mfu", "perf/peak_memory_gb", "perf/peak_memory_gib", "perf/elapsed_s",
+            "train/param_norm", "train/ce_loss", "eval/loss_se")
+
+
 def write(sweep_dir: Path, description: dict, out: Path) -> Path:
   from tensorboardX import SummaryWriter
   out.mkdir(parents=True, exist_ok=True)
@@ -43,6 +48,6 @@ def write(sweep_dir: Path, description: dict, out: Path) -> Path:
           step = row.pop("step")
           row.setdefault("train/tokens", step * spec["tokens_per_step"])
           for tag, value in row.items():
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float)) and tag not in LEFT_OUT:
               writer.add_scalar(tag, value, step)
   return out
