@@ -45,13 +45,12 @@ def logged(workdir: Path) -> dict:
 
 def final_params(workdir: Path):
   import jax
-  import ml_collections
-  from gptoss_jax.config import ModelConfig
+  from gptoss_jax.config import RunConfig
   from gptoss_jax.sharding import make_mesh
   from gptoss_jax.train.checkpoint import Checkpointer
   from gptoss_jax.train.step import Trainer
-  saved = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  trainer = Trainer(ModelConfig.from_dict(saved.model), saved.train, make_mesh({"data": 1}, jax.devices()[:1]))
+  saved = RunConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+  trainer = Trainer(saved.model, saved.train, make_mesh({"data": 1}, jax.devices()[:1]))
   state, _ = Checkpointer(workdir / "checkpoints").restore(trainer.abstract_state())
   return [jax.device_get(x) for x in jax.tree.leaves(state.params)]
 

@@ -56,10 +56,9 @@ def jax_steps(cfg, batch, seq) -> Callable[[int], None]:
   """Compiles and warms up a train step; returns run(n), which takes n steps."""
   import jax
   from gptoss_jax.sharding import make_mesh
-  from gptoss_jax.train.config import run_config
+  from gptoss_jax.config import TrainConfig
   from gptoss_jax.train.step import Trainer
-  t = run_config(cfg.to_dict()).train
-  t.warmup_steps, t.steps = 1, 1000
+  t = TrainConfig(warmup_steps=1, steps=1000)
   trainer = Trainer(cfg, t, make_mesh({"data": -1, "fsdp": 1, "tensor": 1, "expert": 1}, jax.devices()[:1]))
   state = trainer.init_state()
   tokens = trainer.global_batch(np.random.default_rng(0).integers(0, VOCAB, (batch, seq + 1)).astype(np.int32))

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.sweeps import BASE_CONFIG, SCALES, SWEEPS, Run, Sweep, build
-from gptoss_jax.config import ConfigError, ModelConfig, apply_overrides, load_config_file, parse_override_args
+from experiments.sweeps import SCALES, SWEEPS, Run, Sweep, build
+from gptoss_jax.config import ConfigError, parse_override_args
 from gptoss_jax.inspect import stats
 from gptoss_jax.train.loop import ensure_dataset
 
@@ -88,9 +88,10 @@ def choose_lr(losses: dict[float, float]) -> Choice:
 
 
 def command(sweep: Sweep, run: Run, seed: int, lr: float, folder: Path, extra: dict[str, str]) -> list[str]:
-  overrides = sweep.overrides(run, seed, lr) | extra | {"log.progress": "false"}
-  return ([sys.executable, "-m", "gptoss_jax.train", "--config", BASE_CONFIG, "--workdir", str(folder)]
-          + [f"--config.{k}={v}" for k, v in overrides.items()])
+  """The training command for one training: its typed config written to FOLDER/run.json and passed as
+  the config file (nothing goes through override strings)."""
+  (folder / "run.json").write_text(json.dumps(sweep.config(run, seed, lr, extra).to_dict(), indent=1))
+  return [sys.executable, "-m", "gptoss_jax.train", "--config", str(folder / "run.json"), "--workdir", str(folder)]
 
 
 def describe(sweep: Sweep, extra: dict[str, str], seeds: int, lrs: tuple[float, ...]) -> dict:
@@ -98,9 +99,8 @@ def describe(sweep: Sweep, extra: dict[str, str], seeds: int, lrs: tuple[float, 
   checks the command-line overrides before anything trains."""
   runs = []
   for run in sweep.runs:
-    config = load_config_file(BASE_CONFIG)
-    apply_overrides(config, sweep.overrides(run, 0, lrs[0]) | extra)
-    cfg = ModelConfig.from_dict(config.model)
+    config = sweep.config(run, 0, lrs[0], extra)
+    cfg = config.model
     s = stats(cfg, config.data.seq_len)
     tokens = config.train.batch_size * config.data.seq_len * config.train.steps
     runs.append({"name": run.name, "changes": list(run.changes), "baseline": run.baseline, "note": run.note,
@@ -201,9 +201,7 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
   """Trains every unfinished job, `jobs` at a time; returns the names of the ones that failed."""
   sweep_dir.mkdir(parents=True, exist_ok=True)
   (sweep_dir / "sweep.json").write_text(json.dumps(description, indent=1))
-  config = load_config_file(BASE_CONFIG)
-  apply_overrides(config, sweep.overrides(sweep.runs[0], 0, description["lrs"][0]) | extra)
-  ensure_dataset(config.data, progress=True)  # once, before trainings that would race to prepare it
+  ensure_dataset(sweep.config(sweep.runs[0], 0, description["lrs"][0], extra).data, progress=True)  # once, before trainings that would race to prepare it
   plan = Scheduler(sweep, sweep_dir, description, widen)
   slots = cpu_sets(jobs)
   # one compilation per program: the seeds of a run share their train step (JAX's persistent cache)

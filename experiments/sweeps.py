@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable
 from functools import cache
 
-from gptoss_jax.config import ModelConfig, load_config_file
+from gptoss_jax.config import ModelConfig, RunConfig, apply_overrides, load_config_file
 from gptoss_jax.inspect import stats
 
 BASE_CONFIG = "gpt2:124m"  # every run's model fields are given relative to this preset
@@ -88,12 +88,17 @@ class Sweep:
   scale: str
   runs: tuple[Run, ...]
 
-  def overrides(self, run: Run, seed: int, lr: float) -> dict[str, str]:
-    """The training command's --config.<key>=<value> pairs for one run, seed and learning rate."""
-    base = base_model_fields()
-    model = {f"model.{k}": v for k, v in run.model.to_dict().items() if base[k] != v}
-    values = model | SCALES[self.scale].run | {"train.seed": seed, "train.lr": lr}
-    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()}
+  def config(self, run: Run, seed: int, lr: float, extra: dict[str, str] | None = None) -> RunConfig:
+    """One training's whole config, typed: the base preset with the run's model, the scale's settings,
+    the command line's overrides (`extra`, strings as typed there), the seed and the learning rate."""
+    config = load_config_file(BASE_CONFIG)
+    config.model.update(run.model.to_dict())
+    for key, value in SCALES[self.scale].run.items():
+      section, field = key.split(".")
+      config[section][field] = value
+    apply_overrides(config, extra or {})
+    config.train.seed, config.train.lr, config.log.progress = seed, lr, False
+    return RunConfig.from_dict(config)
 
 
 def total(cfg: ModelConfig) -> int:

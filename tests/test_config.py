@@ -4,8 +4,8 @@ import os
 import pytest
 
 from conftest import REPO
-from gptoss_jax.config import (ConfigError, ModelConfig, apply_overrides, load_config_file, model_config_from_file,
-                               parse_override_args)
+from gptoss_jax.config import (ConfigError, ModelConfig, RunConfig, apply_overrides, load_config_file,
+                               model_config_from_file, parse_override_args, run_config_from_args)
 
 
 @pytest.mark.parametrize("fields, field_named", [
@@ -49,13 +49,13 @@ def test_ints_are_accepted_for_floats():
   assert ModelConfig(rope_theta=10000).rope_theta == 10000.0
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))))
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "[!_]*.py"))))
 def test_every_preset_is_valid(path):
   module = {}
   exec(open(path).read(), module)
   for name in module["PRESETS"]:
-    cfg = model_config_from_file(f"{path}:{name}")
-    assert isinstance(cfg, ModelConfig)
+    config = RunConfig.from_dict(load_config_file(f"{path}:{name}"))  # the whole run, typed
+    assert isinstance(config.model, ModelConfig) and config.model == model_config_from_file(f"{path}:{name}")
 
 
 def test_overrides_are_typed():
@@ -115,3 +115,38 @@ def test_every_model_field_is_compared_at_export_or_marked():
   assert base.computation() == base.replace(dtype="bfloat16", moe_dispatch="dense", attn_impl="masked").computation()
   assert base.computation() != base.replace(swiglu_limit=5.0).computation()
   assert base.computation() != base.replace(moe_bias_update_rate=1e-3).computation()  # a learned routing bias
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=0", "train.steps must be > 0, got 0"),
+    ("train.lr=-1", "train.lr must be > 0"),
+    ("train.schedule=step", "train.schedule must be one of cosine|linear|constant"),
+    ("train.microbatches=3", "train.batch_size 16 does not divide into 3 microbatches"),
+    ("train.min_lr_ratio=2", "train.min_lr_ratio must be in [0, 1]"),
+    ("train.eval_batches=-1", "train.eval_batches must be >= 0"),
+    ("data.source=web", "data.source must be one of shakespeare|text|hf"),
+    ("data.tokenizer=bpe", "data.tokenizer must be one of byte|gpt2|o200k_harmony"),
+    ("data.eval_fraction=0.7", "data.eval_fraction must be in (0, 0.5)"),
+    ("data.seq_len=1000", "data.seq_len must be in 1..model.max_seq_len (256)"),
+    ("mesh.tensor=0", "mesh: sizes must be >= 1"),
+    ("checkpoint.keep=0", "checkpoint.keep must be > 0"),
+    ("log.every=0", "log.every must be > 0"),
+    ("distributed.process_id=3", "distributed.process_id must be in 0..0"),
+    ("model.n_kv_heads=3", "n_heads (4) must be divisible by n_kv_heads (3)"),
+])
+def test_every_run_config_value_is_checked_where_it_is_built(override, message):
+  with pytest.raises(ConfigError) as e:
+    run_config_from_args("gpt_oss:tiny", [f"--config.{override}"])
+  assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_overrides_take_the_space_form_and_suggest_the_nearest_key():
+  config = run_config_from_args("gpt_oss:tiny", ["--config.train.steps", "5", "--config.model.n_layers=2",
+                                                  "--config.data.tokenizer", "gpt2"])
+  assert (config.train.steps, config.model.n_layers, config.data.tokenizer) == (5, 2, "gpt2")
+  with pytest.raises(ConfigError, match=r"unknown config key: train\.stepz \(did you mean train\.steps"):
+    run_config_from_args("gpt_oss:tiny", ["--config.train.stepz", "5"])
+  with pytest.raises(ConfigError, match=r"unknown config key: trian \(did you mean train\?\)"):
+    RunConfig.from_dict({"trian": {}})
+  with pytest.raises(ConfigError, match="unrecognized argument: --steps"):
+    run_config_from_args("gpt_oss:tiny", ["--steps", "5"])

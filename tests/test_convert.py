@@ -165,10 +165,9 @@ def test_hf_round_trip_keeps_the_tokenizer(tmp_path, tokenizer, vocab):
   from gptoss_jax import ModelConfig, Transformer
   from gptoss_jax.convert.__main__ import main as convert_main
   from gptoss_jax.weights import save_model
-  from gptoss_jax.config import run_config
+  from gptoss_jax.config import DataConfig, RunConfig
   cfg = ModelConfig(vocab_size=vocab, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8, d_ff=32)
-  config = run_config(cfg.to_dict())
-  config.data.tokenizer, config.data.vocab_file = tokenizer, "" if tokenizer == "byte" else "pypi"
+  config = RunConfig(model=cfg, data=DataConfig(tokenizer=tokenizer, vocab_file="" if tokenizer == "byte" else "pypi"))
   save_model(tmp_path / "ours", config, Transformer(cfg, nnx.Rngs(0)))
   assert convert_main(["--to-hf", "--src", str(tmp_path / "ours"), "--dst", str(tmp_path / "hf")]) == 0
   assert convert_main(["--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "back"), "--dtype", "float32"]) == 0

@@ -12,7 +12,7 @@ from scipy import stats as scipy_stats
 
 from experiments import report, run, sweeps
 from experiments.sweeps import SCALES, active, build, solve, total
-from gptoss_jax.config import ModelConfig, apply_overrides, load_config_file
+from gptoss_jax.config import ModelConfig, RunConfig, load_config_file
 
 TINY = SCALES["tiny"]
 
@@ -123,13 +123,20 @@ def test_expert_counts_keep_active_parameters_and_pair_few_large_with_many_small
   assert total(runs["e64_k4"]) > total(runs["e8_k2"]) > total(dense)
 
 
-def test_overrides_rebuild_each_run_through_the_command_line_parser(ladder):
+def test_each_training_gets_a_typed_config(ladder, tmp_path):
+  """The runner passes typed configs (written as run.json, read back by the training command), never
+  override strings: the run's model, the scale's settings, the command line's overrides, seed and lr."""
   sweep = build("ladder", "tiny")
   for r in (ladder[0], ladder[7], ladder[-1]):
-    config = load_config_file(sweeps.BASE_CONFIG)
-    apply_overrides(config, sweep.overrides(r, seed=2, lr=0.004))
-    assert ModelConfig.from_dict(config.model) == r.model
-    assert config.train.seed == 2 and config.train.steps == TINY.run["train.steps"] and config.train.lr == 0.004
+    config = sweep.config(r, seed=2, lr=0.004, extra={"model.dtype": "bfloat16", "train.steps": "50"})
+    assert config.model == r.model.replace(dtype="bfloat16")
+    assert (config.train.seed, config.train.lr, config.train.steps) == (2, 0.004, 50)
+    assert config.data.seq_len == TINY.run["data.seq_len"] and config.log.progress is False
+    folder = tmp_path / r.name
+    folder.mkdir()
+    argv = run.command(sweep, r, 2, 0.004, folder, {"model.dtype": "bfloat16", "train.steps": "50"})
+    assert argv[argv.index("--config") + 1] == str(folder / "run.json") and not any(a.startswith("--config.") for a in argv)
+    assert RunConfig.from_dict(load_config_file(str(folder / "run.json"))) == config
 
 
 def test_dry_run_prints_every_run_and_trains_nothing(tmp_path, capsys):

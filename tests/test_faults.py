@@ -11,12 +11,11 @@ import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from conftest import REPO
-from gptoss_jax.config import ModelConfig
+from gptoss_jax.config import RunConfig
 from gptoss_jax.data.pipeline import eval_batches
 from gptoss_jax.sharding import make_mesh
 from gptoss_jax.train.checkpoint import Checkpointer
@@ -57,8 +56,8 @@ def logged(workdir, key="train/loss") -> dict[int, float]:
 
 def restore(workdir, step=None):
   """(trainer, state) of a run's newest checkpoint, or of `step`."""
-  saved = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  trainer = Trainer(ModelConfig.from_dict(saved.model), saved.train, make_mesh({"data": 1}, jax.devices()[:1]))
+  saved = RunConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+  trainer = Trainer(saved.model, saved.train, make_mesh({"data": 1}, jax.devices()[:1]))
   state, _ = Checkpointer(workdir / "checkpoints").restore(trainer.abstract_state(), step)
   return trainer, state
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from conftest import REPO
-from gptoss_jax.config import ModelConfig, apply_overrides, load_config_file
+from gptoss_jax.config import ModelConfig, RunConfig, apply_overrides, load_config_file
 from gptoss_jax.generate import decode_step
 from gptoss_jax.model import Transformer
 from gptoss_jax.sharding import make_mesh
@@ -21,7 +21,8 @@ PLATFORMS = ["cuda", "tpu"]
 def _trainer(spec: str, mesh: dict, **model) -> Trainer:
   config = load_config_file(f"{REPO}/{spec}")
   apply_overrides(config, {"train.batch_size": "8", "data.seq_len": "64", **{f"model.{k}": str(v) for k, v in model.items()}})
-  return Trainer(ModelConfig.from_dict(config.model), config.train, make_mesh(mesh, jax.devices()[:8]))
+  config = RunConfig.from_dict(config)
+  return Trainer(config.model, config.train, make_mesh(mesh, jax.devices()[:8]))
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)

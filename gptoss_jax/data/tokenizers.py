@@ -19,9 +19,8 @@ import zipfile
 from pathlib import Path
 from typing import Protocol
 
-from gptoss_jax.config import ConfigError
+from gptoss_jax.config import TOKENIZERS, ConfigError
 
-TOKENIZERS = ("byte", "gpt2", "o200k_harmony")
 
 
 class Tokenizer(Protocol):

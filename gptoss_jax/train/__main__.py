@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from gptoss_jax.config import ConfigError, apply_overrides, load_config_file, parse_override_args
+from gptoss_jax.config import ConfigError, run_config_from_args
 
 DEFAULT_CONFIG = "gpt_oss:tiny"
 
@@ -15,12 +15,12 @@ DEFAULT_CONFIG = "gpt_oss:tiny"
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m gptoss_jax.train", description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default=DEFAULT_CONFIG,
-                      help="a preset file by name (gpt_oss:tiny) or a path (configs/gpt_oss.py:tiny)")
+                      help="a preset file by name (gpt_oss:tiny), a path (configs/gpt_oss.py:tiny), or a saved run "
+                           "config (run.json)")
   parser.add_argument("--workdir", required=True, help="checkpoints, TensorBoard logs, metrics.jsonl")
   args, rest = parser.parse_known_args(argv)
   try:
-    config = load_config_file(args.config)
-    apply_overrides(config, parse_override_args(rest))
+    config = run_config_from_args(args.config, rest)  # the one place a run becomes typed
     from gptoss_jax.train.loop import TrainingError, train, validate
     validate(config)
   except ConfigError as e:

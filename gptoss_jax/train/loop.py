@@ -10,20 +10,17 @@ import time
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 
-from gptoss_jax.config import ConfigError, ModelConfig
+from gptoss_jax.config import ConfigError, DataConfig, DistributedConfig, ModelConfig, RunConfig
 from gptoss_jax.data.pipeline import eval_batches, train_dataset
 from gptoss_jax.data.prepare import load_meta, prepare
-from gptoss_jax.data.sources import SOURCES, cache_dir
-from gptoss_jax.data.tokenizers import TOKENIZERS
+from gptoss_jax.data.sources import cache_dir
 from gptoss_jax.inspect import stats
 from gptoss_jax.sharding import batch_divisor, make_mesh
 from gptoss_jax.train.checkpoint import Checkpointer
 from gptoss_jax.train.metrics import (MetricsLogger, peak_flops_per_device, peak_memory_bytes, plot_losses,
                                      router_health, run_names)
-from gptoss_jax.train.optimizer import SCHEDULES
 from gptoss_jax.train.step import Trainer
 from gptoss_jax.train.workdir import RunLock, refuse_changed_config, write_config
 
@@ -32,7 +29,7 @@ class TrainingError(RuntimeError):
   """The run cannot go on (a non-finite loss); the message says which checkpoint is the last good one."""
 
 
-def init_distributed(d: ml_collections.ConfigDict) -> None:
+def init_distributed(d: DistributedConfig) -> None:
   """Several hosts: every process runs the same command with its own process_id; "auto" lets JAX find
   the cluster itself (TPU pods, SLURM, Kubernetes)."""
   if not d.coordinator or jax.distributed.is_initialized():
@@ -43,48 +40,28 @@ def init_distributed(d: ml_collections.ConfigDict) -> None:
     jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
 
 
-def validate(config: ml_collections.ConfigDict) -> tuple[ModelConfig, int]:
-  """Every check that needs no data and no writes. Returns the model config and the local batch size."""
+def validate(config: RunConfig) -> tuple[ModelConfig, int]:
+  """What the typed config could not check alone: the mesh against the devices and the batch against the
+  mesh and the processes. Returns the model config and the local batch size."""
   init_distributed(config.distributed)  # before anything asks JAX for devices
-  cfg = ModelConfig.from_dict(config.model)
-  t, d = config.train, config.data
-  mesh = make_mesh(config.mesh)
-  for name in ("steps", "batch_size", "microbatches", "eval_every"):
-    if t[name] <= 0:
-      raise ConfigError(f"train.{name} must be > 0, got {t[name]}")
-  if t.eval_batches < 0:
-    raise ConfigError(f"train.eval_batches must be >= 0 (0: the whole held-out split), got {t.eval_batches}")
-  if t.lr <= 0 or t.warmup_steps < 0 or t.weight_decay < 0:
-    raise ConfigError("train.lr must be > 0; train.warmup_steps and train.weight_decay >= 0")
-  if t.schedule not in SCHEDULES:
-    raise ConfigError(f"train.schedule must be one of {'|'.join(SCHEDULES)}, got {t.schedule!r}")
-  if t.stop_at < 0:
-    raise ConfigError(f"train.stop_at must be >= 0, got {t.stop_at}")
+  t, mesh = config.train, make_mesh(config.mesh)
   divisor = batch_divisor(mesh) * t.microbatches
   if t.batch_size % divisor:
     raise ConfigError(f"train.batch_size {t.batch_size} does not divide into {t.microbatches} microbatch(es) "
                       f"over the data x fsdp mesh axes ({batch_divisor(mesh)} shards)")
   if t.batch_size % jax.process_count():
     raise ConfigError(f"train.batch_size {t.batch_size} does not divide over {jax.process_count()} processes")
-  if not 0 < d.seq_len <= cfg.max_seq_len:
-    raise ConfigError(f"data.seq_len must be in 1..model.max_seq_len ({cfg.max_seq_len}), got {d.seq_len}")
-  if d.source not in SOURCES:
-    raise ConfigError(f"data.source must be one of {'|'.join(SOURCES)}, got {d.source!r}")
-  if d.tokenizer not in TOKENIZERS:
-    raise ConfigError(f"data.tokenizer must be one of {'|'.join(TOKENIZERS)}, got {d.tokenizer!r}")
-  if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0 or config.log.every <= 0:
-    raise ConfigError("checkpoint.every, checkpoint.keep and log.every must be > 0")
-  return cfg, t.batch_size // jax.process_count()
+  return config.model, t.batch_size // jax.process_count()
 
 
-def dataset_dir(d: ml_collections.ConfigDict) -> Path:
+def dataset_dir(d: DataConfig) -> Path:
   if d.dir:
     return Path(d.dir)
   key = hashlib.sha1(f"{d.source}|{d.path}|{d.tokenizer}|{d.vocab_file}|{d.eval_fraction}".encode()).hexdigest()[:8]
   return cache_dir() / "data" / f"{d.source}-{d.tokenizer}-{key}"
 
 
-def ensure_dataset(d: ml_collections.ConfigDict, progress: bool) -> Path:
+def ensure_dataset(d: DataConfig, progress: bool) -> Path:
   folder = dataset_dir(d)
   if not (folder / "meta.json").is_file():
     if jax.process_index() == 0:
@@ -119,7 +96,7 @@ class StopRequest:
       signal.signal(sig, handler)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+def train(config: RunConfig, workdir: str | Path) -> dict:
   """Trains (resuming from the newest checkpoint in workdir); returns the last logged metrics."""
   began = time.perf_counter()
   cfg, local_batch = validate(config)
@@ -151,7 +128,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   return last
 
 
-def prepared_data(config: ml_collections.ConfigDict, cfg: ModelConfig, progress: bool) -> Path:
+def prepared_data(config: RunConfig, cfg: ModelConfig, progress: bool) -> Path:
   data = ensure_dataset(config.data, progress)
   meta = load_meta(data)
   if meta["vocab_size"] > cfg.vocab_size:

@@ -7,12 +7,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gptoss_jax.config import ModelConfig
+from gptoss_jax.config import ModelConfig, TrainConfig
 from gptoss_jax.model import Transformer
 from gptoss_jax.model.moe import SelectionBias, balance_step
 from gptoss_jax.sharding import batch_sharding, state_shardings
@@ -43,7 +42,7 @@ def _new_model(cfg: ModelConfig, seed: int) -> Transformer:
 class Trainer:
   """Holds the static parts (graph, optimizer, shardings) and the jitted steps."""
 
-  def __init__(self, cfg: ModelConfig, t: ml_collections.ConfigDict, mesh: Mesh):
+  def __init__(self, cfg: ModelConfig, t: TrainConfig, mesh: Mesh):
     self.cfg, self.t, self.mesh = cfg, t, mesh
     self.graphdef, abstract_params, abstract_rest = nnx.split(
         nnx.eval_shape(lambda: _new_model(cfg, t.seed)), nnx.Param, ...)

@@ -7,9 +7,8 @@ import fcntl
 import json
 from pathlib import Path
 
-import ml_collections
 
-from gptoss_jax.config import ConfigError
+from gptoss_jax.config import ConfigError, RunConfig
 from gptoss_jax.fileio import atomic_write
 
 # fields a resumed run may change: how long, how often, where and how much memory; every other field
@@ -61,7 +60,7 @@ def has_checkpoint(workdir: Path) -> bool:
   return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
-def refuse_changed_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+def refuse_changed_config(workdir: Path, config: RunConfig) -> None:
   """A run resumed with a config that changes what is trained gets one line naming the fields."""
   saved_path = workdir / "config.json"
   if not (has_checkpoint(workdir) and saved_path.is_file()):
@@ -74,6 +73,6 @@ def refuse_changed_config(workdir: Path, config: ml_collections.ConfigDict) -> N
                       f"{', '.join(RESUMABLE)}: use another --workdir")
 
 
-def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+def write_config(workdir: Path, config: RunConfig) -> None:
   """DIR/config.json, replaced atomically (a kill mid-write leaves the previous one)."""
   atomic_write(workdir / "config.json", json.dumps(config.to_dict(), indent=2))
