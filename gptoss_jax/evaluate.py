@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -98,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(tokens) and tokens.max() >= cfg.vocab_size:
       raise ConfigError(f"token id {tokens.max()} ({tokenizer.name} tokenizer) is outside the model's "
                         f"vocabulary of {cfg.vocab_size}")
+    began = time.perf_counter()
     result = evaluate_tokens(model, tokens, seq_len, args.batch, token_byte_lengths(tokenizer))
+    print(f"{result['tokens']:,} tokens in {time.perf_counter() - began:.1f} s: "
+          f"{result['tokens'] / (time.perf_counter() - began):,.0f} tokens/s (compilation included)", file=sys.stderr)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

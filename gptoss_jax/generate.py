@@ -1,9 +1,11 @@
 """python -m gptoss_jax.generate --ckpt DIR --prompt "..." [--step N] [--max-new-tokens N] [--temperature T] [--top-p P]
     [--seed S] [--chat] [--reasoning-effort low|medium|high]
 
-Incremental decoding with a KV cache (sliding-window layers keep only their window, sinks honoured):
-one compiled prefill for the prompt's length and one compiled step for every new token, tokens streamed
-to the terminal as they come. --chat renders gpt-oss's harmony chat format with the reasoning line.
+Incremental decoding with a KV cache (sliding-window layers keep only their window, sinks honoured): the
+prompt fed in pieces of a few fixed lengths (PREFILL_CHUNKS: a handful of compiled programs whatever the
+prompt's length) and one compiled step for every new token, tokens streamed to the terminal as they come;
+the token counts and speeds at the end, on stderr. --chat renders gpt-oss's harmony chat format with the
+reasoning line.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import time
 from collections.abc import Callable
 
 import jax
@@ -34,10 +37,26 @@ def sample(logits_V: jax.Array, key: jax.Array, temperature: float, top_p: float
   return jax.random.categorical(key, logits)
 
 
-def prefill(model, tokens_1xT, cache, key, temperature: float, top_p: float):
-  """The prompt through the model, filling the KV cache; the first new token sampled."""
-  out = model.forward(tokens_1xT, cache=cache)
-  return sample(out.logits_BxTxV[0, -1], key, temperature, top_p), out.cache
+# a prompt is fed in pieces of these lengths (as many of the first as fit, then the binary digits of the
+# rest): whatever the prompt's length, at most these few prefill programs are ever compiled
+PREFILL_CHUNKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def prefill_chunks(n: int) -> list[int]:
+  out, rest = [PREFILL_CHUNKS[0]] * (n // PREFILL_CHUNKS[0]), n % PREFILL_CHUNKS[0]
+  for size in PREFILL_CHUNKS[1:]:
+    if rest >= size:
+      out.append(size)
+      rest -= size
+  return out
+
+
+def extend(model, tokens_1xC, start, cache):
+  """A piece of the prompt through the model at positions start.., into the KV cache; the last position's
+  logits."""
+  positions = start + jnp.arange(tokens_1xC.shape[1], dtype=jnp.int32)[None]
+  out = model.forward(tokens_1xC, positions, cache)
+  return out.logits_BxTxV[0, -1], out.cache
 
 
 def decode_step(model, token, position, cache, key, temperature: float, top_p: float):
@@ -46,12 +65,16 @@ def decode_step(model, token, position, cache, key, temperature: float, top_p: f
   return sample(out.logits_BxTxV[0, -1], key, temperature, top_p), out.cache
 
 
-_prefill = jax.jit(prefill, static_argnames=("temperature", "top_p"))
+_extend = jax.jit(extend)
+_sample = jax.jit(sample, static_argnames=("temperature", "top_p"))
 _decode_step = jax.jit(decode_step, static_argnames=("temperature", "top_p"))
 
 
 def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, stop_ids: tuple[int, ...] = (), on_token: Callable[[int], None] | None = None) -> list[int]:
+             seed: int = 0, stop_ids: tuple[int, ...] = (), on_token: Callable[[int], None] | None = None,
+             timing: dict | None = None) -> list[int]:
+  """New tokens after the prompt (greedy at temperature 0). `timing`, if given, receives the prefill and
+  decode seconds (each including its first compilation)."""
   cfg = model.cfg
   total = len(prompt_ids) + max_new_tokens
   if not prompt_ids:
@@ -61,7 +84,13 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
                       f"max_seq_len ({cfg.max_seq_len})")
   sampling = dict(temperature=temperature, top_p=top_p)
   keys = jax.random.split(jax.random.key(seed), max_new_tokens)
-  token, cache = _prefill(model, jnp.asarray([prompt_ids], jnp.int32), model.init_cache(1, total), keys[0], **sampling)
+  began = time.perf_counter()
+  cache, start, prompt = model.init_cache(1, total), 0, jnp.asarray([prompt_ids], jnp.int32)
+  for size in prefill_chunks(len(prompt_ids)):
+    logits, cache = _extend(model, prompt[:, start:start + size], jnp.asarray(start, jnp.int32), cache)
+    start += size
+  token = _sample(logits, keys[0], **sampling).block_until_ready()
+  prefilled = time.perf_counter()
   new = []
   for i in range(max_new_tokens):
     new.append(int(token))
@@ -71,6 +100,8 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
       break
     token, cache = _decode_step(model, token.astype(jnp.int32), jnp.asarray(len(prompt_ids) + i, jnp.int32), cache,
                                 keys[i + 1], **sampling)
+  if timing is not None:
+    timing |= {"prefill_s": prefilled - began, "decode_s": time.perf_counter() - prefilled}
   return new
 
 
@@ -125,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
       printed[0] = text
 
     sys.stdout.write(args.prompt if not args.chat else "")
-    generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop_ids, stream)
+    timing = {}
+    generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop_ids, stream, timing)
     sys.stdout.write("\n")
+    print(f"prompt {len(prompt_ids)} tokens, prefill {len(prompt_ids) / timing['prefill_s']:,.1f} tokens/s; "
+          f"generated {len(new)} tokens, decode {max(len(new) - 1, 1) / max(timing['decode_s'], 1e-9):,.2f} tokens/s "
+          "(first compilations included)", file=sys.stderr)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
