@@ -140,3 +140,34 @@ def test_decoding_with_cache_matches_full_forward(rng):
     lg, cache = step(model, tokens[:, t:t + 1], pos, cache)
     logits.append(lg)
   np.testing.assert_allclose(jnp.concatenate(logits, axis=1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("window", [0, 4, 64])
+def test_fused_kernel_matches_reference_and_blockwise_gradients(rng, window):
+  """jax.nn.dot_product_attention (XLA on CPU, cuDNN on GPU): causal, GQA and sliding windows, against the
+  per-query loop and, values and gradients, against the blockwise kernel."""
+  from gptoss_jax.model.attention import attend_fused
+  q, k, v = _qkv(rng, T=150)
+  np.testing.assert_allclose(attend_fused(q, k, v, window)[:, :11], _reference(q[:, :11], k[:, :11], v[:, :11], window),
+                             rtol=1e-4, atol=1e-5)
+  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.tanh(fn(q, k, v)))
+  fused = jax.grad(loss(lambda q, k, v: attend_fused(q, k, v, window)), argnums=(0, 1, 2))(q, k, v)
+  blocks = jax.grad(loss(lambda q, k, v: attend_blocks(q, k, v, window=window, block=64)), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(attend_fused(q, k, v, window), attend_blocks(q, k, v, window=window, block=64),
+                             rtol=1e-4, atol=1e-5)
+  for a, b in zip(fused, blocks):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_model_equals_blockwise_and_auto_keeps_blockwise_for_sinks(rng):
+  tokens = jnp.asarray(rng.integers(0, 64, (2, 130)), jnp.int32)
+  base = dict(attn_sinks=False, max_seq_len=160)
+  fused = Transformer(_oss_tiny(attn_impl="fused", **base), nnx.Rngs(0))
+  blockwise = Transformer(_oss_tiny(attn_impl="blockwise", **base), nnx.Rngs(0))
+  _randomize(fused), _randomize(blockwise)
+  forward = jax.jit(lambda m, t: m(t))
+  np.testing.assert_allclose(forward(fused, tokens), forward(blockwise, tokens), rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="attn_impl=fused .* has no attention sinks"):
+    _oss_tiny(attn_impl="fused")
+  auto = Transformer(_oss_tiny(attn_impl="auto", max_seq_len=160), nnx.Rngs(0)).blocks[0].attn
+  assert auto.impl(130) == "blockwise"  # sinks (and on CPU): never the fused kernel

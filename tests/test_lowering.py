@@ -28,6 +28,7 @@ def _trainer(spec: str, mesh: dict, **model) -> Trainer:
 @pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("spec, model", [
     ("configs/gpt2.py:tiny", {}),
+    ("configs/gpt2.py:tiny", {"attn_impl": "fused", "attn_dropout": 0.0}),  # what auto picks on GPU
     ("configs/gpt_oss.py:tiny", {"moe_dispatch": "ragged"}),  # the GPU / TPU dispatch
     ("configs/gpt_oss.py:tiny", {}),  # the dropless expert loop, the CPU default
 ])

@@ -105,6 +105,13 @@ def attend_blocks(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, window: int = 0, sinks_N=N
   return out.transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
 
 
+def attend_fused(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window: int = 0) -> jax.Array:
+  """jax.nn.dot_product_attention over a whole sequence: cuDNN's fused kernel on GPU, XLA elsewhere;
+  causal, GQA (fewer key/value heads), a sliding window of `window` keys (HF semantics: i - window < j <= i)."""
+  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True,
+                                      local_window_size=(window - 1, 0) if window else None)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, sliding: bool, rngs: nnx.Rngs):
@@ -130,6 +137,16 @@ class Attention(nnx.Module):
       self.sinks = nnx.Param(jnp.zeros((N,), pdt), axes=("heads",))
     self.dropout = nnx.Dropout(cfg.attn_dropout, rngs=rngs) if cfg.attn_dropout else None
 
+  def impl(self, T: int) -> str:
+    """The kernel over a whole sequence: `auto` takes the fused one on GPU where it can express the layer
+    (no sinks, no attention dropout), else the blockwise one past one block of queries."""
+    cfg = self.cfg
+    if cfg.attn_impl != "auto":
+      return cfg.attn_impl
+    if jax.default_backend() == "gpu" and not cfg.attn_sinks and not self.dropout:
+      return "fused"
+    return "blockwise" if T > attention_block(T) else "masked"
+
   def cache_slots(self, max_len: int) -> int:
     return min(self.window, max_len) if self.window else max_len
 
@@ -145,15 +162,17 @@ class Attention(nnx.Module):
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     sinks = self.sinks[...] if cfg.attn_sinks else None
-    block = attention_block(x_BxTxD.shape[1])
+    T = x_BxTxD.shape[1]
     if cache is not None:
       out = attend(q, jnp.concatenate([cache.k_BxSxKxH.astype(dt), k], axis=1),
                    jnp.concatenate([cache.v_BxSxKxH.astype(dt), v], axis=1),
                    positions_BxT, jnp.concatenate([cache.pos_BxS, positions_BxT], axis=1),
                    window=self.window, sinks_N=sinks, dropout=self.dropout)
       cache = cache.update(k, v, positions_BxT)
-    elif cfg.attn_impl == "blockwise" or (cfg.attn_impl == "auto" and x_BxTxD.shape[1] > block):
-      out = attend_blocks(q, k, v, window=self.window, sinks_N=sinks, dropout=self.dropout, block=block)
+    elif self.impl(T) == "fused":
+      out = attend_fused(q, k, v, self.window)
+    elif self.impl(T) == "blockwise":
+      out = attend_blocks(q, k, v, window=self.window, sinks_N=sinks, dropout=self.dropout, block=attention_block(T))
     else:
       out = attend(q, k, v, positions_BxT, positions_BxT, window=self.window, sinks_N=sinks,
                    dropout=self.dropout)

@@ -187,6 +187,14 @@ def expert_loop(activation: Callable[[jax.Array], jax.Array], blocks: tuple[int,
   return run
 
 
+def resolved_dispatch(cfg: ModelConfig) -> str:
+  """`auto`: ragged_dot (a grouped GEMM) on GPU and TPU when dropless; the grouped paths on CPU, where
+  ragged_dot is a dense dot over every expert."""
+  if cfg.moe_dispatch != "auto":
+    return cfg.moe_dispatch
+  return "ragged" if jax.default_backend() in ("gpu", "tpu") and not cfg.moe_capacity_factor else "grouped"
+
+
 def grouped_capacity(cfg: ModelConfig, n_tokens: int) -> int:
   capacity = math.ceil(cfg.moe_capacity_factor * n_tokens * cfg.top_k / cfg.n_experts / 8) * 8
   return min(capacity, n_tokens)
@@ -274,15 +282,16 @@ class MoE(nnx.Module):
     if cfg.router_bias:
       logits_NxE = logits_NxE + self.router_b[...].astype(jnp.float32)
     w_NxK, idx_NxK = route(cfg, logits_NxE, self.selection_bias[...] if cfg.moe_bias_update_rate else None)
-    if cfg.moe_dispatch == "grouped" and not cfg.moe_capacity_factor:  # dropless: experts one after another
+    dispatch = resolved_dispatch(cfg)
+    if dispatch == "grouped" and not cfg.moe_capacity_factor:  # dropless: experts one after another
       weights, unpack = self.loop_weights(dt)
       G, F, blocks = n_in_proj(cfg), cfg.d_expert, dropless_blocks(cfg, B * T)
       loop = expert_loop(lambda h: activate(cfg, h.reshape(-1, G, F)), blocks, unpack)
       y = block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, blocks[-1],
                                 lambda rows, start_E, count_E: loop(rows, start_E, count_E, weights))
-    elif cfg.moe_dispatch == "dense":
+    elif dispatch == "dense":
       y = dense_dispatch(cfg, x_NxD, idx_NxK, w_NxK, *self.expert_weights(dt), *self.biases(dt))
-    elif cfg.moe_dispatch == "ragged":
+    elif dispatch == "ragged":
       y = ragged_dispatch(cfg, x_NxD, idx_NxK, w_NxK, *self.expert_weights(dt), *self.biases(dt))
     else:  # fixed capacity per expert, overflow dropped
       (w_in, w_out), (b_in, b_out) = self.expert_weights(dt), self.biases(dt)
