@@ -21,7 +21,7 @@ NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope", "yarn", "llama3")
 FFNS = ("gelu", "swiglu", "clamped_swiglu")
 ROUTINGS = ("topk_softmax", "softmax_topk")
-DISPATCHES = ("auto", "grouped", "ragged", "dense")
+DISPATCHES = ("auto", "grouped", "ragged", "selected", "dense")
 ATTN_IMPLS = ("auto", "masked", "blockwise", "fused")
 DTYPES = ("float32", "bfloat16", "float16")
 SOURCES = ("shakespeare", "text", "hf")
@@ -97,7 +97,8 @@ class ModelConfig:
   moe_aux_loss_weight: float = dataclasses.field(default=0.01, metadata=SAME_MATH)  # load-balancing loss
   moe_z_loss_weight: float = dataclasses.field(default=0.001, metadata=SAME_MATH)  # router z-loss (ST-MoE)
   moe_bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3: 1e-3); 0 = off
-  # auto: ragged (a grouped GEMM) on GPU and TPU, grouped (the dropless expert loop, or capacity buckets) on CPU
+  # auto: selected for fewer (token, expert) assignments than experts (decoding), else ragged (a grouped
+  # GEMM) on GPU and TPU, grouped (the dropless expert loop, or capacity buckets) on CPU
   moe_dispatch: str = dataclasses.field(default="auto", metadata=SAME_MATH)
   moe_capacity_factor: float = 0.0  # 0: dropless
   moe_mxfp4: bool = dataclasses.field(default=False, metadata=SAME_MATH)  # how experts are stored

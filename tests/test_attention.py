@@ -124,8 +124,14 @@ def test_blockwise_and_masked_models_agree(rng):
   np.testing.assert_allclose(forward(masked, tokens), forward(blockwise, tokens), rtol=1e-4, atol=1e-4)
 
 
-def test_decoding_with_cache_matches_full_forward(rng):
-  model = Transformer(_oss_tiny(), nnx.Rngs(0))
+@pytest.mark.parametrize("experts", [{}, {"n_experts": 8, "moe_mxfp4": True}])
+def test_decoding_with_cache_matches_full_forward(rng, experts):
+  """Packed experts: each decoded token (2 tokens x top-2 < 8 experts) takes the selected-experts path,
+  the prompt and the full forward the dropless loop over every expert."""
+  from gptoss_jax.model.moe import resolved_dispatch
+  cfg = _oss_tiny(**experts)
+  assert (resolved_dispatch(cfg, 2) == "selected") == bool(experts) and resolved_dispatch(cfg, 14) == "grouped"
+  model = Transformer(cfg, nnx.Rngs(0))
   _randomize(model)
   tokens = jnp.asarray(rng.integers(0, 64, (2, 20)), jnp.int32)
   step = jax.jit(lambda m, t, p, c: m.forward(t, p, c)[::2])

@@ -11,7 +11,7 @@ from flax import nnx
 from gptoss_jax import ModelConfig
 from gptoss_jax.model import mxfp4
 from gptoss_jax.model.ffn import MLP
-from gptoss_jax.model.moe import MoE, aux_losses, balance_step, dropless_blocks, route
+from gptoss_jax.model.moe import MoE, aux_losses, balance_step, dropless_blocks, resolved_dispatch, route
 
 BASE = ModelConfig(d_model=32, n_experts=8, top_k=2, d_expert=32, ffn="clamped_swiglu", ffn_bias=True,
                    router_bias=True)
@@ -97,7 +97,7 @@ def _numpy_moe(moe, cfg, x):
   return out
 
 
-@pytest.mark.parametrize("dispatch", ["grouped", "ragged", "dense"])
+@pytest.mark.parametrize("dispatch", ["grouped", "ragged", "selected", "dense"])
 def test_dispatch_matches_numpy(rng, dispatch):
   cfg = BASE.replace(moe_dispatch=dispatch)
   moe = _randomized(cfg)
@@ -181,6 +181,14 @@ def test_mxfp4_dequantize_plain_decode(rng):
   np.testing.assert_array_equal(mxfp4.dequantize(blocks, scales, jnp.float32), _plain_dequant(blocks, scales))
 
 
+def test_mxfp4_scales_are_powers_of_two():
+  """Every e8m0 byte: 2**(s - 127), the subnormal 2**-127 at 0, NaN at 255."""
+  s = np.arange(256)
+  got = np.asarray(mxfp4.scale_values(jnp.asarray(s, jnp.uint8)))
+  np.testing.assert_array_equal(got[:255], np.ldexp(np.float32(1), s[:255] - 127).astype(np.float32))
+  assert np.isnan(got[255])
+
+
 def test_mxfp4_quantize_follows_the_ocp_spec(rng):
   """2,000 random blocks against codes built with plain ml_dtypes casts: scale = 2**(floor(log2 amax) - 2)
   as an e8m0 byte, each value / scale cast to e2m1 (round to nearest even, saturating at 6)."""
@@ -243,3 +251,24 @@ def test_packed_experts_pass_input_gradients(rng):
   x = jnp.asarray(rng.normal(size=(2, 10, 32)), jnp.float32)
   grad = lambda m: jax.grad(lambda x: jnp.sum(jnp.sin(m(x)[0])))(x)
   np.testing.assert_allclose(grad(packed), grad(plain), rtol=1e-5, atol=1e-6)
+
+
+def test_selected_experts_equal_the_expert_loop_for_packed_experts(rng):
+  """Decoding's path (only the chosen experts gathered and dequantized) against the dropless loop over
+  every expert, for a few tokens whose choices overlap (an expert chosen by two tokens) and are disjoint."""
+  cfg = BASE.replace(moe_mxfp4=True, moe_dispatch="grouped")
+  loop = MoE(cfg, nnx.Rngs(0))
+  selected = MoE(cfg.replace(moe_dispatch="selected"), nnx.Rngs(0))
+  x = jnp.asarray(rng.normal(size=(1, 3, 32)), jnp.float32)
+  logits = np.asarray(x[0] @ loop.router_w[...] + loop.router_b[...])
+  chosen = [set(np.argsort(-row)[:2]) for row in logits]
+  assert any(a & b for a, b in zip(chosen, chosen[1:] + chosen[:1]))  # overlapping choices
+  assert any(not a & b for a, b in zip(chosen, chosen[1:] + chosen[:1]))  # and disjoint ones
+  np.testing.assert_allclose(selected(x)[0], loop(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_auto_dispatch_gathers_the_chosen_experts_only_for_few_tokens():
+  cfg = BASE.replace(n_experts=32, top_k=4)  # gpt-oss-20b's routing
+  assert resolved_dispatch(cfg, 1) == "selected" and resolved_dispatch(cfg, 7) == "selected"
+  assert resolved_dispatch(cfg, 8) == "grouped"  # as many assignments as experts: the loop, on CPU
+  assert resolved_dispatch(cfg.replace(moe_capacity_factor=1.0), 1) == "grouped"

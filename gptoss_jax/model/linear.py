@@ -7,18 +7,24 @@ import math
 import jax
 import jax.numpy as jnp
 
+FEW_ROWS = 16  # up to this many rows, a projection reads its weight as stored (matrix-vector products)
+
 
 def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
   """Contracts the last `n_in` axes of x with the first `n_in` axes of w: [..., *in] x [*in, *out] -> [..., *out].
 
   Computed as a 2-D matmul against the weight transposed to [out, in] (PyTorch's layout): XLA:CPU's
   backward pass then needs no transposed copies of activations, which made a GPT-2 MLP's forward and
-  backward 2.2x faster than the equivalent einsum on CPU (benchmarks/README figures).
+  backward 2.2x faster than the equivalent einsum on CPU (benchmarks/README figures). For a few rows
+  (decoding) the weight is read as stored instead: XLA:CPU would copy a transposed weight on every call.
   """
   lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
   x2 = x.reshape(-1, math.prod(ins))
   w2 = w.reshape(math.prod(ins), math.prod(outs)).astype(x.dtype)
-  y = jax.lax.dot_general(x2, w2.T, (((1,), (1,)), ((), ())))
+  if x2.shape[0] <= FEW_ROWS:
+    y = jax.lax.dot_general(x2, w2, (((1,), (0,)), ((), ())))
+  else:
+    y = jax.lax.dot_general(x2, w2.T, (((1,), (1,)), ((), ())))
   return y.reshape(*lead, *outs)
 
 

@@ -1,4 +1,4 @@
-"""Mixture of experts: router, auxiliary losses, and three dispatch strategies.
+"""Mixture of experts: router, auxiliary losses, and four dispatch strategies.
 
 grouped (default): sort the (token, expert) assignments by expert and compute only those; compute grows
   with the active experts, not the total. Dropless (moe_capacity_factor = 0): each expert's rows padded
@@ -8,6 +8,8 @@ grouped (default): sort the (token, expert) assignments by expert and compute on
   fixed size, one batched matmul, overflow dropped.
 ragged: jax.lax.ragged_dot over the sorted assignments (fast grouped GEMM on GPU/TPU; on CPU it
   lowers to a dense dot over all experts).
+selected: each (token, expert) assignment through its expert's weights gathered (packed ones dequantized):
+  reads only the chosen experts, for decoding and other small token counts.
 dense: every expert on every token, combined with the routing weights (the test reference).
 """
 
@@ -187,11 +189,15 @@ def expert_loop(activation: Callable[[jax.Array], jax.Array], blocks: tuple[int,
   return run
 
 
-def resolved_dispatch(cfg: ModelConfig) -> str:
-  """`auto`: ragged_dot (a grouped GEMM) on GPU and TPU when dropless; the grouped paths on CPU, where
-  ragged_dot is a dense dot over every expert."""
+def resolved_dispatch(cfg: ModelConfig, n_tokens: int) -> str:
+  """`auto`: the selected experts' weights gathered when there are fewer (token, expert) assignments than
+  experts (decoding: gpt-oss-20b reads 4 of its 32 experts per token); else ragged_dot (a grouped GEMM)
+  on GPU and TPU when dropless, and the grouped paths on CPU, where ragged_dot is a dense dot over every
+  expert."""
   if cfg.moe_dispatch != "auto":
     return cfg.moe_dispatch
+  if n_tokens * cfg.top_k < cfg.n_experts and not cfg.moe_capacity_factor:
+    return "selected"
   return "ragged" if jax.default_backend() in ("gpu", "tpu") and not cfg.moe_capacity_factor else "grouped"
 
 
@@ -267,6 +273,33 @@ class MoE(nnx.Module):
       return w_in.reshape(D, G * F), b_in.reshape(G * F), w_out, b_out
     return (self.w_in[...], b_in, self.w_out[...], b_out), unpack
 
+  def selected(self, x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array) -> jax.Array:
+    """Each (token, expert) assignment through its own expert's weights, gathered: only the chosen experts
+    are read, and packed ones dequantized. The cost follows the assignments (an expert chosen twice is
+    read twice), so this is for a few tokens. On CPU it computes in float32: XLA:CPU converts bfloat16
+    operands of every product anyway, and a dequantization straight to float32 saves that pass."""
+    cfg = self.cfg
+    dt = jnp.float32 if jax.default_backend() == "cpu" else x_NxD.dtype
+    (N, K), D = idx_NxK.shape, cfg.d_model
+    e_A = idx_NxK.reshape(-1)
+    x_AxD = jnp.repeat(x_NxD, K, axis=0).astype(dt)
+    b_in, b_out = (b[e_A] for b in self.biases(dt))
+    A, G, F = e_A.shape[0], n_in_proj(cfg), cfg.d_expert
+    # one matrix-vector product per assignment, the weight as stored ([A, out, in]: packed experts; [A, in,
+    # out]: plain ones), with its output dimensions flattened (an einsum keeping G and F apart made XLA:CPU
+    # copy the weights, 15x slower)
+    matvec = lambda x_AxI, w, contract: jax.lax.dot_general(x_AxI, w, (((1,), (contract,)), ((0,), (0,))))
+    if cfg.moe_mxfp4:  # stored [E, out, in / 32, 16]
+      w_in = mxfp4.dequantize(self.w_in_blocks[...][e_A], self.w_in_scales[...][e_A], dt).reshape(A, G * F, D)
+      w_out = mxfp4.dequantize(self.w_out_blocks[...][e_A], self.w_out_scales[...][e_A], dt)  # [A, D, F]
+      h = matvec(x_AxD, w_in, 2)
+      down = lambda a_AxF: matvec(a_AxF, w_out, 2)
+    else:
+      h = matvec(x_AxD, self.w_in[...][e_A].astype(dt).reshape(A, D, G * F), 1)
+      down = lambda a_AxF: matvec(a_AxF, self.w_out[...][e_A].astype(dt), 1)
+    y_AxD = down(activate(cfg, h.reshape(A, G, F) + b_in)) + b_out
+    return jnp.einsum("nkd,nk->nd", y_AxD.reshape(N, K, D), w_NxK.astype(dt)).astype(x_NxD.dtype)
+
   def biases(self, dtype):
     if not self.cfg.ffn_bias:
       E, G, F, D = self.cfg.n_experts, n_in_proj(self.cfg), self.cfg.d_expert, self.cfg.d_model
@@ -282,8 +315,10 @@ class MoE(nnx.Module):
     if cfg.router_bias:
       logits_NxE = logits_NxE + self.router_b[...].astype(jnp.float32)
     w_NxK, idx_NxK = route(cfg, logits_NxE, self.selection_bias[...] if cfg.moe_bias_update_rate else None)
-    dispatch = resolved_dispatch(cfg)
-    if dispatch == "grouped" and not cfg.moe_capacity_factor:  # dropless: experts one after another
+    dispatch = resolved_dispatch(cfg, B * T)
+    if dispatch == "selected":
+      y = self.selected(x_NxD, idx_NxK, w_NxK)
+    elif dispatch == "grouped" and not cfg.moe_capacity_factor:  # dropless: experts one after another
       weights, unpack = self.loop_weights(dt)
       G, F, blocks = n_in_proj(cfg), cfg.d_expert, dropless_blocks(cfg, B * T)
       loop = expert_loop(lambda h: activate(cfg, h.reshape(-1, G, F)), blocks, unpack)

@@ -18,14 +18,21 @@ class Packed(nnx.Variable):
   """Packed MXFP4 data: stored and sharded like a parameter, never trained."""
 
 
+def scale_values(scales: jax.Array) -> jax.Array:
+  """e8m0 bytes -> float32 2**(s - 127), exactly: the byte is float32's exponent field (0: 2**-127, a
+  subnormal; 255: NaN, as the spec has it). A multiply by it is exact, and far cheaper than ldexp."""
+  s = jnp.asarray(scales).astype(jnp.uint32)
+  bits = jnp.where(s == 0, jnp.uint32(1 << 22), jnp.where(s == 255, jnp.uint32(0x7FC00000), s << 23))
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def dequantize(blocks: jax.Array, scales: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
   """[..., nb, 16] uint8 blocks + [..., nb] uint8 scales -> [..., nb * 32] values."""
-  blocks = jnp.asarray(blocks)
-  nibbles = jnp.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], BLOCK)
-  values = jnp.asarray(FP4_VALUES, dtype)[nibbles]  # every FP4 value and power of two is exact in bf16
-  exponent = jnp.asarray(scales).astype(jnp.int32) - 127
-  out = jnp.ldexp(values, exponent[..., None])
-  return out.reshape(*blocks.shape[:-2], -1)
+  blocks, table = jnp.asarray(blocks), jnp.asarray(FP4_VALUES)
+  # each nibble looked up, then interleaved (interleaving the nibbles first made XLA:CPU 5x slower)
+  values = jnp.stack([table[blocks & 0x0F], table[blocks >> 4]], axis=-1).reshape(*blocks.shape[:-1], BLOCK)
+  values = values * scale_values(scales)[..., None]  # exact in float32
+  return values.astype(dtype).reshape(*blocks.shape[:-2], -1)  # and in bf16: FP4 values have 2 significant bits
 
 
 def quantize(w: jax.Array) -> tuple[jax.Array, jax.Array]:

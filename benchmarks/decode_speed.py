@@ -1,0 +1,152 @@
+"""Decoding speed of gpt-oss-20b's shape with packed MXFP4 experts (random weights of the real widths,
+fewer layers), next to the memory-bandwidth limit measured on the same machine.
+
+  python benchmarks/decode_speed.py [--layers 2 4 24] [--prompt 64] [--new 16] [--workdir /tmp/decode_speed]
+
+For each layer count, in fresh processes: random weights of the real shapes (bfloat16, experts packed as
+`convert --keep-mxfp4` keeps them) saved as a conversion is (weights.save_model); then, as `generate` runs
+(runtime.configure and reuse_step_memory): load, a greedy generation after a random prompt (its prefill and
+decode timed with their first compilations), the same again compiled (prefill tokens/s, decode tokens/s),
+and the peak RSS. The limit: the bytes one decoded token must read (every dense weight, its 4 experts of
+32 packed, one embedding row), against a plain streaming read of that many bytes on both cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONFIG = "gpt_oss:20b"
+
+
+def model_config(layers: int):
+  from gptoss_jax.config import model_config_from_file
+  return model_config_from_file(CONFIG).replace(n_layers=layers, moe_mxfp4=True, param_dtype="bfloat16",
+                                                dtype="bfloat16", max_seq_len=4096)
+
+
+def build(folder: str, layers: int) -> None:
+  """Random weights of the real shapes, written as a conversion writes them."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from gptoss_jax.config import RunConfig, load_config_file
+  from gptoss_jax.model import Transformer
+  from gptoss_jax.weights import save_model
+  cfg = model_config(layers)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+  rng = np.random.default_rng(0)
+
+  def fill(path, v):
+    name = "/".join(map(str, path))
+    if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
+      return jax.random.key(0)
+    if v.dtype == jnp.uint8:  # packed experts: any FP4 codes, scales around gpt-oss's (2**-9 .. 2**-4)
+      low, high = (118, 124) if "scales" in name else (0, 256)
+      return jnp.asarray(rng.integers(low, high, v.shape, dtype=np.uint8))
+    if jnp.issubdtype(v.dtype, jnp.floating):
+      return jnp.asarray((rng.standard_normal(v.shape, np.float32) * 0.02).astype(v.dtype))
+    return jnp.zeros(v.shape, v.dtype)
+
+  model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+  config = load_config_file(CONFIG)
+  config.model = cfg.to_dict()
+  config.data.tokenizer = "byte"  # no vocabulary file needed; the model's own vocabulary stays 201,088
+  save_model(folder, RunConfig.from_dict(config), model)
+
+
+def bytes_per_token(model) -> int:
+  """What one decoded token reads: every weight, but only top_k / n_experts of the experts and one row of
+  the embedding table."""
+  from flax import nnx
+  from gptoss_jax.model import WEIGHTS
+  cfg, total = model.cfg, 0
+  for path, var in nnx.to_flat_state(nnx.state(model, WEIGHTS)):
+    name, n = "/".join(map(str, path)), var[...].nbytes
+    if name.endswith(("w_in_blocks", "w_in_scales", "w_out_blocks", "w_out_scales", "b_in", "b_out")) and "ffn" in name:
+      n = n * cfg.top_k // cfg.n_experts
+    elif name == "embed":
+      n = n // cfg.vocab_size
+    total += n
+  return total
+
+
+def stream_bandwidth(n_bytes: int) -> float:
+  """Bytes/s of summing an n_bytes float32 array on both cores (numpy releases the GIL), best of 3."""
+  from concurrent.futures import ThreadPoolExecutor
+  data = np.ones(n_bytes // 4, np.float32)
+  halves = np.array_split(data, 2)
+  best = float("inf")
+  with ThreadPoolExecutor(2) as pool:
+    for _ in range(3):
+      began = time.perf_counter()
+      list(pool.map(np.sum, halves))
+      best = min(best, time.perf_counter() - began)
+  return n_bytes / best
+
+
+def measure(folder: str, prompt: int, new: int) -> None:
+  from gptoss_jax import runtime
+  runtime.configure()
+  runtime.reuse_step_memory()
+  from gptoss_jax.generate import generate
+  from gptoss_jax.weights import load_model
+  began = time.perf_counter()
+  _, cfg, model = load_model(folder)
+  row = {"load_s": time.perf_counter() - began}
+  ids = np.random.default_rng(1).integers(0, cfg.vocab_size, prompt).tolist()
+  for run in ("first", "compiled"):
+    timing = {}
+    generate(model, ids, new, timing=timing)
+    row[f"{run}_prefill_tokens_per_s"] = prompt / timing["prefill_s"]
+    row[f"{run}_decode_tokens_per_s"] = (new - 1) / timing["decode_s"]
+  row["peak_rss_gib"] = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 2**20
+  row["bytes_per_token_gib"] = bytes_per_token(model) / 2**30
+  del model
+  row["stream_gib_per_s"] = stream_bandwidth(int(row["bytes_per_token_gib"] * 2**30)) / 2**30
+  row["limit_tokens_per_s"] = row["stream_gib_per_s"] / row["bytes_per_token_gib"]
+  print("RESULT", json.dumps(row))
+
+
+def child(*args: str) -> str:
+  out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+  if out.returncode:
+    raise RuntimeError(out.stderr[-3000:])
+  return out.stdout
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+  parser.add_argument("--prompt", type=int, default=64)
+  parser.add_argument("--new", type=int, default=16)
+  parser.add_argument("--workdir", default="/tmp/decode_speed")
+  parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child:
+    kind, folder, *rest = args.child
+    build(folder, int(rest[0])) if kind == "build" else measure(folder, int(rest[0]), int(rest[1]))
+    return
+  print("layers  load s  prefill tok/s (first / compiled)  decode tok/s (first / compiled)  peak RSS GiB  "
+        "GiB/token  stream GiB/s  limit tok/s", flush=True)
+  for layers in args.layers:
+    folder = Path(args.workdir) / f"gpt-oss-20b-{layers}-layers"
+    shutil.rmtree(folder, ignore_errors=True)
+    child("build", str(folder), str(layers))
+    row = json.loads(child("measure", str(folder), str(args.prompt), str(args.new)).split("RESULT", 1)[1])
+    shutil.rmtree(folder)
+    print(f"{layers:6d}  {row['load_s']:6.1f}  {row['first_prefill_tokens_per_s']:13.1f} / "
+          f"{row['compiled_prefill_tokens_per_s']:<17.1f}  {row['first_decode_tokens_per_s']:10.2f} / "
+          f"{row['compiled_decode_tokens_per_s']:<18.2f}  {row['peak_rss_gib']:12.1f}  {row['bytes_per_token_gib']:9.2f}  "
+          f"{row['stream_gib_per_s']:12.1f}  {row['limit_tokens_per_s']:11.1f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
