@@ -1,13 +1,15 @@
 """A sweep's TensorBoard logdir, written from its metrics.jsonl files (what the committed results keep):
 one run per training (<run>/seed<k>, <run>/lr<value>), scalars only; HParams with what a comparison
 needs (run, sweep, seed, learning rate, the fields the sweep varies, parameter counts, FLOPs per token),
-the seeds of a run in one session group so TensorBoard aggregates them; a custom-scalars layout with the
+the varying fields and the learning rate marked as differing (the columns TensorBoard's table shows
+first), the seeds of a run in one session group so TensorBoard aggregates them; a custom-scalars layout with the
 held-out loss of every run on one chart.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from gptoss_jax.train.metrics import hparams_summaries
@@ -25,7 +27,8 @@ LEFT_OUT = ("perf/step_time_s", "perf/mfu", "perf/peak_memory_gb", "perf/peak_me
 
 def write(sweep_dir: Path, description: dict, out: Path) -> Path:
   from tensorboardX import SummaryWriter
-  out.mkdir(parents=True, exist_ok=True)
+  shutil.rmtree(out, ignore_errors=True)  # written anew: event files of an earlier export would be read too
+  out.mkdir(parents=True)
   varying = sorted({field for run in description["runs"] for field in run["changes"]})
   with SummaryWriter(str(out)) as root:
     root.add_custom_scalars(LAYOUT)
@@ -41,7 +44,7 @@ def write(sweep_dir: Path, description: dict, out: Path) -> Path:
       hparams |= {k: spec[k] for k in ("total_params", "active_params")} | {"train_flops_per_token": spec["flops_per_token"]}
       group = spec["name"] if seeds else f"{spec['name']}/{folder.name}"
       with SummaryWriter(str(out / spec["name"] / folder.name)) as writer:
-        for summary in hparams_summaries(hparams, group, ("eval/loss", "train/loss")):
+        for summary in hparams_summaries(hparams, group, ("eval/loss", "train/loss"), differs=(*varying, "lr")):
           writer.file_writer.add_summary(summary)
         for line in (folder / "metrics.jsonl").read_text().splitlines():
           row = json.loads(line)

@@ -344,6 +344,8 @@ def test_tensorboard_export_has_what_a_comparison_needs(tmp_path):
       (tmp_path / run_name / f"seed{seed}" / "config.json").write_text(json.dumps(
           {"model": {"d_model": width, "n_heads": 4, "x": 1}, "train": {"seed": seed, "lr": 0.003}}))
   assert report.main([str(tmp_path), "--tensorboard"]) == 0
+  assert report.main([str(tmp_path), "--tensorboard"]) == 0  # written anew, not added to
+  assert len(list((tmp_path / "tb" / "wide" / "seed0").glob("events.out.tfevents.*"))) == 1
   sessions = {}
   for run_name in ("dense", "wide"):
     for seed in (0, 1):
@@ -359,6 +361,12 @@ def test_tensorboard_export_has_what_a_comparison_needs(tmp_path):
   assert hp["d_model"].number_value == 64 and hp["n_heads"].number_value == 4 and "x" not in hp
   assert hp["total_params"].number_value == 123_456 and hp["seed"].number_value == 1
   assert all(hp[k].number_value.is_integer() for k in ("total_params", "active_params", "seed", "d_model"))
+  [experiment] = [HParamsPluginData.FromString(v.metadata.plugin_data.content).experiment
+                  for e in _read_events(tmp_path / "tb" / "wide" / "seed0") for v in e.summary.value
+                  if v.tag == "_hparams_/experiment"]
+  # TensorBoard's table shows the fields marked as differing first: what the sweep varies, and the lr
+  differs = bytes([7 << 3, 1])  # HParamInfo.differs = true: field 7 of TensorBoard's proto (not in tensorboardX's)
+  assert {i.name for i in experiment.hparam_infos if i.SerializeToString().endswith(differs)} == {"d_model", "n_heads", "lr"}
   tags = {v.tag for e in _read_events(tmp_path / "tb" / "wide" / "seed0") for v in e.summary.value}
   assert {"eval/loss", "train/loss", "train/tokens"} <= tags
   assert any(e.summary.value and e.summary.value[0].tag == "custom_scalars__config__" for e in _read_events(tmp_path / "tb"))

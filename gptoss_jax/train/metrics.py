@@ -106,18 +106,27 @@ class MetricsLogger:
       self.jsonl.close()
 
 
-def hparams_summaries(hparams: dict, group: str, metrics: tuple[str, ...]) -> list:
+# HParamInfo.differs (field 7, a bool) of TensorBoard's hparams proto, which tensorboardX's copy lacks: kept
+# as an unknown field and written out as such
+DIFFERS = bytes([7 << 3 | 0, 1])
+
+
+def hparams_summaries(hparams: dict, group: str, metrics: tuple[str, ...], differs: tuple[str, ...] = ()) -> list:
   """TensorBoard HParams summaries of one training: numbers, booleans and strings as such (anything else
   as its text), and the session put in `group`: TensorBoard aggregates a group's sessions (the seeds of
-  one run) into one row of its table."""
+  one run) into one row of its table. The `differs` fields are marked so: TensorBoard's table shows 5
+  columns until more are ticked, those marked first."""
   from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
   from tensorboardX.summary import hparams as hparams_summary
   clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
   experiment, start, end = hparams_summary(clean, {m: 0.0 for m in metrics})
-  plugin = start.value[0].metadata.plugin_data
-  content = HParamsPluginData.FromString(plugin.content)
-  content.session_start_info.group_name = group
-  plugin.content = content.SerializeToString()
+  for summary, edit in ((start, lambda c: setattr(c.session_start_info, "group_name", group)),
+                        (experiment, lambda c: [info.MergeFromString(DIFFERS)
+                                                for info in c.experiment.hparam_infos if info.name in differs])):
+    plugin = summary.value[0].metadata.plugin_data
+    content = HParamsPluginData.FromString(plugin.content)
+    edit(content)
+    plugin.content = content.SerializeToString()
   return [experiment, start, end]
 
 
