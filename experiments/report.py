@@ -148,6 +148,9 @@ def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
       walls += [max(r["perf/elapsed_s"] for r in perf)] if perf and "perf/elapsed_s" in perf[-1] else []
     grid = {lr: loss for lr, sub in grid_lrs(folder).items() if (loss := final_eval(sub, steps)) is not None}
     health = {k: statistics.fmean(h[k] for h in healths) for k in healths[0]} if healths and healths[0] else {}
+    if health:  # a mean hides single seeds: count those whose worst layer ends past half of collapse
+      half = spec["n_experts"] / spec["top_k"] / 2
+      health["collapsing_seeds"] = sum(h["max_load_ratio"] > half for h in healths)
     results.append(Result(spec["name"], spec, curves, finals, statistics.fmean(ses) if ses else float("nan"),
                           grid, heldout, health, statistics.median(rates) if rates else float("nan"),
                           max(peaks, default=float("nan")), statistics.fmean(walls) if walls else float("nan")))
@@ -222,13 +225,17 @@ def markdown(description: dict, results: list[Result], comparisons: list[Compari
     lines += ["", "## Router health", "",
               "At the last logged step, the worst layer, mean over seeds: max_load_ratio (experts x the busiest "
               "expert's share of the assignments: 1 is balanced, E / top_k is collapse), usage entropy (entropy of "
-              "the shares / log E: 1 is balanced) and the share of experts that got no assignment.", "",
-              "| run | experts, top-k | max_load_ratio | collapse value | usage entropy | dead experts |",
-              "|---|---|---|---|---|---|"]
+              "the shares / log E: 1 is balanced) and the share of experts that got no assignment; and how many "
+              "seeds end with a layer past half the collapse value (a partly collapsed router: that seed's "
+              "result measures a partly broken MoE).", "",
+              "| run | experts, top-k | max_load_ratio | collapse value | usage entropy | dead experts | seeds past half of collapse |",
+              "|---|---|---|---|---|---|---|"]
     for r in moe:
       E, k = r.spec["n_experts"], r.spec["top_k"]
       lines.append(f"| {r.name} | {E}, {k} | {r.health['max_load_ratio']:.2f} | {E / k:.1f} | "
-                   f"{r.health['usage_entropy']:.3f} | {r.health['dead_experts']:.3f} |")
+                   f"{r.health['usage_entropy']:.3f} | {r.health['dead_experts']:.3f} | "
+                   + (f"**{r.health['collapsing_seeds']} of {len(r.finals)}**" if r.health["collapsing_seeds"] else "0")
+                   + " |")
 
   lines += ["", "## Noise", "",
             "Seed-to-seed standard deviation of the final held-out loss against the held-out set's own noise "

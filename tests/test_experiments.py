@@ -293,6 +293,7 @@ def test_report_flags_a_learning_rate_at_the_edge_and_shows_router_health(tmp_pa
   assert main["moe"][3] == "2.2000" and main["dense"][7:9] == ["2.6", "1.3"]  # one seed finished; tokens/param
   health = _table(text, "| run | experts, top-k |")
   assert health["moe"][1:6] == ["8, 2", "2.00", "4.0", "0.800", "0.000"]  # the worst layer
+  assert health["moe"][6] == "0"  # 2.00 is half of collapse (8 / 2 / 2), not past it
   assert "`moe` vs `dense`" not in text  # one common seed: no comparison
 
 
