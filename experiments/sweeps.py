@@ -34,6 +34,9 @@ class Scale:
   seeds: int = 5  # compared seeds 0..seeds-1
   selection_seed: int = 1000  # the learning rate is chosen on this seed, never one of the compared ones
   min_tokens_per_active_param: float = 0.0  # checked for every run (tested)
+  # every MoE run adds DeepSeek-V3's aux-loss-free balancing to the default balancing loss and z-loss:
+  # with the loss alone, some tiny runs ended with one expert at 2-2.5x its share (of 4 at collapse)
+  moe_bias_update_rate: float = 1e-3
 
 
 SCALES = {
@@ -45,7 +48,7 @@ SCALES = {
         run={"data.seq_len": 128, "data.eval_fraction": 0.03, "train.steps": 700, "train.batch_size": 16,
              "train.warmup_steps": 35, "train.eval_every": 175, "train.eval_batches": 0,
              "checkpoint.every": 350, "checkpoint.keep": 1, "log.every": 25},
-        lrs=(1e-3, 3e-3, 1e-2), min_tokens_per_active_param=10.0),
+        lrs=(1e-3, 3e-3, 1e-2), min_tokens_per_active_param=10.0, moe_bias_update_rate=3e-3),
     # one GPU, hours: GPT-2 tokens of FineWeb-Edu (needs `pip install datasets` and internet)
     "small": Scale(
         model=dict(vocab_size=50304, max_seq_len=512, d_model=384, n_layers=6, n_heads=6, head_dim=64,
@@ -185,10 +188,12 @@ def ladder(scale: Scale) -> list[Run]:
        n_kv_heads=scale.kv_heads)
   dense = rungs[-1].model
   n_experts, top_k = scale.moe
-  moe = lambda d: dense.replace(n_experts=n_experts, top_k=top_k, d_expert=d, router_bias=True)
+  moe = lambda d: dense.replace(n_experts=n_experts, top_k=top_k, d_expert=d, router_bias=True,
+                               moe_bias_update_rate=scale.moe_bias_update_rate)
   d_expert = solve(moe, active, active(dense), dense.d_ff // top_k)
   rung("moe", f"{n_experts} experts, top-{top_k}, active parameters as the dense model's", match=False,
-       n_experts=n_experts, top_k=top_k, d_expert=d_expert, router_bias=True)
+       n_experts=n_experts, top_k=top_k, d_expert=d_expert, router_bias=True,
+       moe_bias_update_rate=scale.moe_bias_update_rate)
   rung("sliding_window", f"window of {scale.window} on alternate layers (window_layers='alternate')",
        sliding_window=scale.window)
   rung("sinks", "attention sinks", attn_sinks=True)
@@ -238,19 +243,20 @@ def experts(scale: Scale) -> list[Run]:
   model's; the fewest experts against 4x as many at 1/4 the width and 4x the top-k is the few-large /
   many-small pair (equal total and active parameters)."""
   final = ladder(scale)[-1].model
-  dense = final.replace(n_experts=0, d_expert=0, router_bias=False)
+  dense = final.replace(n_experts=0, d_expert=0, router_bias=False, moe_bias_update_rate=0.0)
   target = active(dense)
   runs = [Run("dense", dense, note="the gpt-oss-style model with a dense SwiGLU FFN")]
 
   def moe_run(n: int, k: int, baseline: str, note: str, total_target: int = 0) -> Run:
-    make = lambda d: dense.replace(n_experts=n, top_k=k, d_expert=d, router_bias=True)
+    make = lambda d: dense.replace(n_experts=n, top_k=k, d_expert=d, router_bias=True,
+                                   moe_bias_update_rate=scale.moe_bias_update_rate)
     d = solve(make, active, target, dense.d_ff // k)
     if total_target:  # match both: the neighbouring width with the smaller worst relative error
       error = lambda c: max(abs(active(c) / target - 1), abs(total(c) / total_target - 1))
       d = min((d - 1, d, d + 1), key=lambda x: error(make(x)))
     cfg = make(d)
     _check_budget(f"e{n}_k{k} active", active(cfg), target)
-    return Run(f"e{n}_k{k}", cfg, ("n_experts", "top_k", "d_expert", "router_bias"), baseline,
+    return Run(f"e{n}_k{k}", cfg, ("n_experts", "top_k", "d_expert", "router_bias", "moe_bias_update_rate"), baseline,
                note + f"expert width {cfg.d_expert}")
 
   runs += [moe_run(n, k, "dense", f"{n} experts, top-{k}; ") for n, k in scale.expert_counts.items()]

@@ -38,10 +38,20 @@ def test_ladder_changes_exactly_the_named_fields_one_rung_at_a_time(ladder):
   expected = {"no_dropout": {"embed_dropout", "attn_dropout", "resid_dropout"}, "rope": {"position", "d_ff"},
               "rmsnorm": {"norm"}, "no_biases": {"qkv_bias", "out_bias", "ffn_bias", "d_ff"},
               "swiglu": {"ffn", "d_ff"}, "gqa": {"n_kv_heads", "d_ff"},
-              "moe": {"n_experts", "top_k", "d_expert", "router_bias"},
+              "moe": {"n_experts", "top_k", "d_expert", "router_bias", "moe_bias_update_rate"},
               "sliding_window": {"sliding_window"}, "sinks": {"attn_sinks"},
               "attention_biases": {"qkv_bias", "out_bias"}}
   assert {r.name: set(r.changes) for r in ladder[1:]} == expected
+
+
+def test_every_moe_run_balances_with_the_bias_and_dense_runs_carry_none():
+  """The scale's aux-loss-free rate on every MoE run of every sweep (beside the default balancing loss),
+  and no MoE-only field on a dense run, so dense runs keep the configs they trained with."""
+  for name in ("ladder", "width_depth", "experts"):
+    for run in build(name, "tiny").runs:
+      m = run.model
+      assert m.moe_bias_update_rate == (SCALES["tiny"].moe_bias_update_rate if m.is_moe else 0.0), (name, run.name)
+      assert m.moe_aux_loss_weight > 0 and m.moe_z_loss_weight > 0, (name, run.name)
 
 
 def test_every_rung_compares_at_matched_parameters(ladder):
