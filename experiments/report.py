@@ -42,6 +42,7 @@ class Result:
   tokens_per_s: float  # median over seeds and logged intervals (the first, which compiles, left out)
   peak_memory_gb: float
   wall_s: float  # mean over seeds
+  balancing: str = ""  # an MoE run's balancing settings, from its trainings' config.json
 
   @property
   def mean(self) -> float:
@@ -123,6 +124,15 @@ def _health(rows: list[dict]) -> dict[str, float]:
           "dead_experts": max(of("moe/dead_experts"), default=float("nan"))}
 
 
+def _balancing(folder: Path) -> str:
+  """The balancing loss weight, z-loss weight and aux-loss-free bias rate the run's trainings used."""
+  for config in sorted(folder.glob("seed*/config.json")):
+    m = json.loads(config.read_text())["model"]
+    return (f"{m['moe_aux_loss_weight']:g}, {m['moe_z_loss_weight']:g}, "
+            f"{m.get('moe_bias_update_rate', 0.0):g}")
+  return ""
+
+
 def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
   description = json.loads((sweep_dir / "sweep.json").read_text())
   results = []
@@ -153,7 +163,8 @@ def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
       health["collapsing_seeds"] = sum(h["max_load_ratio"] > half for h in healths)
     results.append(Result(spec["name"], spec, curves, finals, statistics.fmean(ses) if ses else float("nan"),
                           grid, heldout, health, statistics.median(rates) if rates else float("nan"),
-                          max(peaks, default=float("nan")), statistics.fmean(walls) if walls else float("nan")))
+                          max(peaks, default=float("nan")), statistics.fmean(walls) if walls else float("nan"),
+                          _balancing(folder) if health else ""))
   return description, results
 
 
@@ -227,12 +238,14 @@ def markdown(description: dict, results: list[Result], comparisons: list[Compari
               "expert's share of the assignments: 1 is balanced, E / top_k is collapse), usage entropy (entropy of "
               "the shares / log E: 1 is balanced) and the share of experts that got no assignment; and how many "
               "seeds end with a layer past half the collapse value (a partly collapsed router: that seed's "
-              "result measures a partly broken MoE).", "",
-              "| run | experts, top-k | max_load_ratio | collapse value | usage entropy | dead experts | seeds past half of collapse |",
-              "|---|---|---|---|---|---|---|"]
+              "result measures a partly broken MoE). Balancing: the load-balancing loss weight, the router z-loss "
+              "weight and the aux-loss-free selection bias's update rate (0: off).", "",
+              "| run | experts, top-k | balancing | max_load_ratio | collapse value | usage entropy | dead experts "
+              "| seeds past half of collapse |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in moe:
       E, k = r.spec["n_experts"], r.spec["top_k"]
-      lines.append(f"| {r.name} | {E}, {k} | {r.health['max_load_ratio']:.2f} | {E / k:.1f} | "
+      lines.append(f"| {r.name} | {E}, {k} | {r.balancing} | {r.health['max_load_ratio']:.2f} | {E / k:.1f} | "
                    f"{r.health['usage_entropy']:.3f} | {r.health['dead_experts']:.3f} | "
                    + (f"**{r.health['collapsing_seeds']} of {len(r.finals)}**" if r.health["collapsing_seeds"] else "0")
                    + " |")

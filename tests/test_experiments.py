@@ -190,6 +190,9 @@ def _fake_sweep(folder, finals: dict[str, list[float]], baselines: dict[str, str
     health |= {f"moe/dead_experts/layer0{i}": 0.0 for i in range(2)} if E else {}
     for seed, final in enumerate(values):
       _write_metrics(folder / name / f"seed{seed}", final, extra=health)
+      if E:
+        balancing = {"moe_aux_loss_weight": 0.01, "moe_z_loss_weight": 0.001, "moe_bias_update_rate": 0.003}
+        (folder / name / f"seed{seed}" / "config.json").write_text(json.dumps({"model": balancing}))
     for lr, loss in (grids or {}).get(name, {}).items():
       _write_metrics(run.lr_dir(folder, name, lr), loss)
   (folder / "sweep.json").write_text(json.dumps({"sweep": "fake", "scale": "tiny", "seeds": 5, "lrs": [1e-3, 3e-3, 1e-2],
@@ -302,8 +305,8 @@ def test_report_flags_a_learning_rate_at_the_edge_and_shows_router_health(tmp_pa
   assert main["dense"][2:5] == ["0.003", "2.0500 ± 0.0707", "[2.0000, 2.1000]"]
   assert main["moe"][3] == "2.2000" and main["dense"][7:9] == ["2.6", "1.3"]  # one seed finished; tokens/param
   health = _table(text, "| run | experts, top-k |")
-  assert health["moe"][1:6] == ["8, 2", "2.00", "4.0", "0.800", "0.000"]  # the worst layer
-  assert health["moe"][6] == "0"  # 2.00 is half of collapse (8 / 2 / 2), not past it
+  assert health["moe"][1:7] == ["8, 2", "0.01, 0.001, 0.003", "2.00", "4.0", "0.800", "0.000"]  # worst layer
+  assert health["moe"][7] == "0"  # 2.00 is half of collapse (8 / 2 / 2), not past it
   assert "`moe` vs `dense`" not in text  # one common seed: no comparison
 
 
