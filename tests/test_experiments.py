@@ -48,10 +48,10 @@ def test_every_moe_run_balances_with_the_bias_and_dense_runs_carry_none():
   """The scale's aux-loss-free rate on every MoE run of every sweep (beside the default balancing loss),
   and no MoE-only field on a dense run, so dense runs keep the configs they trained with."""
   for name in ("ladder", "width_depth", "experts"):
-    for run in build(name, "tiny").runs:
-      m = run.model
-      assert m.moe_bias_update_rate == (SCALES["tiny"].moe_bias_update_rate if m.is_moe else 0.0), (name, run.name)
-      assert m.moe_aux_loss_weight > 0 and m.moe_z_loss_weight > 0, (name, run.name)
+    for r in build(name, "tiny").runs:
+      m = r.model
+      assert m.moe_bias_update_rate == (TINY.moe_bias_update_rate if m.is_moe else 0.0), (name, r.name)
+      assert m.moe_aux_loss_weight > 0 and m.moe_z_loss_weight > 0, (name, r.name)
 
 
 def test_every_rung_compares_at_matched_parameters(ladder):
