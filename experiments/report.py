@@ -43,6 +43,8 @@ class Result:
   peak_memory_gb: float
   wall_s: float  # mean over seeds
   balancing: str = ""  # an MoE run's balancing settings, from its trainings' config.json
+  load_curves: dict[int, list[tuple[int, float]]] = dataclasses.field(default_factory=dict)  # seed -> (step,
+  # worst layer's max_load_ratio) at every logged step
 
   @property
   def mean(self) -> float:
@@ -138,13 +140,17 @@ def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
   results = []
   for spec in description["runs"]:
     folder, steps = sweep_dir / spec["name"], spec["steps"]
-    curves, finals, ses, healths, rates, peaks, walls, heldout = {}, {}, [], [], [], [], [], {}
+    curves, finals, ses, healths, rates, peaks, walls, heldout, load_curves = {}, {}, [], [], [], [], [], {}, {}
     for seed, sub in sorted(_seed_folders(folder).items()):
       rows = metrics(sub)
       curve = sorted((r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r)
       if not curve:
         continue
       curves[seed] = curve
+      loads = [(r["step"], max(v for k, v in r.items() if k.startswith("moe/max_load_ratio"))) for r in rows
+               if any(k.startswith("moe/max_load_ratio") for k in r)]
+      if loads:
+        load_curves[seed] = loads
       if curve[-1][0] >= steps:
         finals[seed] = curve[-1][1]
         ses += [r["eval/loss_se"] for r in rows if r["step"] >= steps and "eval/loss_se" in r][-1:]
@@ -164,7 +170,7 @@ def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
     results.append(Result(spec["name"], spec, curves, finals, statistics.fmean(ses) if ses else float("nan"),
                           grid, heldout, health, statistics.median(rates) if rates else float("nan"),
                           max(peaks, default=float("nan")), statistics.fmean(walls) if walls else float("nan"),
-                          _balancing(folder) if health else ""))
+                          _balancing(folder) if health else "", load_curves))
   return description, results
 
 
@@ -268,7 +274,10 @@ def markdown(description: dict, results: list[Result], comparisons: list[Compari
         lines.append(f"| {c.run} | {c.baseline} | {c.seed_se:.4f} | {c.heldout_se:.4f} | {c.seed_se / c.heldout_se:.1f} |")
   lines += ["", "![eval loss against steps](loss_vs_steps.png)", "![eval loss against training FLOPs]"
             "(loss_vs_flops.png)", "![final eval loss per run](final_loss.png)",
-            "![paired differences](differences.png)", "![learning-rate grid](lr_grid.png)", ""]
+            "![paired differences](differences.png)", "![learning-rate grid](lr_grid.png)"]
+  if moe:
+    lines.append("![router load over training](router_health.png)")
+  lines.append("")
   return "\n".join(lines)
 
 
@@ -337,6 +346,23 @@ def plot(description: dict, results: list[Result], comparisons: list[Comparison]
   if any(r.grid for r in results):
     ax.legend(fontsize=7, ncol=2)
   paths.append(_save(fig, out / "lr_grid.png"))
+
+  moe = [(r, color) for r, color in zip(results, colors) if r.load_curves]
+  if moe:
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for r, color in moe:
+      collapse = r.spec["n_experts"] / r.spec["top_k"]
+      steps = sorted({s for curve in r.load_curves.values() for s, _ in curve})
+      per_step = [[dict(c)[s] / collapse for c in r.load_curves.values() if s in dict(c)] for s in steps]
+      ax.plot(steps, [np.mean(v) for v in per_step], label=r.name, linewidth=1.2, color=color)
+      ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], color=color, alpha=0.15)
+    ax.axhline(0.5, color="black", linewidth=0.8, linestyle="--")
+    ax.set(xlabel="step", ylabel="worst layer's max_load_ratio / collapse value",
+           title=f"{title}: router load of the compared seeds (mean, band = min..max)\n"
+                 "1 = collapse (E / top_k), top_k / E = balanced, dashed: half of collapse")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    paths.append(_save(fig, out / "router_health.png"))
   return paths
 
 
@@ -377,9 +403,7 @@ def main(argv: list[str] | None = None) -> int:
   out.mkdir(parents=True, exist_ok=True)
   comparisons = compare_all(results)
   (out / "report.md").write_text(markdown(description, results, comparisons))
-  plot(description, results, comparisons, out)
-  print(f"wrote {out / 'report.md'} and loss_vs_steps.png, loss_vs_flops.png, final_loss.png, differences.png, "
-        "lr_grid.png")
+  print(f"wrote {out / 'report.md'} and " + ", ".join(p.name for p in plot(description, results, comparisons, out)))
   if args.tensorboard:
     from experiments import tensorboard
     print(f"wrote {tensorboard.write(sweep_dir, description, out / 'tb')}: tensorboard --logdir {out / 'tb'}")

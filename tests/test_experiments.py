@@ -263,6 +263,7 @@ def test_paired_statistics_match_a_plain_formula_with_holm(tmp_path):
   assert "Distinguishable at this scale: `a` vs `base`" in text
   for png in ("loss_vs_steps.png", "loss_vs_flops.png", "final_loss.png", "differences.png", "lr_grid.png"):
     assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+  assert not (tmp_path / "router_health.png").exists()  # no MoE run
 
 
 def test_lr_choice_picks_the_lowest_loss_and_widens_at_an_edge():
@@ -307,6 +308,10 @@ def test_report_flags_a_learning_rate_at_the_edge_and_shows_router_health(tmp_pa
   health = _table(text, "| run | experts, top-k |")
   assert health["moe"][1:7] == ["8, 2", "0.01, 0.001, 0.003", "2.00", "4.0", "0.800", "0.000"]  # worst layer
   assert health["moe"][7] == "0"  # 2.00 is half of collapse (8 / 2 / 2), not past it
+  _, results = report.load(tmp_path)
+  loads = {r.name: r.load_curves for r in results}
+  assert loads["dense"] == {} and loads["moe"][0] == [(10, 2.0), (20, 2.0)]  # the worst layer at each logged step
+  assert (tmp_path / "out" / "router_health.png").read_bytes()[:4] == b"\x89PNG"
   assert "`moe` vs `dense`" not in text  # one common seed: no comparison
 
 
