@@ -115,15 +115,20 @@ def _seed_folders(run_folder: Path) -> dict[int, Path]:
   return {int(p.name[4:]): p for p in run_folder.glob("seed*") if p.is_dir() and p.name[4:].isdigit()}
 
 
+def _per_layer(row: dict, metric: str) -> list[float]:
+  """One logged row's values of a per-layer router metric (`moe/max_load_ratio/layer03`, ...)."""
+  return [v for k, v in row.items() if k.startswith(metric)]
+
+
 def _health(rows: list[dict]) -> dict[str, float]:
   """The last logged step's router health, worst layer: largest max_load_ratio and dead share, lowest
   usage entropy."""
-  last = next((r for r in reversed(rows) if any(k.startswith("moe/max_load_ratio") for k in r)), None)
+  last = next((r for r in reversed(rows) if _per_layer(r, "moe/max_load_ratio")), None)
   if last is None:
     return {}
-  of = lambda prefix: [v for k, v in last.items() if k.startswith(prefix)]
-  return {"max_load_ratio": max(of("moe/max_load_ratio")), "usage_entropy": min(of("moe/usage_entropy"), default=float("nan")),
-          "dead_experts": max(of("moe/dead_experts"), default=float("nan"))}
+  return {"max_load_ratio": max(_per_layer(last, "moe/max_load_ratio")),
+          "usage_entropy": min(_per_layer(last, "moe/usage_entropy"), default=float("nan")),
+          "dead_experts": max(_per_layer(last, "moe/dead_experts"), default=float("nan"))}
 
 
 def _balancing(folder: Path) -> str:
@@ -147,8 +152,7 @@ def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
       if not curve:
         continue
       curves[seed] = curve
-      loads = [(r["step"], max(v for k, v in r.items() if k.startswith("moe/max_load_ratio"))) for r in rows
-               if any(k.startswith("moe/max_load_ratio") for k in r)]
+      loads = [(r["step"], max(v)) for r in rows if (v := _per_layer(r, "moe/max_load_ratio"))]
       if loads:
         load_curves[seed] = loads
       if curve[-1][0] >= steps:
