@@ -44,11 +44,14 @@ def test_sharded_train_step_lowers(platform, spec, model):
   assert "sdy.sharding" in text or "mhlo.sharding" in text  # the parameters stay sharded
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["bf16", "mxfp4"])
 @pytest.mark.parametrize("platform", PLATFORMS)
-def test_decode_step_lowers(platform):
-  """generate's own decode step (one token through the KV cache, then sampled) of the gpt-oss preset."""
+def test_decode_step_lowers(platform, packed):
+  """generate's own decode step (one token through the KV cache, then sampled) of the gpt-oss preset, its
+  experts plain or packed (read by the CPU kernel on CPU: none of it may reach another platform)."""
+  from gptoss_jax.model import mxfp4_kernel
   config = load_config_file(f"{REPO}/configs/gpt_oss.py:tiny")
-  cfg = ModelConfig.from_dict(config.model)
+  cfg = ModelConfig.from_dict(config.model).replace(moe_mxfp4=packed)
   model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
   cache = jax.eval_shape(lambda: model.init_cache(1, 128))
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
@@ -57,3 +60,4 @@ def test_decode_step_lowers(platform):
   exported = jax.export.export(step, platforms=[platform])(model, scalar, scalar, cache, key, temperature=0.8, top_p=0.95)
   assert exported.platforms == (platform,)
   assert exported.out_avals[0].shape == ()  # the sampled token
+  assert mxfp4_kernel.TARGET not in exported.mlir_module()

@@ -218,6 +218,36 @@ def codes_to_values(codes):
   return codes.astype(np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float32)
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "xla"])
+def test_mxfp4_matvec_equals_a_plain_decode(rng, monkeypatch, kernel):
+  """Each assignment's product with its expert's packed weight, against codes decoded by ml_dtypes and
+  numpy's product: the CPU kernel (needs g++) and XLA's path, for every code, experts chosen twice and
+  several output dimensions."""
+  from gptoss_jax.model import mxfp4_kernel
+  monkeypatch.setenv("GPTOSS_JAX_KERNELS", "1" if kernel else "0")
+  mxfp4_kernel.available.cache_clear()
+  jax.clear_caches()  # the choice is made when a program is traced
+  try:
+    if kernel and not mxfp4_kernel.available():
+      pytest.skip("the MXFP4 CPU kernel could not be built here (no g++?)")
+    E, O, I, A = 5, 3 * 7, 96, 6
+    blocks = rng.integers(0, 256, (E, 3, 7, I // 32, 16), dtype=np.uint8)  # output dimensions [3, 7]
+    scales = rng.integers(110, 140, (E, 3, 7, I // 32), dtype=np.uint8)
+    experts = np.array([4, 0, 4, 2, 1, 4])
+    x = rng.normal(size=(A, I)).astype(np.float32)
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(E, O, I // 32, 32)
+    w = (codes_to_values(codes) * 2.0 ** (scales.reshape(E, O, I // 32, 1).astype(np.float32) - 127)).reshape(E, O, I)
+    want = np.einsum("ai,aoi->ao", x.astype(np.float64), w[experts].astype(np.float64))
+    args = jnp.asarray(x), jnp.asarray(experts), jnp.asarray(blocks), jnp.asarray(scales)
+    assert (mxfp4_kernel.TARGET in jax.jit(mxfp4_kernel.matvec).lower(*args).as_text()) == kernel
+    got = jax.jit(mxfp4_kernel.matvec)(*args)
+    assert got.shape == (A, O) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  finally:
+    mxfp4_kernel.available.cache_clear()
+    jax.clear_caches()
+
+
 def test_mxfp4_matches_transformers(rng):
   from transformers.integrations.mxfp4 import convert_moe_packed_tensors
   import torch

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptoss_jax.config import ModelConfig
-from gptoss_jax.model import mxfp4
+from gptoss_jax.model import mxfp4, mxfp4_kernel
 from gptoss_jax.model.ffn import activate, init_std_out, n_in_proj
 from gptoss_jax.model.linear import project_batched
 
@@ -274,10 +274,10 @@ class MoE(nnx.Module):
     return (self.w_in[...], b_in, self.w_out[...], b_out), unpack
 
   def selected(self, x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array) -> jax.Array:
-    """Each (token, expert) assignment through its own expert's weights, gathered: only the chosen experts
-    are read, and packed ones dequantized. The cost follows the assignments (an expert chosen twice is
-    read twice), so this is for a few tokens. On CPU it computes in float32: XLA:CPU multiplies bfloat16
-    no faster than float32 (measured), and dequantizing straight to float32 saves a conversion pass."""
+    """Each (token, expert) assignment through its own expert's weights: only the chosen experts are read
+    (packed ones by `mxfp4_kernel.matvec`, which never writes a dequantized weight on CPU). The cost follows
+    the assignments (an expert chosen twice is read twice), so this is for a few tokens. On CPU it computes
+    in float32: XLA:CPU multiplies bfloat16 no faster than float32 (measured)."""
     cfg = self.cfg
     dt = jnp.float32 if jax.default_backend() == "cpu" else x_NxD.dtype
     (N, K), D = idx_NxK.shape, cfg.d_model
@@ -285,18 +285,14 @@ class MoE(nnx.Module):
     x_AxD = jnp.repeat(x_NxD, K, axis=0).astype(dt)
     b_in, b_out = (b[e_A] for b in self.biases(dt))
     A, G, F = e_A.shape[0], n_in_proj(cfg), cfg.d_expert
-    # one matrix-vector product per assignment, the weight as stored ([A, out, in]: packed experts; [A, in,
-    # out]: plain ones), with its output dimensions flattened (an einsum keeping G and F apart made XLA:CPU
-    # copy the weights, 15x slower)
-    matvec = lambda x_AxI, w, contract: jax.lax.dot_general(x_AxI, w, (((1,), (contract,)), ((0,), (0,))))
     if cfg.moe_mxfp4:  # stored [E, out, in / 32, 16]
-      w_in = mxfp4.dequantize(self.w_in_blocks[...][e_A], self.w_in_scales[...][e_A], dt).reshape(A, G * F, D)
-      w_out = mxfp4.dequantize(self.w_out_blocks[...][e_A], self.w_out_scales[...][e_A], dt)  # [A, D, F]
-      h = matvec(x_AxD, w_in, 2)
-      down = lambda a_AxF: matvec(a_AxF, w_out, 2)
-    else:
-      h = matvec(x_AxD, self.w_in[...][e_A].astype(dt).reshape(A, D, G * F), 1)
-      down = lambda a_AxF: matvec(a_AxF, self.w_out[...][e_A].astype(dt), 1)
+      h = mxfp4_kernel.matvec(x_AxD, e_A, self.w_in_blocks[...], self.w_in_scales[...]).astype(dt)
+      down = lambda a_AxF: mxfp4_kernel.matvec(a_AxF, e_A, self.w_out_blocks[...], self.w_out_scales[...]).astype(dt)
+    else:  # one matrix-vector product per assignment, the weight as stored ([A, in, out]), its output
+      # dimensions flattened (an einsum keeping G and F apart made XLA:CPU copy the weights, 15x slower)
+      matvec = lambda x_AxI, w_AxIxO: jax.lax.dot_general(x_AxI, w_AxIxO, (((1,), (1,)), ((0,), (0,))))
+      h = matvec(x_AxD, self.w_in[...][e_A].astype(dt).reshape(A, D, G * F))
+      down = lambda a_AxF: matvec(a_AxF, self.w_out[...][e_A].astype(dt))
     y_AxD = down(activate(cfg, h.reshape(A, G, F) + b_in)) + b_out
     return jnp.einsum("nkd,nk->nd", y_AxD.reshape(N, K, D), w_NxK.astype(dt)).astype(x_NxD.dtype)
 

@@ -1,0 +1,101 @@
+// MXFP4 matrix-vector products for decoding on CPU, as an XLA FFI custom call.
+//
+// y[a, o] = sum_i x[a, i] * W[e[a]][o, i], W packed as the checkpoints store it: [E, O, I / 32, 16] bytes
+// (two FP4 e2m1 codes a byte, low nibble first) and [E, O, I / 32] e8m0 scales. Each assignment a reads
+// only its expert e[a], straight from the packed bytes: no dequantized weight is ever written, which is
+// what bounds XLA:CPU's gather + dequantize + dot (it writes 4 bytes a weight and reads them back).
+//
+// Built at first use by gptoss_jax/model/mxfp4_kernel.py (g++ -O3 -march=native -fopenmp).
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Twice the e2m1 values, so they are small integers: 0, 0.5, 1, 1.5, 2, 3, 4, 6 -> 0, 1, 2, 3, 4, 6, 8, 12.
+constexpr int8_t kTwiceFp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+// 2 ** (s - 127) / 2 for an e8m0 byte s (the / 2 undoes kTwiceFp4's doubling); 255 is NaN.
+float HalfScale(uint8_t s) { return s == 255 ? NAN : std::ldexp(1.0f, static_cast<int>(s) - 128); }
+
+// One output row: sum over the row's blocks of scale * (x . block).
+float Row(const float* x, const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const float* half_scale) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n_blocks; ++b, x += 32) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * b));
+    const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(bytes, low4));
+    const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
+    const __m128i w0 = _mm_unpacklo_epi8(lo, hi);  // weights 0..15 in order: lo0 hi0 lo1 hi1 ...
+    const __m128i w1 = _mm_unpackhi_epi8(lo, hi);  // weights 16..31
+    __m256 block = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w0)), _mm256_loadu_ps(x));
+    block = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(w0, 8))), _mm256_loadu_ps(x + 8), block);
+    block = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w1)), _mm256_loadu_ps(x + 16), block);
+    block = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(w1, 8))), _mm256_loadu_ps(x + 24), block);
+    acc = _mm256_fmadd_ps(block, _mm256_set1_ps(half_scale[scales[b]]), acc);
+  }
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  return _mm_cvtss_f32(sum);
+#else
+  float acc = 0.0f;
+  for (int64_t b = 0; b < n_blocks; ++b, x += 32) {
+    float block = 0.0f;
+    for (int j = 0; j < 16; ++j) {
+      const uint8_t byte = blocks[16 * b + j];
+      block += kTwiceFp4[byte & 0x0F] * x[2 * j] + kTwiceFp4[byte >> 4] * x[2 * j + 1];
+    }
+    acc += block * half_scale[scales[b]];
+  }
+  return acc;
+#endif
+}
+
+ffi::Error Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts, ffi::Buffer<ffi::U8> blocks,
+                  ffi::Buffer<ffi::U8> scales, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), bd = blocks.dimensions();
+  if (xd.size() != 2 || bd.size() != 4 || bd[3] != 16 || xd[1] != 32 * bd[2] || experts.element_count() != xd[0]) {
+    return ffi::Error::InvalidArgument("mxfp4_matvec: want x [A, I], experts [A], blocks [E, O, I / 32, 16]");
+  }
+  const int64_t A = xd[0], I = xd[1], E = bd[0], O = bd[1], NB = bd[2];
+  float half_scale[256];
+  for (int s = 0; s < 256; ++s) half_scale[s] = HalfScale(static_cast<uint8_t>(s));
+  const float* xp = x.typed_data();
+  const int32_t* ep = experts.typed_data();
+  const uint8_t* bp = blocks.typed_data();
+  const uint8_t* sp = scales.typed_data();
+  float* yp = y->typed_data();
+  for (int64_t a = 0; a < A; ++a) {
+    if (ep[a] < 0 || ep[a] >= E) return ffi::Error::InvalidArgument("mxfp4_matvec: expert index out of range");
+  }
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t a = 0; a < A; ++a) {
+    for (int64_t o = 0; o < O; ++o) {
+      const int64_t row = static_cast<int64_t>(ep[a]) * O + o;
+      yp[a * O + o] = Row(xp + a * I, bp + row * NB * 16, sp + row * NB, NB, half_scale);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Matvec, Matvec,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [A, I]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // experts [A]
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // blocks [E, O, I / 32, 16]
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // scales [E, O, I / 32]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y [A, O]
