@@ -8,7 +8,7 @@ grouped (default): sort the (token, expert) assignments by expert and compute on
   fixed size, one batched matmul, overflow dropped.
 ragged: jax.lax.ragged_dot over the sorted assignments (fast grouped GEMM on GPU/TPU; on CPU it
   lowers to a dense dot over all experts).
-selected: each (token, expert) assignment through its expert's weights gathered (packed ones dequantized):
+selected: each (token, expert) assignment through its expert's weights (packed ones by mxfp4_kernel):
   reads only the chosen experts, for decoding and other small token counts.
 dense: every expert on every token, combined with the routing weights (the test reference).
 """
