@@ -126,16 +126,17 @@ def test_blockwise_and_masked_models_agree(rng):
 
 @pytest.mark.parametrize("experts", [{}, {"n_experts": 8, "moe_mxfp4": True}])
 def test_decoding_with_cache_matches_full_forward(rng, experts):
-  """Packed experts: each decoded token (2 tokens x top-2 < 8 experts) takes the selected-experts path,
-  the prompt and the full forward the dropless loop over every expert."""
+  """Packed experts: each decoded token (2 tokens x top-2 < 8 experts) takes the selected-experts path; the
+  full forward, the reference, the dropless loop over every expert."""
   from gptoss_jax.model.moe import resolved_dispatch
   cfg = _oss_tiny(**experts)
-  assert (resolved_dispatch(cfg, 2) == "selected") == bool(experts) and resolved_dispatch(cfg, 14) == "grouped"
-  model = Transformer(cfg, nnx.Rngs(0))
+  assert (resolved_dispatch(cfg, 2) == "selected") == bool(experts)
+  model, reference = Transformer(cfg, nnx.Rngs(0)), Transformer(cfg.replace(moe_dispatch="grouped"), nnx.Rngs(0))
   _randomize(model)
+  nnx.update(reference, nnx.state(model))
   tokens = jnp.asarray(rng.integers(0, 64, (2, 20)), jnp.int32)
   step = jax.jit(lambda m, t, p, c: m.forward(t, p, c)[::2])
-  full, _ = step(model, tokens, None, None)
+  full, _ = step(reference, tokens, None, None)
   cache = model.init_cache(batch=2, max_len=32)
   assert [c.k_BxSxKxH.shape[1] for c in cache] == [5, 32, 5, 32]  # sliding layers keep only the window
   prompt = 7  # longer than the window: the prefill writes only its last 5 keys in sliding layers

@@ -302,3 +302,8 @@ def test_auto_dispatch_gathers_the_chosen_experts_only_for_few_tokens():
   assert resolved_dispatch(cfg, 1) == "selected" and resolved_dispatch(cfg, 7) == "selected"
   assert resolved_dispatch(cfg, 8) == "grouped"  # as many assignments as experts: the loop, on CPU
   assert resolved_dispatch(cfg.replace(moe_capacity_factor=1.0), 1) == "grouped"
+  from gptoss_jax.model import mxfp4_kernel
+  from gptoss_jax.model.moe import PACKED_SELECTED_MAX
+  packed, kernel = cfg.replace(moe_mxfp4=True), mxfp4_kernel.available()  # prefill pieces too, with the kernel
+  assert resolved_dispatch(packed, PACKED_SELECTED_MAX // 4) == ("selected" if kernel else "grouped")
+  assert resolved_dispatch(packed, PACKED_SELECTED_MAX // 4 + 1) == "grouped"

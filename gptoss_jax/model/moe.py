@@ -189,14 +189,22 @@ def expert_loop(activation: Callable[[jax.Array], jax.Array], blocks: tuple[int,
   return run
 
 
+# packed experts on CPU with the kernel: up to this many (token, expert) assignments `selected` reads each
+# one's expert in place, faster than the loop dequantizing every expert (gpt-oss-20b, one layer: 64 tokens
+# 0.48 s against 3.8 s, 256 tokens 1.6 s against 4.6 s); 256 tokens of top-4 is the largest prefill piece
+PACKED_SELECTED_MAX = 1024
+
+
 def resolved_dispatch(cfg: ModelConfig, n_tokens: int) -> str:
   """`auto`: the selected experts' weights gathered when there are fewer (token, expert) assignments than
-  experts (decoding: gpt-oss-20b reads 4 of its 32 experts per token); else ragged_dot (a grouped GEMM)
-  on GPU and TPU when dropless, and the grouped paths on CPU, where ragged_dot is a dense dot over every
-  expert."""
+  experts (decoding: gpt-oss-20b reads 4 of its 32 experts per token), or up to PACKED_SELECTED_MAX of
+  them for packed experts on CPU (prefill); else ragged_dot (a grouped GEMM) on GPU and TPU when
+  dropless, and the grouped paths on CPU, where ragged_dot is a dense dot over every expert."""
   if cfg.moe_dispatch != "auto":
     return cfg.moe_dispatch
-  if n_tokens * cfg.top_k < cfg.n_experts and not cfg.moe_capacity_factor:
+  assignments = n_tokens * cfg.top_k
+  packed_on_cpu = cfg.moe_mxfp4 and jax.default_backend() == "cpu" and mxfp4_kernel.available()
+  if not cfg.moe_capacity_factor and (assignments < cfg.n_experts or packed_on_cpu and assignments <= PACKED_SELECTED_MAX):
     return "selected"
   return "ragged" if jax.default_backend() in ("gpu", "tpu") and not cfg.moe_capacity_factor else "grouped"
 
