@@ -78,12 +78,30 @@ def matvec(x_AxI: jax.Array, experts_A: jax.Array, blocks: jax.Array, scales: ja
   """y[a] = W[experts[a]] @ x[a] in float32, for packed weights [E, *out, I / 32, 16] and scales
   [E, *out, I / 32] (the output dimensions flattened): the kernel where the program runs on CPU, XLA's
   `reference` on other platforms (chosen when the program is lowered, so exports for GPU and TPU hold no
-  CPU call). No gradient: for inference."""
+  CPU call). Differentiable in x (the packed weights are never trained)."""
   E, nb = blocks.shape[0], blocks.shape[-2]
   blocks, scales = blocks.reshape(E, -1, nb, 16), scales.reshape(E, -1, nb)
   x_AxI, experts_A = x_AxI.astype(jnp.float32), experts_A.astype(jnp.int32)
   if not available():
     return reference(x_AxI, experts_A, blocks, scales)
+  return _on_cpu(x_AxI, experts_A, blocks, scales)
+
+
+@jax.custom_vjp
+def _on_cpu(x_AxI, experts_A, blocks, scales):
   out = jax.ShapeDtypeStruct((x_AxI.shape[0], blocks.shape[1]), jnp.float32)
   kernel = lambda *args: jax.ffi.ffi_call(TARGET, out)(*args)
   return jax.lax.platform_dependent(x_AxI, experts_A, blocks, scales, cpu=kernel, default=reference)
+
+
+def _on_cpu_fwd(x_AxI, experts_A, blocks, scales):
+  return _on_cpu(x_AxI, experts_A, blocks, scales), (experts_A, blocks, scales)
+
+
+def _on_cpu_bwd(residuals, dy_AxO):
+  experts_A, blocks, scales = residuals
+  w_AxOxI = mxfp4.dequantize(blocks[experts_A], scales[experts_A], jnp.float32)
+  return jnp.einsum("ao,aoi->ai", dy_AxO, w_AxOxI), None, None, None
+
+
+_on_cpu.defvjp(_on_cpu_fwd, _on_cpu_bwd)
