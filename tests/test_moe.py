@@ -243,8 +243,9 @@ def test_mxfp4_matvec_equals_a_plain_decode(rng, monkeypatch, kernel):
     got = jax.jit(mxfp4_kernel.matvec)(*args)
     assert got.shape == (A, O) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    grad = jax.grad(lambda x: jnp.sum(jnp.sin(mxfp4_kernel.matvec(x, *args[1:]))))(args[0])
-    want_grad = np.einsum("ao,aoi->ai", np.cos(want), w[experts].astype(np.float64))
+    dy = rng.normal(size=(A, O)).astype(np.float32)  # the input gradient: W[experts[a]]^T dy[a]
+    grad = jax.vjp(lambda x: mxfp4_kernel.matvec(x, *args[1:]), args[0])[1](jnp.asarray(dy))[0]
+    want_grad = np.einsum("ao,aoi->ai", dy.astype(np.float64), w[experts].astype(np.float64))
     np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-5 * np.abs(want_grad).max())
   finally:
     mxfp4_kernel.available.cache_clear()
