@@ -68,9 +68,14 @@ def available() -> bool:
   return True
 
 
+def _gathered(experts_A, blocks, scales) -> jax.Array:
+  """[A, O, I] float32: each assignment's expert, dequantized."""
+  return mxfp4.dequantize(blocks[experts_A], scales[experts_A], jnp.float32)
+
+
 def reference(x_AxI: jax.Array, experts_A: jax.Array, blocks: jax.Array, scales: jax.Array) -> jax.Array:
   """The same product in XLA: the chosen experts gathered, dequantized to float32, multiplied."""
-  w_AxOxI = mxfp4.dequantize(blocks[experts_A], scales[experts_A], jnp.float32)
+  w_AxOxI = _gathered(experts_A, blocks, scales)
   return jax.lax.dot_general(x_AxI.astype(jnp.float32), w_AxOxI, (((1,), (2,)), ((0,), (0,))))
 
 
@@ -99,9 +104,7 @@ def _on_cpu_fwd(x_AxI, experts_A, blocks, scales):
 
 
 def _on_cpu_bwd(residuals, dy_AxO):
-  experts_A, blocks, scales = residuals
-  w_AxOxI = mxfp4.dequantize(blocks[experts_A], scales[experts_A], jnp.float32)
-  return jnp.einsum("ao,aoi->ai", dy_AxO, w_AxOxI), None, None, None
+  return jnp.einsum("ao,aoi->ai", dy_AxO, _gathered(*residuals)), None, None, None
 
 
 _on_cpu.defvjp(_on_cpu_fwd, _on_cpu_bwd)

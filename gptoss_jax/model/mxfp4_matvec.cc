@@ -65,9 +65,11 @@ float Row(const float* x, const uint8_t* blocks, const uint8_t* scales, int64_t 
 
 ffi::Error Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts, ffi::Buffer<ffi::U8> blocks,
                   ffi::Buffer<ffi::U8> scales, ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), bd = blocks.dimensions();
-  if (xd.size() != 2 || bd.size() != 4 || bd[3] != 16 || xd[1] != 32 * bd[2] || experts.element_count() != xd[0]) {
-    return ffi::Error::InvalidArgument("mxfp4_matvec: want x [A, I], experts [A], blocks [E, O, I / 32, 16]");
+  const auto xd = x.dimensions(), bd = blocks.dimensions(), sd = scales.dimensions();
+  if (xd.size() != 2 || bd.size() != 4 || bd[3] != 16 || xd[1] != 32 * bd[2] || experts.element_count() != xd[0] ||
+      sd.size() != 3 || sd[0] != bd[0] || sd[1] != bd[1] || sd[2] != bd[2]) {
+    return ffi::Error::InvalidArgument(
+        "mxfp4_matvec: want x [A, I], experts [A], blocks [E, O, I / 32, 16], scales [E, O, I / 32]");
   }
   const int64_t A = xd[0], I = xd[1], E = bd[0], O = bd[1], NB = bd[2];
   float half_scale[256];
