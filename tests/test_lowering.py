@@ -47,11 +47,12 @@ def test_sharded_train_step_lowers(platform, spec, model):
 @pytest.mark.parametrize("packed", [False, True], ids=["bf16", "mxfp4"])
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_decode_step_lowers(platform, packed):
-  """generate's own decode step (one token through the KV cache, then sampled) of the gpt-oss preset, its
-  experts plain or packed (read by the CPU kernel on CPU: none of it may reach another platform)."""
-  from gptoss_jax.model import mxfp4_kernel
+  """generate's own decode step (one token through the KV cache, then sampled) of the gpt-oss preset in
+  bfloat16, its experts plain or packed (on CPU the few-row products take the CPU kernels: none of them may
+  reach another platform)."""
+  from gptoss_jax.model import cpu_kernels
   config = load_config_file(f"{REPO}/configs/gpt_oss.py:tiny")
-  cfg = ModelConfig.from_dict(config.model).replace(moe_mxfp4=packed)
+  cfg = ModelConfig.from_dict(config.model).replace(moe_mxfp4=packed, param_dtype="bfloat16", dtype="bfloat16")
   model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
   cache = jax.eval_shape(lambda: model.init_cache(1, 128))
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
@@ -60,4 +61,4 @@ def test_decode_step_lowers(platform, packed):
   exported = jax.export.export(step, platforms=[platform])(model, scalar, scalar, cache, key, temperature=0.8, top_p=0.95)
   assert exported.platforms == (platform,)
   assert exported.out_avals[0].shape == ()  # the sampled token
-  assert mxfp4_kernel.TARGET not in exported.mlir_module()
+  assert cpu_kernels.MXFP4_TARGET not in exported.mlir_module() and cpu_kernels.BF16_TARGET not in exported.mlir_module()

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from gptoss_jax import ModelConfig, Transformer
@@ -55,6 +56,39 @@ def test_tied_embeddings_share_the_table():
     x = block(x, positions, rope_cos_sin(cfg, positions), None)[0]
   want = model.final_norm(x) @ model.embed[...].T
   np.testing.assert_allclose(model(TOKENS), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "xla"])
+def test_bf16_matvec_equals_numpy(monkeypatch, kernel):
+  """A few rows against a bfloat16 weight [in, out], values and both gradients, against numpy in float64
+  on the same bfloat16 values: the CPU kernel (needs g++; outputs over several of its tiles) and XLA's
+  path; and a projection of a few rows takes the kernel exactly when it is there."""
+  from gptoss_jax.model import cpu_kernels, linear
+  monkeypatch.setenv("GPTOSS_JAX_KERNELS", "1" if kernel else "0")
+  cpu_kernels.available.cache_clear()
+  jax.clear_caches()
+  try:
+    if kernel and not cpu_kernels.available():
+      pytest.skip("the CPU kernels could not be built here (no g++?)")
+    rng = np.random.default_rng(3)
+    I, O = 40, 9000
+    w = jnp.asarray(rng.normal(size=(I, O)), jnp.bfloat16)
+    w64 = np.asarray(w, np.float64)
+    for rows in (1, 5, cpu_kernels.MAX_ROWS):
+      x = jnp.asarray(rng.normal(size=(rows, I)), jnp.float32)
+      dy = rng.normal(size=(rows, O))
+      if kernel:
+        y, vjp = jax.vjp(cpu_kernels.bf16_matvec, x, w)
+        dx, dw = vjp(jnp.asarray(dy, jnp.float32))
+        np.testing.assert_allclose(y, np.asarray(x, np.float64) @ w64, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(dx, dy @ w64.T, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(np.asarray(dw, np.float32), np.asarray(x, np.float64).T @ dy, rtol=1e-2, atol=5e-2)
+      text = jax.jit(lambda x, w: linear.project(x, w)).lower(x, w).as_text()
+      assert (cpu_kernels.BF16_TARGET in text) == kernel
+      np.testing.assert_allclose(linear.project(x, w), np.asarray(x, np.float64) @ w64, rtol=1e-5, atol=1e-4)
+  finally:
+    cpu_kernels.available.cache_clear()
+    jax.clear_caches()
 
 
 def test_logits_in_vocabulary_chunks_equal_one_matmul(monkeypatch):

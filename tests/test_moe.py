@@ -223,12 +223,12 @@ def test_mxfp4_matvec_equals_a_plain_decode(rng, monkeypatch, kernel):
   """Each assignment's product with its expert's packed weight, against codes decoded by ml_dtypes and
   numpy's product: the CPU kernel (needs g++) and XLA's path, for every code, experts chosen twice and
   several output dimensions."""
-  from gptoss_jax.model import mxfp4_kernel
+  from gptoss_jax.model import cpu_kernels
   monkeypatch.setenv("GPTOSS_JAX_KERNELS", "1" if kernel else "0")
-  mxfp4_kernel.available.cache_clear()
+  cpu_kernels.available.cache_clear()
   jax.clear_caches()  # the choice is made when a program is traced
   try:
-    if kernel and not mxfp4_kernel.available():
+    if kernel and not cpu_kernels.available():
       pytest.skip("the MXFP4 CPU kernel could not be built here (no g++?)")
     E, O, I, A = 5, 3 * 7, 96, 6
     blocks = rng.integers(0, 256, (E, 3, 7, I // 32, 16), dtype=np.uint8)  # output dimensions [3, 7]
@@ -239,16 +239,16 @@ def test_mxfp4_matvec_equals_a_plain_decode(rng, monkeypatch, kernel):
     w = (codes_to_values(codes) * 2.0 ** (scales.reshape(E, O, I // 32, 1).astype(np.float32) - 127)).reshape(E, O, I)
     want = np.einsum("ai,aoi->ao", x.astype(np.float64), w[experts].astype(np.float64))
     args = jnp.asarray(x), jnp.asarray(experts), jnp.asarray(blocks), jnp.asarray(scales)
-    assert (mxfp4_kernel.TARGET in jax.jit(mxfp4_kernel.matvec).lower(*args).as_text()) == kernel
-    got = jax.jit(mxfp4_kernel.matvec)(*args)
+    assert (cpu_kernels.MXFP4_TARGET in jax.jit(cpu_kernels.mxfp4_matvec).lower(*args).as_text()) == kernel
+    got = jax.jit(cpu_kernels.mxfp4_matvec)(*args)
     assert got.shape == (A, O) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     dy = rng.normal(size=(A, O)).astype(np.float32)  # the input gradient: W[experts[a]]^T dy[a]
-    grad = jax.vjp(lambda x: mxfp4_kernel.matvec(x, *args[1:]), args[0])[1](jnp.asarray(dy))[0]
+    grad = jax.vjp(lambda x: cpu_kernels.mxfp4_matvec(x, *args[1:]), args[0])[1](jnp.asarray(dy))[0]
     want_grad = np.einsum("ao,aoi->ai", dy.astype(np.float64), w[experts].astype(np.float64))
     np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-5 * np.abs(want_grad).max())
   finally:
-    mxfp4_kernel.available.cache_clear()
+    cpu_kernels.available.cache_clear()
     jax.clear_caches()
 
 
@@ -306,8 +306,8 @@ def test_auto_dispatch_gathers_the_chosen_experts_only_for_few_tokens():
   assert resolved_dispatch(cfg, 1) == "selected" and resolved_dispatch(cfg, 7) == "selected"
   assert resolved_dispatch(cfg, 8) == "grouped"  # as many assignments as experts: the loop, on CPU
   assert resolved_dispatch(cfg.replace(moe_capacity_factor=1.0), 1) == "grouped"
-  from gptoss_jax.model import mxfp4_kernel
+  from gptoss_jax.model import cpu_kernels
   from gptoss_jax.model.moe import PACKED_SELECTED_MAX
-  packed, kernel = cfg.replace(moe_mxfp4=True), mxfp4_kernel.available()  # prefill pieces too, with the kernel
+  packed, kernel = cfg.replace(moe_mxfp4=True), cpu_kernels.available()  # prefill pieces too, with the kernel
   assert resolved_dispatch(packed, PACKED_SELECTED_MAX // 4) == ("selected" if kernel else "grouped")
   assert resolved_dispatch(packed, PACKED_SELECTED_MAX // 4 + 1) == "grouped"

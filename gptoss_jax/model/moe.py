@@ -8,7 +8,7 @@ grouped (default): sort the (token, expert) assignments by expert and compute on
   fixed size, one batched matmul, overflow dropped.
 ragged: jax.lax.ragged_dot over the sorted assignments (fast grouped GEMM on GPU/TPU; on CPU it
   lowers to a dense dot over all experts).
-selected: each (token, expert) assignment through its expert's weights (packed ones by mxfp4_kernel):
+selected: each (token, expert) assignment through its expert's weights (packed ones by a CPU kernel):
   reads only the chosen experts, for decoding and other small token counts.
 dense: every expert on every token, combined with the routing weights (the test reference).
 """
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptoss_jax.config import ModelConfig
-from gptoss_jax.model import mxfp4, mxfp4_kernel
+from gptoss_jax.model import cpu_kernels, mxfp4
 from gptoss_jax.model.ffn import activate, init_std_out, n_in_proj
 from gptoss_jax.model.linear import project_batched
 
@@ -203,7 +203,7 @@ def resolved_dispatch(cfg: ModelConfig, n_tokens: int) -> str:
   if cfg.moe_dispatch != "auto":
     return cfg.moe_dispatch
   assignments = n_tokens * cfg.top_k
-  packed_on_cpu = cfg.moe_mxfp4 and jax.default_backend() == "cpu" and mxfp4_kernel.available()
+  packed_on_cpu = cfg.moe_mxfp4 and jax.default_backend() == "cpu" and cpu_kernels.available()
   if not cfg.moe_capacity_factor and (assignments < cfg.n_experts or packed_on_cpu and assignments <= PACKED_SELECTED_MAX):
     return "selected"
   return "ragged" if jax.default_backend() in ("gpu", "tpu") and not cfg.moe_capacity_factor else "grouped"
@@ -283,7 +283,7 @@ class MoE(nnx.Module):
 
   def selected(self, x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array) -> jax.Array:
     """Each (token, expert) assignment through its own expert's weights: only the chosen experts are read
-    (packed ones by `mxfp4_kernel.matvec`, which never writes a dequantized weight on CPU). The cost follows
+    (packed ones by `cpu_kernels.mxfp4_matvec`, which never writes a dequantized weight on CPU). The cost follows
     the assignments (an expert chosen twice is read twice), so this is for a few tokens. On CPU it computes
     in float32: XLA:CPU multiplies bfloat16 no faster than float32 (measured)."""
     cfg = self.cfg
@@ -294,8 +294,8 @@ class MoE(nnx.Module):
     b_in, b_out = (b[e_A] for b in self.biases(dt))
     A, G, F = e_A.shape[0], n_in_proj(cfg), cfg.d_expert
     if cfg.moe_mxfp4:  # stored [E, out, in / 32, 16]
-      h = mxfp4_kernel.matvec(x_AxD, e_A, self.w_in_blocks[...], self.w_in_scales[...]).astype(dt)
-      down = lambda a_AxF: mxfp4_kernel.matvec(a_AxF, e_A, self.w_out_blocks[...], self.w_out_scales[...]).astype(dt)
+      h = cpu_kernels.mxfp4_matvec(x_AxD, e_A, self.w_in_blocks[...], self.w_in_scales[...]).astype(dt)
+      down = lambda a_AxF: cpu_kernels.mxfp4_matvec(a_AxF, e_A, self.w_out_blocks[...], self.w_out_scales[...]).astype(dt)
     else:  # one matrix-vector product per assignment, the weight as stored ([A, in, out]), its output
       # dimensions flattened (an einsum keeping G and F apart made XLA:CPU copy the weights, 15x slower)
       matvec = lambda x_AxI, w_AxIxO: jax.lax.dot_general(x_AxI, w_AxIxO, (((1,), (1,)), ((0,), (0,))))

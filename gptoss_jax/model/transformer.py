@@ -1,5 +1,6 @@
 """The decoder-only transformer: embeddings -> pre-norm blocks -> final norm -> logits."""
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -9,7 +10,7 @@ from flax import nnx
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model.attention import Attention, KVCache
 from gptoss_jax.model.ffn import MLP
-from gptoss_jax.model.linear import project
+from gptoss_jax.model.linear import project, reads_in_place
 from gptoss_jax.model import mxfp4
 from gptoss_jax.model.moe import MoE, SelectionBias
 from gptoss_jax.model.norms import make_norm
@@ -28,10 +29,12 @@ def fresh_rest(rest: nnx.State) -> nnx.State:
 
 def unembed_logits(x_BxTxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
   """Float32 logits, one chunk of the vocabulary at a time: where bf16 matmuls run in float32 (XLA:CPU),
-  only a chunk of the unembedding is ever converted (gpt-oss: 0.4 GB instead of 2.3 GB)."""
+  only a chunk of the unembedding is ever converted (gpt-oss: 0.4 GB instead of 2.3 GB). Whole where the
+  CPU kernel reads it as stored (decoding): a chunk would be a copy."""
   V = unembed_DxV.shape[1]
-  return jnp.concatenate([project(x_BxTxD, unembed_DxV[:, i:i + VOCAB_CHUNK]).astype(jnp.float32)
-                          for i in range(0, V, VOCAB_CHUNK)], axis=-1)
+  chunk = V if reads_in_place(math.prod(x_BxTxD.shape[:-1]), unembed_DxV) else VOCAB_CHUNK
+  return jnp.concatenate([project(x_BxTxD, unembed_DxV[:, i:i + chunk]).astype(jnp.float32)
+                          for i in range(0, V, chunk)], axis=-1)
 
 
 class ModelOutput(NamedTuple):

@@ -1,11 +1,14 @@
-// MXFP4 matrix-vector products for decoding on CPU, as an XLA FFI custom call.
+// Matrix-vector products for decoding on CPU, as XLA FFI custom calls: XLA:CPU writes a converted copy of
+// the weight (float32) and reads it back, which bounds a product of a few rows; these read the weight once.
 //
-// y[a, o] = sum_i x[a, i] * W[e[a]][o, i], W packed as the checkpoints store it: [E, O, I / 32, 16] bytes
-// (two FP4 e2m1 codes a byte, low nibble first) and [E, O, I / 32] e8m0 scales. Each assignment a reads
-// only its expert e[a], straight from the packed bytes: no dequantized weight is ever written, which is
-// what bounds XLA:CPU's gather + dequantize + dot (it writes 4 bytes a weight and reads them back).
+// GptossMxfp4Matvec: y[a, o] = sum_i x[a, i] * W[e[a]][o, i], W packed as the checkpoints store it:
+// [E, O, I / 32, 16] bytes (two FP4 e2m1 codes a byte, low nibble first) and [E, O, I / 32] e8m0 scales.
+// Each assignment a reads only its expert e[a], straight from the packed bytes.
 //
-// Built at first use by gptoss_jax/model/mxfp4_kernel.py (g++ -O3 -march=native -fopenmp).
+// GptossBf16Matvec: y[r, o] = sum_i x[r, i] * W[i, o] for a few rows r (<= 16) of float32 x and a bfloat16
+// W stored [in, out], each thread streaming the rows of W for its tile of outputs.
+//
+// Built at first use by gptoss_jax/model/cpu_kernels.py (g++ -O3 -march=native -fopenmp).
 
 #include <cmath>
 #include <cstdint>
@@ -63,7 +66,7 @@ float Row(const float* x, const uint8_t* blocks, const uint8_t* scales, int64_t 
 #endif
 }
 
-ffi::Error Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts, ffi::Buffer<ffi::U8> blocks,
+ffi::Error Mxfp4Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts, ffi::Buffer<ffi::U8> blocks,
                   ffi::Buffer<ffi::U8> scales, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), bd = blocks.dimensions(), sd = scales.dimensions();
   if (xd.size() != 2 || bd.size() != 4 || bd[3] != 16 || xd[1] != 32 * bd[2] || experts.element_count() != xd[0] ||
@@ -92,9 +95,53 @@ ffi::Error Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts, ffi::B
   return ffi::Error::Success();
 }
 
+constexpr int64_t kMaxRows = 16, kTile = 4096;  // outputs per work item: 16 KB of weight a row of W
+
+// Rows x[0..R) against outputs [o0, o0 + n) of W.
+void Bf16Tile(const float* x, int64_t R, int64_t I, const uint16_t* w, int64_t O, int64_t o0, int64_t n, float* y) {
+  static thread_local float acc[kMaxRows][kTile], wf[kTile];
+  for (int64_t r = 0; r < R; ++r) std::memset(acc[r], 0, n * sizeof(float));
+  for (int64_t i = 0; i < I; ++i) {
+    const uint16_t* wr = w + i * O + o0;
+    for (int64_t j = 0; j < n; ++j) {  // bfloat16 -> float32: the upper half of the float's bits
+      const uint32_t bits = static_cast<uint32_t>(wr[j]) << 16;
+      std::memcpy(&wf[j], &bits, sizeof(float));
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const float xv = x[r * I + i];
+      float* a = acc[r];
+      for (int64_t j = 0; j < n; ++j) a[j] += xv * wf[j];
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) std::memcpy(y + r * O + o0, acc[r], n * sizeof(float));
+}
+
+ffi::Error Bf16Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || xd[0] > kMaxRows) {
+    return ffi::Error::InvalidArgument("bf16_matvec: want x [R <= 16, I], w [I, O]");
+  }
+  const int64_t R = xd[0], I = xd[1], O = wd[1], tiles = (O + kTile - 1) / kTile;
+  const float* xp = x.typed_data();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
+  float* yp = y->typed_data();
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t o0 = t * kTile;
+    Bf16Tile(xp, R, I, wp, O, o0, O - o0 < kTile ? O - o0 : kTile, yp);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Matvec, Matvec,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16Matvec, Bf16Matvec,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [R, I]
+                                  .Arg<ffi::Buffer<ffi::BF16>>()   // w [I, O]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y [R, O]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Matvec, Mxfp4Matvec,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x [A, I]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // experts [A]

@@ -1,0 +1,141 @@
+"""CPU kernels for decoding's matrix-vector products (cpu_kernels.cc), built at first use.
+
+XLA:CPU computes a product of a few rows with a packed MXFP4 or a bfloat16 weight by writing a float32
+copy of the weight and reading it back, which bounds decoding (a packed expert: about 0.5 ns a weight on 2
+cores); the kernels read the weight once. They are compiled with the system's g++ against the XLA FFI
+headers jaxlib ships, into a cache folder ($GPTOSS_JAX_CACHE, else ~/.cache/gptoss_jax), once per source,
+jaxlib version and CPU. Without a compiler, or with GPTOSS_JAX_KERNELS=0, the same products run in XLA.
+Which one runs is chosen when a program is lowered, so programs for GPU and TPU never hold a CPU call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+from gptoss_jax.model import mxfp4
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+MXFP4_TARGET, BF16_TARGET = "gptoss_mxfp4_matvec", "gptoss_bf16_matvec"
+MAX_ROWS = 16  # bf16_matvec's rows at most
+
+
+def _cpu_id() -> str:
+  try:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+  except OSError:
+    return platform.processor()
+  return "".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+
+
+def _build() -> Path:
+  key = hashlib.sha256(SOURCE.read_bytes() + jaxlib.__version__.encode() + _cpu_id().encode()).hexdigest()[:16]
+  cache = Path(os.environ.get("GPTOSS_JAX_CACHE", Path.home() / ".cache" / "gptoss_jax"))
+  library = cache / f"cpu_kernels-{key}.so"
+  if not library.is_file():
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then moved in whole: never half-written
+      built = Path(tmp) / library.name
+      subprocess.run(["g++", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-w",
+                      f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)],
+                     check=True, capture_output=True, text=True)
+      os.replace(built, library)
+  return library
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernels are built and registered (for CPU; once per process)."""
+  if os.environ.get("GPTOSS_JAX_KERNELS", "1") == "0":
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(str(_build()))
+  except (OSError, subprocess.CalledProcessError) as e:
+    detail = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
+    print(f"gptoss_jax: the CPU kernels could not be built ({detail}); using XLA's slower products",
+          file=sys.stderr)
+    return False
+  jax.ffi.register_ffi_target(MXFP4_TARGET, jax.ffi.pycapsule(library.GptossMxfp4Matvec), platform="cpu")
+  jax.ffi.register_ffi_target(BF16_TARGET, jax.ffi.pycapsule(library.GptossBf16Matvec), platform="cpu")
+  return True
+
+
+def _gathered(experts_A, blocks, scales) -> jax.Array:
+  """[A, O, I] float32: each assignment's expert, dequantized."""
+  return mxfp4.dequantize(blocks[experts_A], scales[experts_A], jnp.float32)
+
+
+def mxfp4_reference(x_AxI: jax.Array, experts_A: jax.Array, blocks: jax.Array, scales: jax.Array) -> jax.Array:
+  """The same product in XLA: the chosen experts gathered, dequantized to float32, multiplied."""
+  w_AxOxI = _gathered(experts_A, blocks, scales)
+  return jax.lax.dot_general(x_AxI.astype(jnp.float32), w_AxOxI, (((1,), (2,)), ((0,), (0,))))
+
+
+def mxfp4_matvec(x_AxI: jax.Array, experts_A: jax.Array, blocks: jax.Array, scales: jax.Array) -> jax.Array:
+  """y[a] = W[experts[a]] @ x[a] in float32, for packed weights [E, *out, I / 32, 16] and scales
+  [E, *out, I / 32] (the output dimensions flattened): the kernel on CPU, `mxfp4_reference` elsewhere or
+  without the kernels. Differentiable in x (the packed weights are never trained)."""
+  E, nb = blocks.shape[0], blocks.shape[-2]
+  blocks, scales = blocks.reshape(E, -1, nb, 16), scales.reshape(E, -1, nb)
+  x_AxI, experts_A = x_AxI.astype(jnp.float32), experts_A.astype(jnp.int32)
+  if not available():
+    return mxfp4_reference(x_AxI, experts_A, blocks, scales)
+  return _mxfp4(x_AxI, experts_A, blocks, scales)
+
+
+@jax.custom_vjp
+def _mxfp4(x_AxI, experts_A, blocks, scales):
+  out = jax.ShapeDtypeStruct((x_AxI.shape[0], blocks.shape[1]), jnp.float32)
+  kernel = lambda *args: jax.ffi.ffi_call(MXFP4_TARGET, out)(*args)
+  return jax.lax.platform_dependent(x_AxI, experts_A, blocks, scales, cpu=kernel, default=mxfp4_reference)
+
+
+def _mxfp4_fwd(x_AxI, experts_A, blocks, scales):
+  return _mxfp4(x_AxI, experts_A, blocks, scales), (experts_A, blocks, scales)
+
+
+def _mxfp4_bwd(residuals, dy_AxO):
+  return jnp.einsum("ao,aoi->ai", dy_AxO, _gathered(*residuals)), None, None, None
+
+
+_mxfp4.defvjp(_mxfp4_fwd, _mxfp4_bwd)
+
+
+def bf16_reference(x_RxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
+  """The same product in XLA: bfloat16 operands, float32 sums (native on GPU and TPU)."""
+  return jax.lax.dot_general(x_RxI.astype(jnp.bfloat16), w_IxO, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def bf16_matvec(x_RxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
+  """x @ w in float32 for up to MAX_ROWS rows of x (float32) and a bfloat16 weight stored [in, out]: the
+  kernel on CPU (reading the weight once, the rows' products in float32 from the bfloat16 weight),
+  `bf16_reference` elsewhere. Call only where `available()`. Differentiable in both."""
+  out = jax.ShapeDtypeStruct((x_RxI.shape[0], w_IxO.shape[1]), jnp.float32)
+  kernel = lambda x, w: jax.ffi.ffi_call(BF16_TARGET, out)(x.astype(jnp.float32), w)
+  return jax.lax.platform_dependent(x_RxI, w_IxO, cpu=kernel, default=bf16_reference)
+
+
+def _bf16_fwd(x_RxI, w_IxO):
+  return bf16_matvec(x_RxI, w_IxO), (x_RxI, w_IxO)
+
+
+def _bf16_bwd(residuals, dy_RxO):
+  x_RxI, w_IxO = residuals
+  dx = (dy_RxO @ w_IxO.astype(jnp.float32).T).astype(x_RxI.dtype)
+  return dx, (x_RxI.astype(jnp.float32).T @ dy_RxO).astype(w_IxO.dtype)
+
+
+bf16_matvec.defvjp(_bf16_fwd, _bf16_bwd)
