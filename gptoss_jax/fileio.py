@@ -1,4 +1,5 @@
-"""Writing folders all at once: nothing half-written is ever left where a reader would look."""
+"""Writing folders all at once: nothing half-written is ever left where a reader would look; and the
+cache folder downloads and built kernels share."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def cache_dir() -> Path:
+  """$GPTOSS_JAX_CACHE, else ~/.cache/gptoss_jax: the corpus, vocabularies, prepared data, CPU kernels."""
+  return Path(os.environ.get("GPTOSS_JAX_CACHE", Path.home() / ".cache" / "gptoss_jax"))
 
 
 @contextlib.contextmanager

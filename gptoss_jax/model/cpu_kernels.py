@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
+from gptoss_jax.fileio import cache_dir
 from gptoss_jax.model import mxfp4
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
@@ -41,7 +42,7 @@ def _cpu_id() -> str:
 
 def _build() -> Path:
   key = hashlib.sha256(SOURCE.read_bytes() + jaxlib.__version__.encode() + _cpu_id().encode()).hexdigest()[:16]
-  cache = Path(os.environ.get("GPTOSS_JAX_CACHE", Path.home() / ".cache" / "gptoss_jax"))
+  cache = cache_dir()
   library = cache / f"cpu_kernels-{key}.so"
   if not library.is_file():
     cache.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import numpy as np
 from gptoss_jax.config import ConfigError, DataConfig, DistributedConfig, ModelConfig, RunConfig
 from gptoss_jax.data.pipeline import eval_batches, train_dataset
 from gptoss_jax.data.prepare import load_meta, prepare
-from gptoss_jax.data.sources import cache_dir
+from gptoss_jax.fileio import cache_dir
 from gptoss_jax.inspect import stats
 from gptoss_jax.sharding import batch_divisor, make_mesh
 from gptoss_jax.train.checkpoint import Checkpointer
