@@ -204,7 +204,8 @@ def resolved_dispatch(cfg: ModelConfig, n_tokens: int) -> str:
     return cfg.moe_dispatch
   assignments = n_tokens * cfg.top_k
   packed_on_cpu = cfg.moe_mxfp4 and jax.default_backend() == "cpu" and cpu_kernels.available()
-  if not cfg.moe_capacity_factor and (assignments < cfg.n_experts or packed_on_cpu and assignments <= PACKED_SELECTED_MAX):
+  few = assignments < cfg.n_experts or (packed_on_cpu and assignments <= PACKED_SELECTED_MAX)
+  if few and not cfg.moe_capacity_factor:
     return "selected"
   return "ragged" if jax.default_backend() in ("gpu", "tpu") and not cfg.moe_capacity_factor else "grouped"
 
@@ -284,7 +285,8 @@ class MoE(nnx.Module):
   def selected(self, x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array) -> jax.Array:
     """Each (token, expert) assignment through its own expert's weights: only the chosen experts are read
     (packed ones by `cpu_kernels.mxfp4_matvec`, which never writes a dequantized weight on CPU). The cost follows
-    the assignments (an expert chosen twice is read twice), so this is for a few tokens. On CPU it computes
+    the assignments (an expert chosen twice is read twice), so this is for a few tokens (decoding; and
+    prefill pieces, for packed experts on CPU: see PACKED_SELECTED_MAX). On CPU it computes
     in float32: XLA:CPU multiplies bfloat16 no faster than float32 (measured)."""
     cfg = self.cfg
     dt = jnp.float32 if jax.default_backend() == "cpu" else x_NxD.dtype
