@@ -1,7 +1,8 @@
 """python -m experiments.heldout <sweep folder>
 
-Re-evaluates the final checkpoint of every compared-seed training of a sweep on its held-out split, batch
-by batch (the batches the training evaluated), into <run>/seed<k>/heldout.json. With these, the report
+Re-evaluates the final checkpoint of every compared-seed training of a sweep on its test split, batch by
+batch (the batches the training evaluated), into <run>/seed<k>/heldout.json (which a training writes itself
+at its last step; this recomputes it, for trainings from before it did). With these, the report
 measures how much of each paired difference is the held-out set's own noise: the standard error, over
 held-out batches, of the per-batch difference between two runs (seeds averaged), beside the seed-to-seed
 standard error of the same difference. Bad input: one line on stderr, exit status 2.
@@ -24,7 +25,7 @@ from gptoss_jax.config import ConfigError
 def batch_losses(folder: Path) -> dict:
   """Mean next-token cross-entropy of each held-out batch, for the training's newest checkpoint."""
   from gptoss_jax.data.pipeline import eval_batches
-  from gptoss_jax.train.loop import dataset_dir
+  from gptoss_jax.data.prepare import dataset_dir
   from gptoss_jax.weights import load_model, steps
   config, cfg, model = load_model(folder)
 
@@ -34,9 +35,10 @@ def batch_losses(folder: Path) -> dict:
     target = jnp.take_along_axis(logits, tokens_BxT1[:, 1:, None], axis=-1)[..., 0]
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target)
 
-  data = Path(config.data.dir) if config.data.dir else dataset_dir(config.data)
-  batches = eval_batches(data, config.data.seq_len, config.train.batch_size, config.train.eval_batches)
-  return {"step": steps(folder)[-1], "batch_losses": [float(loss(model, jnp.asarray(b))) for b in batches]}
+  batches = eval_batches(dataset_dir(config.data), config.data.seq_len, config.train.batch_size,
+                         config.train.eval_batches, split="test")
+  return {"split": "test", "step": steps(folder)[-1],
+          "batch_losses": [float(loss(model, jnp.asarray(b))) for b in batches]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
       print(f"error: {e}", file=sys.stderr)
       return 2
     logged = [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-              if r["step"] == result["step"] and "eval/loss" in r]
-    if logged:  # the same batches as the training's own evaluation: the same mean
-      worst = max(worst, abs(np.mean(result["batch_losses"]) - logged[-1]["eval/loss"]))
+              if r["step"] == result["step"] and "test/loss" in r]
+    if logged:  # the same batches as the training's own test evaluation: the same mean
+      worst = max(worst, abs(np.mean(result["batch_losses"]) - logged[-1]["test/loss"]))
     (folder / "heldout.json").write_text(json.dumps(result))
   print(f"wrote heldout.json for {len(folders)} trainings; largest difference from the logged held-out loss: "
         f"{worst:.1e}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from experiments.run import choose_lr, final_eval, grid_lrs, metrics
+from experiments.run import choose_lr, final_test, metrics, selection_losses
 
 ALPHA = 0.05
 
@@ -140,6 +140,11 @@ def _balancing(folder: Path) -> str:
   return ""
 
 
+def selection_seeds(description: dict) -> list[int]:
+  """The seeds learning rates were chosen on (one, `selection_seed`, in sweeps from before there were two)."""
+  return description.get("selection_seeds") or [description.get("selection_seed", 1000)]
+
+
 def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
   description = json.loads((sweep_dir / "sweep.json").read_text())
   results = []
@@ -156,8 +161,9 @@ def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
       if loads:
         load_curves[seed] = loads
       if curve[-1][0] >= steps:
-        finals[seed] = curve[-1][1]
-        ses += [r["eval/loss_se"] for r in rows if r["step"] >= steps and "eval/loss_se" in r][-1:]
+        finals[seed] = final_test(sub, steps)
+        split = "test" if any("test/loss" in r for r in rows) else "eval"  # eval: from before the test split
+        ses += [r[f"{split}/loss_se"] for r in rows if r["step"] >= steps and f"{split}/loss_se" in r][-1:]
         healths.append(_health(rows))
         if (sub / "heldout.json").is_file():
           heldout[seed] = json.loads((sub / "heldout.json").read_text())["batch_losses"]
@@ -166,7 +172,9 @@ def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
       peaks += [r.get("perf/peak_memory_gib", r.get("perf/peak_memory_gb")) for r in perf  # _gb: before 2026-12
                 if "perf/peak_memory_gib" in r or "perf/peak_memory_gb" in r]
       walls += [max(r["perf/elapsed_s"] for r in perf)] if perf and "perf/elapsed_s" in perf[-1] else []
-    grid = {lr: loss for lr, sub in grid_lrs(folder).items() if (loss := final_eval(sub, steps)) is not None}
+    chooser = selection_seeds(description)
+    grid = {lr: statistics.fmean(v.values()) for lr, v in selection_losses(folder, steps, chooser).items()
+            if len(v) == len(chooser)}
     health = {k: statistics.fmean(h[k] for h in healths) for k in healths[0]} if healths and healths[0] else {}
     if health:  # a mean hides single seeds: count those whose worst layer ends past half of collapse
       half = spec["n_experts"] / spec["top_k"] / 2
@@ -188,7 +196,8 @@ def markdown(description: dict, results: list[Result], comparisons: list[Compari
   lrs = description.get("lrs", [])
   lines = [f"# Sweep `{description['sweep']}`, scale `{description['scale']}`", "",
            f"{len(results)} runs. Each trains {first['steps']:,} steps of {first['tokens_per_step']:,} tokens "
-           f"({tokens:,} tokens) at its own learning rate, chosen on seed {description.get('selection_seed')} "
+           f"({tokens:,} tokens) at its own learning rate, chosen on the mean validation loss of seeds "
+           f"{', '.join(map(str, selection_seeds(description)))} "
            f"from the grid {', '.join(map(_fmt_lr, lrs))} (widened where the best value was at an edge), "
            f"then {description['seeds']} compared seeds (0..{description['seeds'] - 1}) at that value"
            + (f"; overrides: {' '.join(f'{k}={v}' for k, v in description['overrides'].items())}"

@@ -1,10 +1,11 @@
 """python -m experiments.run <sweep> --scale tiny [--seeds N] [--lrs a,b,c] [--widen N] [--jobs N]
-[--workdir DIR] [--runs a,b] [--dry-run] [--config.a.b=value ...]
+[--workdir DIR] [--results DIR] [--runs a,b] [--dry-run] [--config.a.b=value ...]
 
 Runs every run of a sweep through the training command. Each run first trains once per learning rate
-of the grid on a selection seed of its own (DIR/<run>/lr<value>); the value with the lowest held-out
-loss is kept (a best value at the edge of the grid adds the next value beyond it, up to --widen
-times), and the compared seeds 0..N-1 train at it (DIR/<run>/seed<k>). `--jobs N` trains N at a time,
+of the grid on each of its selection seeds (DIR/<run>/lr<value>-seed<k>, seeds never compared); the value
+with the lowest validation loss, averaged over the selection seeds, is kept (a best value at the edge of
+the grid adds the next value beyond it, up to --widen times), and the compared seeds 0..N-1 train at it
+(DIR/<run>/seed<k>), reporting their test loss: the choice never sees the test split. `--jobs N` trains N at a time,
 the CPUs split between them. A second call skips finished trainings and resumes unfinished ones.
 Bad input: one line on stderr, exit status 2.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,17 +26,18 @@ from pathlib import Path
 from experiments.sweeps import SCALES, SWEEPS, Run, Sweep, build
 from gptoss_jax.config import ConfigError, parse_override_args
 from gptoss_jax.inspect import stats
-from gptoss_jax.train.loop import ensure_dataset
+from gptoss_jax.data.prepare import ensure_dataset
 
 WIDEN = 2  # default: grid values added beyond an edge before the run goes on (and the report flags it)
+SMALL_FILES = ("config.json", "metrics.jsonl", "heldout.json")  # what a report needs of a training
 
 
 def run_dir(sweep_dir: Path, run: str, seed: int) -> Path:
   return sweep_dir / run / f"seed{seed}"
 
 
-def lr_dir(sweep_dir: Path, run: str, lr: float) -> Path:
-  return sweep_dir / run / f"lr{lr:.3g}"
+def lr_dir(sweep_dir: Path, run: str, lr: float, seed: int) -> Path:
+  return sweep_dir / run / f"lr{lr:.3g}-seed{seed}"
 
 
 def three_digits(lr: float) -> float:
@@ -51,10 +54,17 @@ def last_step(folder: Path) -> int:
   return max((r["step"] for r in metrics(folder)), default=0)
 
 
-def final_eval(folder: Path, steps: int) -> float | None:
-  """The held-out loss at the last step, or None if the training has not finished."""
-  done = [r["eval/loss"] for r in metrics(folder) if r["step"] >= steps and "eval/loss" in r]
+def final_eval(folder: Path, steps: int, key: str = "eval/loss") -> float | None:
+  """The validation loss (or another logged metric) at the last step, or None if the training has not
+  finished."""
+  done = [r[key] for r in metrics(folder) if r["step"] >= steps and key in r]
   return done[-1] if done else None
+
+
+def final_test(folder: Path, steps: int) -> float | None:
+  """A finished training's test loss (its validation loss for trainings from before the test split)."""
+  test = final_eval(folder, steps, "test/loss")
+  return test if test is not None else final_eval(folder, steps)
 
 
 def finished(folder: Path, steps: int) -> bool:
@@ -62,9 +72,24 @@ def finished(folder: Path, steps: int) -> bool:
   return final_eval(folder, steps) is not None
 
 
-def grid_lrs(folder: Path) -> dict[float, Path]:
-  """The learning rates tried for one run: value -> its folder."""
-  return {float(p.name[2:]): p for p in sorted(folder.glob("lr*")) if p.is_dir()}
+def grid_trainings(folder: Path, default_seed: int) -> dict[tuple[float, int], Path]:
+  """One run's learning-rate trainings: (value, selection seed) -> folder. Folders are `lr<value>-seed<k>`
+  (`lr<value>` in sweeps from before there were several selection seeds: `default_seed`'s)."""
+  out = {}
+  for p in sorted(folder.glob("lr*")):
+    lr, _, seed = p.name[2:].partition("-seed")
+    if p.is_dir():
+      out[(float(lr), int(seed) if seed else default_seed)] = p
+  return out
+
+
+def selection_losses(folder: Path, steps: int, seeds: list[int]) -> dict[float, dict[int, float]]:
+  """Validation loss of every finished learning-rate training of a run: value -> selection seed -> loss."""
+  out: dict[float, dict[int, float]] = {}
+  for (lr, seed), sub in grid_trainings(folder, seeds[0]).items():
+    if (loss := final_eval(sub, steps)) is not None:
+      out.setdefault(lr, {})[seed] = loss
+  return dict(sorted(out.items()))
 
 
 @dataclass(frozen=True)
@@ -76,8 +101,9 @@ class Choice:
 
 
 def choose_lr(losses: dict[float, float]) -> Choice:
-  """The grid value with the lowest held-out loss; if it is the smallest or largest value tried, the
-  next value beyond it on the grid's own spacing (ratio of the two values nearest that edge)."""
+  """The grid value with the lowest loss (the selection seeds' mean validation loss); if it is the smallest
+  or largest value tried, the next value beyond it on the grid's own spacing (ratio of the two values
+  nearest that edge)."""
   grid = sorted(losses)
   best = min(grid, key=lambda lr: losses[lr])
   at_edge = len(grid) > 1 and best in (grid[0], grid[-1])
@@ -111,7 +137,7 @@ def describe(sweep: Sweep, extra: dict[str, str], seeds: int, lrs: tuple[float, 
                  "tokens_per_step": config.train.batch_size * config.data.seq_len})
   scale = SCALES[sweep.scale]
   return {"sweep": sweep.name, "scale": sweep.scale, "seeds": seeds, "lrs": list(lrs),
-          "selection_seed": scale.selection_seed, "overrides": extra, "runs": runs,
+          "selection_seeds": list(scale.selection_seeds), "overrides": extra, "runs": runs,
           "min_tokens_per_active_param": scale.min_tokens_per_active_param}
 
 
@@ -152,28 +178,30 @@ class Scheduler:
     return len(self.d["lrs"]) > 1
 
   def choice(self, run: Run) -> Choice | None:
-    """The run's learning rate once every grid value tried has finished (None before)."""
+    """The run's learning rate once every value tried has finished on every selection seed (None before)."""
     if not self.tuned():
       return Choice(self.d["lrs"][0], {}, None, False)
-    tried = grid_lrs(self.dir / run.name) | {lr: lr_dir(self.dir, run.name, lr) for lr in self.d["lrs"]}
-    losses = {lr: final_eval(folder, self.steps(run)) for lr, folder in tried.items()}
-    if any(v is None for v in losses.values()):
+    seeds = self.d["selection_seeds"]
+    losses = selection_losses(self.dir / run.name, self.steps(run), seeds)
+    tried = set(self.d["lrs"]) | {lr for lr, _ in grid_trainings(self.dir / run.name, seeds[0])}
+    if any(len(losses.get(lr, {})) < len(seeds) for lr in tried):
       return None
-    return choose_lr(losses)
+    return choose_lr({lr: sum(losses[lr][s] for s in seeds) / len(seeds) for lr in tried})
 
   def jobs(self) -> list[Job]:
     """Every training that is known now to be needed, finished or not."""
     out = []
+    seeds = self.d["selection_seeds"]
     for run in self.sweep.runs:
       if self.tuned():
-        tried = sorted(set(self.d["lrs"]) | set(grid_lrs(self.dir / run.name)))
-        out += [Job(run, self.d["selection_seed"], lr, lr_dir(self.dir, run.name, lr)) for lr in tried]
+        tried = sorted(set(self.d["lrs"]) | {lr for lr, _ in grid_trainings(self.dir / run.name, seeds[0])})
+        out += [Job(run, seed, lr, lr_dir(self.dir, run.name, lr, seed)) for lr in tried for seed in seeds]
       choice = self.choice(run)
       if choice is None:
         continue
       widened = len(choice.losses) - len(self.d["lrs"])
       if choice.widen is not None and widened < self.widen:
-        out.append(Job(run, self.d["selection_seed"], choice.widen, lr_dir(self.dir, run.name, choice.widen)))
+        out += [Job(run, seed, choice.widen, lr_dir(self.dir, run.name, choice.widen, seed)) for seed in seeds]
       else:
         out += [Job(run, seed, choice.lr, run_dir(self.dir, run.name, seed)) for seed in range(self.d["seeds"])]
     return out
@@ -184,7 +212,7 @@ class Scheduler:
 
   def total_steps(self) -> int:
     """Steps of every training the sweep will need as far as known (a widened grid adds to it)."""
-    per_run = len(self.d["lrs"]) * self.tuned() + self.d["seeds"]
+    per_run = len(self.d["lrs"]) * len(self.d["selection_seeds"]) * self.tuned() + self.d["seeds"]
     return sum(spec["steps"] * per_run for spec in self.specs.values())
 
 
@@ -196,11 +224,47 @@ def cpu_sets(jobs: int) -> list[set[int]]:
   return [set(cpus[i::jobs]) for i in range(jobs)]
 
 
+def keep(folder: Path, sweep_dir: Path, results: Path) -> None:
+  """Copies a finished training's small files (and sweep.json) into the results folder, at the same place."""
+  dst = results / folder.relative_to(sweep_dir)
+  dst.mkdir(parents=True, exist_ok=True)
+  for name in SMALL_FILES:
+    if (folder / name).is_file():
+      shutil.copy2(folder / name, dst / name)
+  shutil.copy2(sweep_dir / "sweep.json", results / "sweep.json")
+
+
+def take_kept(results: Path, sweep_dir: Path, description: dict) -> int:
+  """Copies the finished trainings kept in `results` (by an earlier call, maybe on another machine) into the
+  sweep folder, where the scheduler then skips them; returns how many. A results folder of another sweep
+  description (other runs, grid, overrides or selection seeds) is refused."""
+  if not (results / "sweep.json").is_file():
+    return 0
+  kept = json.loads((results / "sweep.json").read_text())
+  differ = sorted(k for k in set(kept) | set(description) if k != "seeds" and kept.get(k) != description.get(k))
+  if differ:
+    raise ConfigError(f"--results {results} holds another sweep (it differs in {', '.join(differ)}); give another folder")
+  n = 0
+  for sub in sorted(p.parent for p in results.glob("*/*/metrics.jsonl")):
+    folder = sweep_dir / sub.relative_to(results)
+    spec = next((r for r in description["runs"] if r["name"] == sub.parent.name), None)
+    if spec and finished(sub, spec["steps"]) and not finished(folder, spec["steps"]):
+      folder.mkdir(parents=True, exist_ok=True)
+      for name in SMALL_FILES:
+        if (sub / name).is_file():
+          shutil.copy2(sub / name, folder / name)
+      n += 1
+  return n
+
+
 def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, str], jobs: int = 1,
-            widen: int = WIDEN) -> list[str]:
-  """Trains every unfinished job, `jobs` at a time; returns the names of the ones that failed."""
+            widen: int = WIDEN, results: Path | None = None) -> list[str]:
+  """Trains every unfinished job, `jobs` at a time; returns the names of the ones that failed. With
+  `results`, finished trainings kept there are taken first, and each training that finishes is kept."""
   sweep_dir.mkdir(parents=True, exist_ok=True)
   (sweep_dir / "sweep.json").write_text(json.dumps(description, indent=1))
+  if results is not None:
+    print(f"{take_kept(results, sweep_dir, description)} finished training(s) taken from {results}", file=sys.stderr)
   ensure_dataset(sweep.config(sweep.runs[0], 0, description["lrs"][0], extra).data, progress=True)  # once, before trainings that would race to prepare it
   plan = Scheduler(sweep, sweep_dir, description, widen)
   slots = cpu_sets(jobs)
@@ -209,7 +273,7 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   done_before = sum(last_step(j.folder) for j in plan.jobs())
   print(f"{sweep.name} at scale {sweep.scale}: {len(sweep.runs)} runs x ({len(description['lrs'])} learning "
-        f"rates + {description['seeds']} seeds), {jobs} at a time; TensorBoard: tensorboard --logdir {sweep_dir}",
+        f"rates x {len(description['selection_seeds'])} selection seeds + {description['seeds']} seeds), {jobs} at a time; TensorBoard: tensorboard --logdir {sweep_dir}",
         file=sys.stderr)
   from tqdm import tqdm
   bar = tqdm(total=plan.total_steps(), initial=done_before, unit="step", file=sys.stderr, dynamic_ncols=True,
@@ -238,6 +302,8 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
         del running[folder]
         name = f"{job.run.name}/{folder.name}"
         bar.set_description(f"{name} done")
+        if results is not None and finished(folder, plan.steps(job.run)):
+          keep(folder, sweep_dir, results)
         if process.returncode or not finished(folder, plan.target(job.run)):
           failed.append(name)
           plan.failed.add(job.run.name)
@@ -267,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--jobs", type=int, default=1, help="trainings at a time, the CPUs split between them")
   parser.add_argument("--workdir", default="", help="sweep folder (default runs/sweeps/<sweep>-<scale>)")
   parser.add_argument("--runs", default="", help="only these runs (comma-separated names)")
+  parser.add_argument("--results", default="", help="keep each finished training's small files (config.json, "
+                      "metrics.jsonl, heldout.json) here, to commit; a later call takes the finished ones back")
   parser.add_argument("--dry-run", action="store_true", help="print the runs, train nothing")
   args, rest = parser.parse_known_args(argv)
   try:
@@ -303,7 +371,11 @@ def main(argv: list[str] | None = None) -> int:
   if args.dry_run:
     return 0
   try:
-    failed = execute(sweep, sweep_dir, description, extra, args.jobs, args.widen)
+    failed = execute(sweep, sweep_dir, description, extra, args.jobs, args.widen,
+                     Path(args.results) if args.results else None)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   except KeyboardInterrupt:
     print("\nstopped; run the same command again to resume", file=sys.stderr)
     return 130

@@ -30,9 +30,10 @@ class Scale:
   depths: tuple[int, ...]  # width vs depth
   expert_counts: dict[int, int]  # experts sweep: n_experts -> top_k
   run: dict  # every run's data / train / checkpoint / log settings
-  lrs: tuple[float, ...]  # the learning-rate grid each run is tuned on (spaced ~3x)
-  seeds: int = 5  # compared seeds 0..seeds-1
-  selection_seed: int = 1000  # the learning rate is chosen on this seed, never one of the compared ones
+  lrs: tuple[float, ...]  # the learning-rate grid each run is tuned on (spaced 2x)
+  seeds: int = 8  # compared seeds 0..seeds-1
+  # the learning rate is chosen on the mean validation loss of these seeds, never compared ones
+  selection_seeds: tuple[int, ...] = (1000, 1001)
   min_tokens_per_active_param: float = 0.0  # checked for every run (tested)
   # every MoE run adds DeepSeek-V3's aux-loss-free balancing to the default balancing loss and z-loss:
   # with the loss alone, some tiny runs ended with one expert at 2-2.5x its share (of 4 at collapse)
@@ -40,15 +41,17 @@ class Scale:
 
 
 SCALES = {
-    # a whole sweep (learning-rate grid + 5 seeds per run) finishes on a 2-core CPU within 2 hours with --jobs 2
+    # byte-level Shakespeare on a 2-core CPU: a whole sweep (4 learning rates x 2 selection seeds + 8 compared
+    # seeds per run) takes 2-4 hours with --jobs 2
     "tiny": Scale(
         model=dict(vocab_size=256, max_seq_len=128, d_model=48, n_layers=4, n_heads=4, head_dim=12),
         kv_heads=2, moe=(8, 2), window=32, depths=(2, 4, 8, 16),
         expert_counts={4: 1, 8: 2, 16: 2, 32: 4, 64: 4},
-        run={"data.seq_len": 128, "data.eval_fraction": 0.03, "train.steps": 700, "train.batch_size": 16,
+        run={"data.seq_len": 128, "data.val_fraction": 0.03, "data.test_fraction": 0.03, "train.steps": 700,
+             "train.batch_size": 16,
              "train.warmup_steps": 35, "train.eval_every": 175, "train.eval_batches": 0,
              "checkpoint.every": 350, "checkpoint.keep": 1, "log.every": 25},
-        lrs=(1e-3, 3e-3, 1e-2), min_tokens_per_active_param=10.0, moe_bias_update_rate=3e-3),
+        lrs=(1.5e-3, 3e-3, 6e-3, 1.2e-2), min_tokens_per_active_param=10.0, moe_bias_update_rate=3e-3),
     # one GPU, hours: GPT-2 tokens of FineWeb-Edu (needs `pip install datasets` and internet)
     "small": Scale(
         model=dict(vocab_size=50304, max_seq_len=512, d_model=384, n_layers=6, n_heads=6, head_dim=64,

@@ -1,9 +1,19 @@
 """gptoss_jax: a JAX/Flax research codebase for the architecture changes from GPT-2 to gpt-oss."""
 
 # Importing the package changes nothing in the process: the commands apply their process-wide settings
-# (XLA flags, host memory) at their entry point, and so can a library user (gptoss_jax.runtime).
+# (XLA flags, host memory) at their entry point, and so can a library user (gptoss_jax.runtime). Nor does
+# it import JAX: the model's names load on first use, so `import gptoss_jax.config` (or a data worker
+# process) stays light.
 from gptoss_jax.config import ConfigError, ModelConfig
-from gptoss_jax.model import KVCache, ModelOutput, Transformer
+
+_MODEL_NAMES = ("KVCache", "ModelOutput", "Transformer")
+
+
+def __getattr__(name: str):
+  if name in _MODEL_NAMES:
+    from gptoss_jax import model
+    return getattr(model, name)
+  raise AttributeError(f"module 'gptoss_jax' has no attribute {name!r}")
 
 
 def load_pretrained(path, dtype: str = "float32", keep_mxfp4: bool = False):

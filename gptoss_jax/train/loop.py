@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
+import json
 import math
 import signal
 import sys
@@ -15,8 +14,8 @@ import numpy as np
 
 from gptoss_jax.config import ConfigError, DataConfig, DistributedConfig, ModelConfig, RunConfig
 from gptoss_jax.data.pipeline import eval_batches, train_dataset
-from gptoss_jax.data.prepare import load_meta, prepare
-from gptoss_jax.fileio import cache_dir
+from gptoss_jax.data.prepare import dataset_dir, ensure_dataset, load_meta
+from gptoss_jax.fileio import atomic_write
 from gptoss_jax.inspect import stats
 from gptoss_jax.sharding import batch_divisor, make_mesh
 from gptoss_jax.train.checkpoint import Checkpointer
@@ -55,28 +54,14 @@ def validate(config: RunConfig) -> tuple[ModelConfig, int]:
   return config.model, t.batch_size // jax.process_count()
 
 
-def dataset_dir(d: DataConfig) -> Path:
-  if d.dir:
-    return Path(d.dir)
-  key = hashlib.sha1(f"{d.source}|{d.path}|{d.tokenizer}|{d.vocab_file}|{d.eval_fraction}".encode()).hexdigest()[:8]
-  return cache_dir() / "data" / f"{d.source}-{d.tokenizer}-{key}"
-
-
-def ensure_dataset(d: DataConfig, progress: bool) -> Path:
-  folder = dataset_dir(d)
-  if not (folder / "meta.json").is_file():
-    if jax.process_index() == 0:
-      folder.parent.mkdir(parents=True, exist_ok=True)
-      with open(folder.with_name(folder.name + ".lock"), "a") as lock:  # trainings started together prepare it once
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (folder / "meta.json").is_file():
-          print(f"preparing {d.source} with the {d.tokenizer} tokenizer into {folder}", file=sys.stderr)
-          prepare(folder, d.source, d.tokenizer, d.path, d.vocab_file, d.eval_fraction, d.hf_split, d.hf_field,
-                  progress=progress)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("dataset prepared")
-  return folder
+def ensure_dataset_on_hosts(d: DataConfig, progress: bool) -> Path:
+  """The prepared dataset, made by the first process while every other one waits."""
+  if jax.process_index() == 0:
+    ensure_dataset(d, progress)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("dataset prepared")
+  return dataset_dir(d)
 
 
 class StopRequest:
@@ -119,9 +104,9 @@ def train(config: RunConfig, workdir: str | Path) -> dict:
     state, elapsed_before = resume(trainer, checkpoints, batches, workdir, is_main)
     logger = MetricsLogger(workdir, enabled=is_main, resume_step=int(state.step))
     logger.hparams(*run_hparams(config, cfg, workdir))
-    held_out = [trainer.global_batch(b) for b in eval_batches(data, config.data.seq_len, local_batch,
-                                                               config.train.eval_batches, jax.process_index(),
-                                                               jax.process_count())]
+    held_out = {split: [trainer.global_batch(b) for b in eval_batches(
+        data, config.data.seq_len, local_batch, config.train.eval_batches, jax.process_index(), jax.process_count(),
+        split)] for split in ("val", "test")}
     try:
       loop = Loop(config, cfg, trainer, checkpoints, logger, held_out, workdir, began - (elapsed_before or 0.0))
       last = loop.run(state, batches, resumed=elapsed_before is not None)
@@ -134,7 +119,7 @@ def train(config: RunConfig, workdir: str | Path) -> dict:
 
 
 def prepared_data(config: RunConfig, cfg: ModelConfig, progress: bool) -> Path:
-  data = ensure_dataset(config.data, progress)
+  data = ensure_dataset_on_hosts(config.data, progress)
   meta = load_meta(data)
   if meta["vocab_size"] > cfg.vocab_size:
     raise ConfigError(f"model.vocab_size {cfg.vocab_size} is smaller than the {meta['tokenizer']} "
@@ -156,7 +141,9 @@ def resume(trainer: Trainer, checkpoints: Checkpointer, batches, workdir: Path, 
 
 
 class Loop:
-  """The step loop: train, log, evaluate, check, save; SIGTERM / Ctrl-C save and stop."""
+  """The step loop: train, log, evaluate, check, save; SIGTERM / Ctrl-C save and stop. Evaluations during
+  training use the `val` split; the last step also evaluates the `test` split, once (what a comparison of
+  trainings reports: never seen by any choice made from the `val` losses)."""
 
   def __init__(self, config, cfg, trainer, checkpoints, logger, held_out, workdir, began):
     self.config, self.t, self.trainer, self.checkpoints = config, config.train, trainer, checkpoints
@@ -188,6 +175,8 @@ class Loop:
             bar.set_postfix(loss=f"{last['train/loss']:.3f}", tok_s=f"{last['perf/tokens_per_s']:,.0f}")
         if done % t.eval_every == 0 or save:  # every checkpoint is evaluated before it is written
           last |= self.evaluate(done, state)
+        if done == t.steps:
+          last |= self.evaluate(done, state, "test")
         if save:
           self.check_finite("held-out loss", last["eval/loss"], done)
           self.checkpoints.save(done, state, {"data": batches.get_state(), "step": done,
@@ -218,12 +207,18 @@ class Loop:
     return _log(self.logger, step, metrics, tokens_per_s, self.tokens_per_step, self.flops_per_token, self.peak,
                 now - self.began)
 
-  def evaluate(self, step: int, state) -> dict:
-    per_batch = np.array([self.trainer.eval_step(state.params, state.rest, b) for b in self.held_out])
-    # the held-out estimate's own noise: standard error of the mean over batches of windows
+  def evaluate(self, step: int, state, split: str = "val") -> dict:
+    """Logs the mean loss over the split's held-out batches as `eval/loss` (val) or `test/loss`, with its
+    standard error over batches (the estimate's own noise); the test split's per-batch losses also go to
+    DIR/heldout.json, so comparisons can measure that noise in their paired differences."""
+    per_batch = np.array([self.trainer.eval_step(state.params, state.rest, b) for b in self.held_out[split]])
     se = float(np.std(per_batch, ddof=1) / np.sqrt(len(per_batch))) if len(per_batch) > 1 else float("nan")
-    scalars = {"eval/loss": float(np.mean(per_batch)), "eval/loss_se": se}
+    prefix = "eval" if split == "val" else split
+    scalars = {f"{prefix}/loss": float(np.mean(per_batch)), f"{prefix}/loss_se": se}
     self.logger.write(step, scalars)
+    if split == "test" and self.is_main:
+      atomic_write(self.workdir / "heldout.json", json.dumps(
+          {"split": split, "step": step, "batch_losses": [float(x) for x in per_batch]}))
     return scalars
 
 
