@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from experiments import cost
 from experiments.sweeps import SCALES, SWEEPS, Run, Sweep, build
 from gptoss_jax.config import ConfigError, parse_override_args
 from gptoss_jax.inspect import stats
@@ -150,6 +151,32 @@ def table(description: dict) -> str:
   return "\n".join(lines)
 
 
+def trainings_per_run(description: dict) -> int:
+  """Trainings each run needs at least (a grid widened at an edge adds selection trainings)."""
+  tuned = len(description["lrs"]) > 1
+  return len(description["lrs"]) * len(description["selection_seeds"]) * tuned + description["seeds"]
+
+
+def cost_table(sweep: Sweep, description: dict, extra: dict[str, str], device: str, mfu: float,
+               devices_per_job: int = 1) -> str:
+  """Per run and for the whole sweep: training FLOPs, hours on `device` at `mfu`, and each training's peak
+  memory per device (an estimate), flagged with what to change where it would not fit."""
+  dev, n = cost.device(device), trainings_per_run(description)
+  lines = [f"cost on {device} ({dev.peak_flops / 1e12:.0f} TFLOP/s bf16 peak, {dev.memory_gib:g} GiB) at an assumed MFU "
+           f"of {mfu:g}, {devices_per_job} device(s) per training, {n} trainings per run:",
+           f"{'run':<18} {'FLOPs/training':>15} {'h/training':>11} {'h/run':>9} {'memory GiB':>11}  fits?"]
+  total = 0.0
+  for run, spec in zip(sweep.runs, description["runs"]):
+    e = cost.estimate(sweep.config(run, 0, description["lrs"][0], extra), spec["flops_per_token"], dev, mfu,
+                      devices_per_job)
+    total += e["device_hours"] * n
+    lines.append(f"{run.name:<18} {e['train_flops']:>15.3g} {e['device_hours'] / devices_per_job:>11.2f} "
+                 f"{e['device_hours'] * n / devices_per_job:>9.1f} {e['memory_gib']:>11.1f}  "
+                 + ("yes" if not e["advice"] else f"NO: {e['advice']}"))
+  lines.append(f"whole sweep: {total:,.1f} {device}-hours ({total / 24:,.1f} days on one; widened grids add to it)")
+  return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class Job:
   run: Run
@@ -224,6 +251,45 @@ def cpu_sets(jobs: int) -> list[set[int]]:
   return [set(cpus[i::jobs]) for i in range(jobs)]
 
 
+def visible_gpus() -> list[str]:
+  """The GPUs this host shows (CUDA_VISIBLE_DEVICES if set, else nvidia-smi's list), without starting JAX
+  (which would take most of every GPU's memory in this process)."""
+  if "CUDA_VISIBLE_DEVICES" in os.environ:
+    return [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+  if shutil.which("nvidia-smi") is None:
+    return []
+  out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True)
+  return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+
+
+@dataclass(frozen=True)
+class Slot:
+  """Where one training runs: its CPUs and the environment that gives it its own accelerator(s)."""
+  cpus: frozenset[int]
+  env: dict[str, str]
+
+
+def slots(jobs: int, devices_per_job: int, gpus: list[str]) -> list[Slot]:
+  """One slot per concurrent training. With GPUs: slot i gets the i-th group of `devices_per_job` of them
+  (CUDA_VISIBLE_DEVICES, set before the training starts JAX); more jobs than groups share the groups round
+  robin, and then each sharing training takes only its share of the memory (JAX would preallocate 75% of a
+  GPU in every process). Without GPUs (CPU; TPU hosts run one training per host): the CPUs split as before."""
+  cpus = cpu_sets(jobs)
+  if not gpus:
+    return [Slot(frozenset(c), {}) for c in cpus]
+  groups = [gpus[i:i + devices_per_job] for i in range(0, len(gpus) - devices_per_job + 1, devices_per_job)]
+  if not groups:
+    raise ConfigError(f"--devices-per-job {devices_per_job} is more than the {len(gpus)} GPUs this host shows")
+  sharing = -(-jobs // len(groups))
+  out = []
+  for i, c in enumerate(cpus):
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(groups[i % len(groups)])}
+    if sharing > 1:
+      env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / sharing:.3f}"
+    out.append(Slot(frozenset(c), env))
+  return out
+
+
 def keep(folder: Path, sweep_dir: Path, results: Path) -> None:
   """Copies a finished training's small files (and sweep.json) into the results folder, at the same place."""
   dst = results / folder.relative_to(sweep_dir)
@@ -258,7 +324,7 @@ def take_kept(results: Path, sweep_dir: Path, description: dict) -> int:
 
 
 def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, str], jobs: int = 1,
-            widen: int = WIDEN, results: Path | None = None) -> list[str]:
+            widen: int = WIDEN, results: Path | None = None, devices_per_job: int = 1) -> list[str]:
   """Trains every unfinished job, `jobs` at a time; returns the names of the ones that failed. With
   `results`, finished trainings kept there are taken first, and each training that finishes is kept."""
   sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +333,7 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
     print(f"{take_kept(results, sweep_dir, description)} finished training(s) taken from {results}", file=sys.stderr)
   ensure_dataset(sweep.config(sweep.runs[0], 0, description["lrs"][0], extra).data, progress=True)  # once, before trainings that would race to prepare it
   plan = Scheduler(sweep, sweep_dir, description, widen)
-  slots = cpu_sets(jobs)
+  places = slots(jobs, devices_per_job, visible_gpus())
   # one compilation per program: the seeds of a run share their train step (JAX's persistent cache)
   env = os.environ | {"JAX_COMPILATION_CACHE_DIR": str((sweep_dir / ".jax_cache").absolute()),
                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
@@ -278,25 +344,25 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
   from tqdm import tqdm
   bar = tqdm(total=plan.total_steps(), initial=done_before, unit="step", file=sys.stderr, dynamic_ncols=True,
              mininterval=2.0 if sys.stderr.isatty() else 60.0)
-  running: dict[Path, tuple[Job, subprocess.Popen, int, set[int]]] = {}  # folder -> job, process, steps seen, cpus
+  running: dict[Path, tuple[Job, subprocess.Popen, int, Slot]] = {}  # folder -> job, process, steps seen, slot
   failed = []
   try:
     while True:
-      free = [s for s in slots if all(s is not cpus for *_, cpus in running.values())]
-      for job, cpus in zip(plan.ready(set(running)), free):
+      free = [s for s in places if all(s is not slot for *_, slot in running.values())]
+      for job, slot in zip(plan.ready(set(running)), free):
         job.folder.mkdir(parents=True, exist_ok=True)
         with open(job.folder / "train.log", "a") as log:
           process = subprocess.Popen(command(sweep, job.run, job.seed, job.lr, job.folder.resolve(), extra),
-                                     stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     preexec_fn=lambda cpus=cpus: os.sched_setaffinity(0, cpus))
-        running[job.folder] = (job, process, last_step(job.folder), cpus)
+                                     stdout=log, stderr=subprocess.STDOUT, env=env | slot.env,
+                                     preexec_fn=lambda cpus=slot.cpus: os.sched_setaffinity(0, cpus))
+        running[job.folder] = (job, process, last_step(job.folder), slot)
       if not running:
         break
       time.sleep(1.0)
-      for folder, (job, process, seen, cpus) in list(running.items()):
+      for folder, (job, process, seen, slot) in list(running.items()):
         now = last_step(folder)
         bar.update(now - seen)
-        running[folder] = (job, process, now, cpus)
+        running[folder] = (job, process, now, slot)
         if process.poll() is None:
           continue
         del running[folder]
@@ -310,7 +376,7 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
           tail = (folder / "train.log").read_text().strip().splitlines()[-3:]
           bar.write(f"{name} failed (exit {process.returncode}): " + " | ".join(tail))
       bar.total = max(bar.total, bar.n)
-  except KeyboardInterrupt:  # every running training saves a checkpoint and stops; the next call resumes
+  except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP: every running training saves a checkpoint and stops
     for _, process, _, _ in running.values():
       process.send_signal(signal.SIGINT)
     for _, process, _, _ in running.values():
@@ -330,12 +396,15 @@ def main(argv: list[str] | None = None) -> int:
                                                 "one value: no tuning")
   parser.add_argument("--widen", type=int, default=WIDEN, help="values added beyond a grid edge that holds "
                                                                  "the best loss (0: only flag it in the report)")
-  parser.add_argument("--jobs", type=int, default=1, help="trainings at a time, the CPUs split between them")
+  parser.add_argument("--jobs", type=int, default=1, help="trainings at a time, the CPUs (and GPUs) split between them")
+  parser.add_argument("--devices-per-job", type=int, default=1, help="GPUs per training (CUDA_VISIBLE_DEVICES)")
   parser.add_argument("--workdir", default="", help="sweep folder (default runs/sweeps/<sweep>-<scale>)")
   parser.add_argument("--runs", default="", help="only these runs (comma-separated names)")
   parser.add_argument("--results", default="", help="keep each finished training's small files (config.json, "
                       "metrics.jsonl, heldout.json) here, to commit; a later call takes the finished ones back")
   parser.add_argument("--dry-run", action="store_true", help="print the runs, train nothing")
+  parser.add_argument("--device", default="", help=f"print the cost on this accelerator ({' | '.join(cost.DEVICES)})")
+  parser.add_argument("--mfu", type=float, default=cost.DEFAULT_MFU, help="the share of peak FLOP/s assumed for --device")
   args, rest = parser.parse_known_args(argv)
   try:
     sweep = build(args.sweep, args.scale)
@@ -354,15 +423,20 @@ def main(argv: list[str] | None = None) -> int:
     lrs = parse_lrs(args.lrs) if args.lrs else SCALES[args.scale].lrs
     if args.widen < 0:
       raise ConfigError(f"--widen must be >= 0, got {args.widen}")
-    if args.jobs < 1:
-      raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
-    cpu_sets(args.jobs)
+    if args.jobs < 1 or args.devices_per_job < 1:
+      raise ConfigError(f"--jobs and --devices-per-job must be >= 1, got {args.jobs} and {args.devices_per_job}")
+    slots(args.jobs, args.devices_per_job, visible_gpus())
+    if not 0 < args.mfu <= 1:
+      raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
     description = describe(sweep, extra, seeds, lrs)  # also checks every override against the config
+    costs = cost_table(sweep, description, extra, args.device, args.mfu, args.devices_per_job) if args.device else ""
   except (ConfigError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   sweep_dir = Path(args.workdir or f"runs/sweeps/{args.sweep}-{args.scale}")
   print(table(description))
+  if costs:
+    print(costs)
   short = [r["name"] for r in description["runs"]
            if r["tokens"] < description["min_tokens_per_active_param"] * r["active_params"]]
   if short:
@@ -370,9 +444,11 @@ def main(argv: list[str] | None = None) -> int:
           "tokens per active parameter", file=sys.stderr)
   if args.dry_run:
     return 0
+  for sig in (signal.SIGTERM, signal.SIGHUP):  # what a rented machine sends: stop as Ctrl-C does
+    signal.signal(sig, _interrupt)
   try:
     failed = execute(sweep, sweep_dir, description, extra, args.jobs, args.widen,
-                     Path(args.results) if args.results else None)
+                     Path(args.results) if args.results else None, args.devices_per_job)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -385,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1
   print(f"done; report: python -m experiments.report {sweep_dir}", file=sys.stderr)
   return 0
+
+
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt
 
 
 def parse_lrs(text: str) -> tuple[float, ...]:

@@ -24,8 +24,13 @@ from gptoss_jax.config import ConfigError
 HARMONY_STOP = ("<|return|>", "<|call|>")
 
 
-def sample(logits_V: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
-  """Greedy at temperature 0; otherwise nucleus sampling over the smallest set with mass >= top_p."""
+def sample(logits_V: jax.Array, key: jax.Array, temperature: float, top_p: float, n_valid: int = 0) -> jax.Array:
+  """Greedy at temperature 0; otherwise nucleus sampling over the smallest set with mass >= top_p. Only
+  the first `n_valid` ids can be chosen (0: all): a vocabulary padded past its tokenizer's (GPT-2's 50,257
+  to 50,304) has ids no tokenizer can decode."""
+  V = logits_V.shape[-1]
+  if 0 < n_valid < V:
+    logits_V = jnp.where(jnp.arange(V) < n_valid, logits_V, -jnp.inf)
   if temperature <= 0:
     return jnp.argmax(logits_V, axis=-1)
   logits = logits_V.astype(jnp.float32) / temperature
@@ -59,22 +64,23 @@ def extend(model, tokens_1xC, start, cache):
   return out.logits_BxTxV[0, -1], out.cache
 
 
-def decode_step(model, token, position, cache, key, temperature: float, top_p: float):
+def decode_step(model, token, position, cache, key, temperature: float, top_p: float, n_valid: int = 0):
   """One new token: the last one through the model at `position` with the KV cache, then sampled."""
   out = model.forward(token[None, None], position[None, None], cache)
-  return sample(out.logits_BxTxV[0, -1], key, temperature, top_p), out.cache
+  return sample(out.logits_BxTxV[0, -1], key, temperature, top_p, n_valid), out.cache
 
 
 _extend = jax.jit(extend)
-_sample = jax.jit(sample, static_argnames=("temperature", "top_p"))
-_decode_step = jax.jit(decode_step, static_argnames=("temperature", "top_p"))
+_sample = jax.jit(sample, static_argnames=("temperature", "top_p", "n_valid"))
+_decode_step = jax.jit(decode_step, static_argnames=("temperature", "top_p", "n_valid"))
 
 
 def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, stop_ids: tuple[int, ...] = (), on_token: Callable[[int], None] | None = None,
-             timing: dict | None = None) -> list[int]:
-  """New tokens after the prompt (greedy at temperature 0). `timing`, if given, receives the prefill and
-  decode seconds (each including its first compilation)."""
+             timing: dict | None = None, n_valid: int = 0) -> list[int]:
+  """New tokens after the prompt (greedy at temperature 0), each among the first `n_valid` ids (0: the
+  whole vocabulary; give the tokenizer's size when the model's vocabulary is padded past it). `timing`, if
+  given, receives the prefill and decode seconds (each including its first compilation)."""
   cfg = model.cfg
   total = len(prompt_ids) + max_new_tokens
   if not prompt_ids:
@@ -82,7 +88,7 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
   if total > cfg.max_seq_len:
     raise ConfigError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                       f"max_seq_len ({cfg.max_seq_len})")
-  sampling = dict(temperature=temperature, top_p=top_p)
+  sampling = dict(temperature=temperature, top_p=top_p, n_valid=n_valid)
   keys = jax.random.split(jax.random.key(seed), max_new_tokens)
   began = time.perf_counter()
   cache, start, prompt = model.init_cache(1, total), 0, jnp.asarray([prompt_ids], jnp.int32)
@@ -157,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.stdout.write(args.prompt if not args.chat else "")
     timing = {}
-    generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop_ids, stream, timing)
+    generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop_ids, stream, timing,
+             n_valid=tokenizer.vocab_size)
     sys.stdout.write("\n")
     print(f"prompt {len(prompt_ids)} tokens, prefill {len(prompt_ids) / timing['prefill_s']:,.1f} tokens/s; "
           f"generated {len(new)} tokens, decode {max(len(new) - 1, 1) / max(timing['decode_s'], 1e-9):,.2f} tokens/s "

@@ -78,6 +78,36 @@ def stats(cfg: ModelConfig, seq_len: int | None = None) -> ModelStats:
       weight_bytes_mxfp4=round(2 * (total - expert_matrices) + MXFP4_BYTES_PER_PARAM * expert_matrices))
 
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+STATE_BYTES_PER_PARAM = 16  # float32 master weights, gradients and AdamW's two moments
+
+
+def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, remat: bool = False) -> float:
+  """An estimate of the activation memory a train step keeps per token for the backward pass (bytes).
+  Per layer, in the compute dtype: the norms' and projections' inputs and outputs (about 10 x d_model), the
+  queries, keys and values and the attention output (4 x q width + 2 x kv width), the FFN's hidden
+  activations (3 x the active hidden width: the input projection's output, its activation, the gate's
+  product); and the attention probabilities in float32 (heads x the mean number of keys a query sees).
+  With `remat` only each layer's input stays, plus one layer's worth recomputed at a time. The logits and
+  their gradient (float32) come on top: 8 x vocabulary."""
+  b = DTYPE_BYTES[cfg.dtype]
+  hidden = (cfg.top_k * cfg.d_expert if cfg.is_moe else cfg.d_ff) * (2 if cfg.is_glu else 1)
+  q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+  per_layer = [b * (10 * cfg.d_model + 4 * q + 2 * kv + 3 * hidden)
+               + 4 * cfg.n_heads * mean_context(seq_len, cfg.sliding_window if s else 0) for s in cfg.sliding_layers]
+  layers = b * cfg.d_model * cfg.n_layers + max(per_layer) if remat else sum(per_layer)
+  return layers + 8 * cfg.vocab_size
+
+
+def train_memory_bytes(cfg: ModelConfig, seq_len: int, tokens_per_device: int, remat: bool = False,
+                       state_shards: int = 1) -> float:
+  """An estimate of one device's peak memory in a train step: the training state (16 bytes per parameter,
+  divided over `state_shards` when fsdp shards it) plus the activations of the tokens it processes at once
+  (its share of the batch, divided by the microbatches)."""
+  return (STATE_BYTES_PER_PARAM * stats(cfg, seq_len).total_params / state_shards
+          + tokens_per_device * activation_bytes_per_token(cfg, seq_len, remat))
+
+
 def _human(n: float, unit: str = "") -> str:
   for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
     if abs(n) >= scale:

@@ -129,7 +129,9 @@ def _direct_loss(model, tokens, seq_len):
 
 
 def test_evaluate_cli_against_a_direct_computation_at_each_step(trained, text_dataset):
-  tokens = np.fromfile(text_dataset / "val.bin", dtype=json.loads((text_dataset / "meta.json").read_text())["dtype"])
+  meta = json.loads((text_dataset / "meta.json").read_text())  # evaluate reads the test split by default
+  tokens = np.concatenate([np.fromfile(text_dataset / s["file"], dtype=meta["dtype"])
+                           for s in meta["splits"]["test"]["shards"]])
   results = {}
   for step in (2, 4):
     out = _cli("gptoss_jax.evaluate", "--ckpt", trained, "--dataset", text_dataset, "--seq-len", 16, "--step", step,
@@ -223,6 +225,30 @@ def test_sampling_is_seeded_and_top_p_restricts():
   assert int(sample(logits, jax.random.key(0), 0.0, 1.0)) == 0
   a = [int(sample(logits, k, 1.0, 1.0)) for k in jax.random.split(jax.random.key(5), 20)]
   assert a == [int(sample(logits, k, 1.0, 1.0)) for k in jax.random.split(jax.random.key(5), 20)]
+
+
+def test_a_padded_vocabulary_generates_only_ids_its_tokenizer_has(tmp_path):
+  """A byte-level model with 320 ids whose padded ids (256..319) get the largest logits: greedy decoding
+  and sampling both keep to the tokenizer's 256, through the library and the command."""
+  from flax import nnx
+  from gptoss_jax import ModelConfig, Transformer
+  from gptoss_jax.config import RunConfig
+  from gptoss_jax.generate import generate, sample
+  from gptoss_jax.weights import save_model
+  logits = jnp.concatenate([jnp.zeros(256), jnp.full(64, 10.0)])
+  assert int(sample(logits, jax.random.key(0), 0.0, 1.0)) >= 256  # unmasked, a padded id wins
+  for key in jax.random.split(jax.random.key(1), 50):
+    assert int(sample(logits, key, 1.0, 1.0, n_valid=256)) < 256 and int(sample(logits, key, 0.0, 1.0, n_valid=256)) < 256
+  cfg = ModelConfig(vocab_size=320, max_seq_len=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8,
+                    d_ff=32, tie_embeddings=False)
+  model = Transformer(cfg, nnx.Rngs(0))
+  model.unembed.value = model.unembed.value.at[:, 256:].add(5.0)  # the padded ids dominate every position
+  assert int(jnp.argmax(model(jnp.asarray([list(b"The ")], jnp.int32))[0, -1])) >= 256
+  for temperature in (0.0, 1.0):
+    assert max(generate(model, list(b"The "), 12, temperature=temperature, n_valid=256)) < 256
+  save_model(tmp_path / "ckpt", RunConfig(model=cfg), model)
+  out = _cli("gptoss_jax.generate", "--ckpt", tmp_path / "ckpt", "--prompt", "The ", "--max-new-tokens", 12)
+  assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
 
 
 def test_sharded_folder_with_index_loads_the_same(hf_folder, tmp_path):

@@ -3,8 +3,10 @@ and a mini sweep runs end to end through the training command."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +14,8 @@ from scipy import stats as scipy_stats
 
 from experiments import report, run, sweeps
 from experiments.sweeps import SCALES, active, build, solve, total
-from gptoss_jax.config import ModelConfig, RunConfig, load_config_file
+from conftest import REPO
+from gptoss_jax.config import ConfigError, ModelConfig, RunConfig, load_config_file
 
 TINY = SCALES["tiny"]
 
@@ -61,13 +64,23 @@ def test_every_rung_compares_at_matched_parameters(ladder):
     assert abs(measure(after.model) / measure(before.model) - 1) <= 0.02, after.name
 
 
-def test_tiny_budget_is_at_least_ten_tokens_per_active_parameter():
-  tokens = TINY.run["train.steps"] * TINY.run["train.batch_size"] * TINY.run["data.seq_len"]
-  assert TINY.seeds >= 8 and len(TINY.selection_seeds) >= 2 and min(TINY.selection_seeds) >= TINY.seeds
-  assert len(TINY.lrs) >= 3 and max(b / a for a, b in zip(TINY.lrs, TINY.lrs[1:])) <= 2.0 + 1e-9  # 2x spacing
+@pytest.mark.parametrize("scale, least", [("tiny", 10.0), ("small", 20.0), ("gpu", 20.0)])
+def test_every_run_trains_on_enough_tokens_per_active_parameter_within_one_epoch(scale, least):
+  s = sweeps.SCALES[scale]
+  tokens = s.run["train.steps"] * s.run["train.batch_size"] * s.run["data.seq_len"]
+  assert s.min_tokens_per_active_param >= least
+  if "data.max_tokens" in s.run:  # a training sees each token of the prepared train split at most once
+    held_out = s.run["data.val_fraction"] + s.run["data.test_fraction"]
+    assert tokens <= s.run["data.max_tokens"] * (1 - held_out) * 0.98
   for name in sweeps.SWEEPS:
-    for r in build(name, "tiny").runs:
-      assert tokens >= 10 * active(r.model), (name, r.name, tokens / active(r.model))
+    for r in build(name, scale).runs:
+      assert tokens >= least * active(r.model), (name, r.name, tokens / active(r.model))
+
+
+def test_tiny_method_uses_two_selection_seeds_a_2x_grid_and_eight_compared_seeds():
+  assert TINY.seeds >= 8 and len(TINY.selection_seeds) >= 2 and min(TINY.selection_seeds) >= TINY.seeds
+  for scale in sweeps.SCALES.values():
+    assert len(scale.lrs) >= 3 and max(b / a for a, b in zip(scale.lrs, scale.lrs[1:])) <= 2.0 + 1e-9
 
 
 def test_ladder_runs_from_gpt2_to_a_gpt_oss_style_model(ladder):
@@ -395,3 +408,48 @@ def test_tensorboard_export_has_what_a_comparison_needs(tmp_path):
   tags = {v.tag for e in _read_events(tmp_path / "tb" / "wide" / "seed0") for v in e.summary.value}
   assert {"eval/loss", "train/loss", "train/tokens"} <= tags
   assert any(e.summary.value and e.summary.value[0].tag == "custom_scalars__config__" for e in _read_events(tmp_path / "tb"))
+
+
+def test_each_training_gets_its_own_gpus_and_shares_memory_only_when_it_shares_a_gpu(monkeypatch):
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+  eight = [str(i) for i in range(8)]
+  one_each = run.slots(8, 1, eight)
+  assert [s.env for s in one_each] == [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(8)]  # no memory cap
+  assert all(len(s.cpus) == 2 for s in one_each) and len(set().union(*(s.cpus for s in one_each))) == 16
+  pairs = run.slots(4, 2, eight)
+  assert [s.env["CUDA_VISIBLE_DEVICES"] for s in pairs] == ["0,1", "2,3", "4,5", "6,7"]
+  shared = run.slots(3, 1, ["0"])  # three trainings on one GPU: each a third of its memory, not 75%
+  assert {s.env["CUDA_VISIBLE_DEVICES"] for s in shared} == {"0"}
+  assert {s.env["XLA_PYTHON_CLIENT_MEM_FRACTION"] for s in shared} == {"0.300"}
+  assert [s.env for s in run.slots(2, 1, [])] == [{}, {}]  # CPU: cores only
+  with pytest.raises(ConfigError, match="devices-per-job 3 is more than the 2 GPUs"):
+    run.slots(1, 3, ["0", "1"])
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+  assert run.visible_gpus() == ["3", "5"]
+
+
+def test_sigterm_stops_the_runner_and_its_trainings_with_checkpoints(tmp_path, text_dataset):
+  sweep_dir = tmp_path / "sweep"
+  cmd = [sys.executable, "-m", "experiments.run", "ladder", "--runs", "no_dropout", "--seeds", "2", "--lrs", "1e-3",
+         "--jobs", "2", "--workdir", str(sweep_dir), "--config.train.steps=100000", "--config.train.eval_every=100000",
+         "--config.log.every=1", "--config.checkpoint.every=100000", "--config.train.batch_size=4",
+         "--config.data.seq_len=32", f"--config.data.dir={text_dataset}", "--config.train.eval_batches=1",
+         "--config.train.warmup_steps=1"]
+  env = os.environ | {"XLA_FLAGS": ""}
+  runner = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while min((run.last_step(sweep_dir / "no_dropout" / f"seed{s}") for s in (0, 1)), default=0) < 2:
+    assert time.time() < deadline and runner.poll() is None, runner.communicate()
+    time.sleep(0.2)
+  runner.send_signal(signal.SIGTERM)  # as a rented machine's shutdown does
+  _, err = runner.communicate(timeout=120)
+  assert runner.returncode == 130 and "run the same command again to resume" in err
+  for seed in (0, 1):
+    log = (sweep_dir / "no_dropout" / f"seed{seed}" / "train.log").read_text()
+    assert "stopped by signal" in log  # each training saved a checkpoint and exited
+    assert any((sweep_dir / "no_dropout" / f"seed{seed}" / "checkpoints").iterdir())
+  stopped = max(run.last_step(sweep_dir / "no_dropout" / f"seed{s}") for s in (0, 1))
+  again = subprocess.run(cmd + [f"--config.train.stop_at={stopped + 2}"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "resumed from step" in (sweep_dir / "no_dropout" / "seed0" / "train.log").read_text()

@@ -166,7 +166,8 @@ class Loop:
       for step in range(start, end):
         state, metrics = self.trainer.train_step(state, self.trainer.global_batch(next(batches)))
         done = step + 1
-        final = done == end or stop.requested
+        stopping = stop.requested  # read once: a signal landing later in this step waits for the next one
+        final = done == end or stopping
         save = done % every == 0 or final
         if done % self.config.log.every == 0 or save:
           last = self.log(done, jax.device_get(metrics))
@@ -182,7 +183,7 @@ class Loop:
           self.checkpoints.save(done, state, {"data": batches.get_state(), "step": done,
                                               "elapsed_s": time.perf_counter() - self.began})
           self.last_saved = done
-        if stop.requested:
+        if stopping:
           if self.is_main:
             print(f"\nstopped by signal at step {done}; checkpoint saved", file=sys.stderr)
           break
