@@ -239,7 +239,7 @@ def test_a_padded_vocabulary_generates_only_ids_its_tokenizer_has(tmp_path):
   assert int(sample(logits, jax.random.key(0), 0.0, 1.0)) >= 256  # unmasked, a padded id wins
   for key in jax.random.split(jax.random.key(1), 50):
     assert int(sample(logits, key, 1.0, 1.0, n_valid=256)) < 256 and int(sample(logits, key, 0.0, 1.0, n_valid=256)) < 256
-  cfg = ModelConfig(vocab_size=320, max_seq_len=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8,
+  cfg = ModelConfig(vocab_size=320, max_seq_len=128, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8,
                     d_ff=32, tie_embeddings=False)
   model = Transformer(cfg, nnx.Rngs(0))
   model.unembed.value = model.unembed.value.at[:, 256:].add(5.0)  # the padded ids dominate every position
