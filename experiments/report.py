@@ -1,14 +1,18 @@
-"""python -m experiments.report <sweep folder> [--out DIR] [--tensorboard]
+"""python -m experiments.report <sweep folder> [--out DIR] [--no-baselines] [--tensorboard]
 
 Reads the sweep's sweep.json and every training's metrics.jsonl; writes report.md and PNG plots:
-- each run's learning rate (every grid value's held-out loss; a best value at the grid's edge flagged);
-- its final held-out loss over the compared seeds, budgets (tokens per active and per total parameter,
-  training FLOPs per token), speed and memory; router health for mixtures of experts;
-- every comparison fixed before the runs (a run against its baseline), seed by seed: the mean paired
-  difference, its 95% t-interval, the p-value of a paired t-test, and Holm's correction over all the
-  comparisons of the sweep. A difference is called distinguishable only when Holm's test rejects it
-  (then its corrected interval excludes zero); everything else is "not distinguishable";
-- the held-out set's own noise (standard error over its batches) beside the seed-to-seed spread.
+- each run's learning rate (every grid value's validation loss on each selection seed; a best value at the
+  grid's edge flagged);
+- its final test loss over the compared seeds, budgets (tokens per active and per total parameter,
+  training FLOPs per token), speed and memory; router health for mixtures of experts, at the end and over
+  the whole run;
+- count-based n-gram baselines (experiments.ngram) on the same test windows, beside the runs;
+- every comparison fixed before the runs (a run against its baseline), seed by seed (experiments.paired):
+  the mean paired difference, its 95% t-interval, the paired t-test's and the exact sign-flip test's p,
+  both Holm-corrected over the sweep's comparisons, and the family's simultaneous interval. A difference is
+  called distinguishable only where both corrected tests reject; everything else is "not distinguishable";
+  and the same comparisons at every learning rate both runs tried, flagged where the sign changes;
+- the test set's own noise (standard error over its batches) beside the seed-to-seed spread.
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
+from experiments import ngram, plots
+from experiments.paired import ALPHA, Comparison, compare, corrected
 from experiments.run import choose_lr, final_test, metrics, selection_losses
-
-ALPHA = 0.05
+from gptoss_jax.config import ConfigError
 
 
 @dataclasses.dataclass
@@ -45,6 +49,9 @@ class Result:
   balancing: str = ""  # an MoE run's balancing settings, from its trainings' config.json
   load_curves: dict[int, list[tuple[int, float]]] = dataclasses.field(default_factory=dict)  # seed -> (step,
   # worst layer's max_load_ratio) at every logged step
+  selection: dict[float, dict[int, float]] = dataclasses.field(default_factory=dict)  # lr -> selection seed ->
+  # validation loss
+  warmup: int = 0  # the trainings' warm-up steps
 
   @property
   def mean(self) -> float:
@@ -54,23 +61,17 @@ class Result:
   def sd(self) -> float:
     return statistics.stdev(self.finals.values()) if len(self.finals) > 1 else float("nan")
 
-
-@dataclasses.dataclass(frozen=True)
-class Comparison:
-  run: str
-  baseline: str
-  n: int  # seeds both finished
-  mean: float  # mean of run - baseline over those seeds (negative: the run is better)
-  ci: tuple[float, float]  # 95% t-interval of the mean difference
-  p: float  # paired t-test, two-sided
-  seed_se: float = float("nan")  # standard error of the mean difference over seeds
-  heldout_se: float = float("nan")  # the held-out set's own noise in it: standard error over held-out batches
-  p_holm: float = float("nan")  # Holm-adjusted over the sweep's comparisons
-  ci_holm: tuple[float, float] = (float("nan"), float("nan"))  # interval at the level Holm tests it at
-
-  @property
-  def distinguishable(self) -> bool:
-    return self.p_holm <= ALPHA
+  def router_over_run(self) -> dict[str, float]:
+    """Router health over the whole run of the compared seeds, not just its end: the share of logged steps
+    whose worst layer is past half of collapse (mean over seeds, and the worst seed's), and the largest
+    worst-layer load after warm-up as a fraction of collapse (over seeds)."""
+    if not self.load_curves:
+      return {}
+    collapse = self.spec["n_experts"] / self.spec["top_k"]
+    shares = [np.mean([v > collapse / 2 for _, v in c]) for c in self.load_curves.values()]
+    after = [v for c in self.load_curves.values() for s, v in c if s > self.warmup]
+    return {"past_half_share": float(np.mean(shares)), "past_half_share_worst_seed": float(max(shares)),
+            "largest_after_warmup": max(after, default=float("nan")) / collapse}
 
 
 def paired(run: Result, baseline: Result) -> Comparison | None:
@@ -78,37 +79,17 @@ def paired(run: Result, baseline: Result) -> Comparison | None:
   if len(seeds) < 2:
     return None
   d = np.array([run.finals[s] - baseline.finals[s] for s in seeds])
-  mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
-  half = stats.t.ppf(1 - ALPHA / 2, len(d) - 1) * se
-  p = float(stats.ttest_rel([run.finals[s] for s in seeds], [baseline.finals[s] for s in seeds]).pvalue)
-  if se == 0:  # identical differences on every seed
-    p = 0.0 if mean else 1.0
   heldout_se = float("nan")
   if all(s in run.heldout and s in baseline.heldout for s in seeds):
     per_batch = np.mean([np.subtract(run.heldout[s], baseline.heldout[s]) for s in seeds], axis=0)
     heldout_se = float(per_batch.std(ddof=1) / math.sqrt(len(per_batch)))
-  return Comparison(run.name, baseline.name, len(d), mean, (mean - half, mean + half), p, se, heldout_se)
-
-
-def holm(comparisons: list[Comparison]) -> list[Comparison]:
-  """Holm's step-down correction: sorted by p, the i-th (from 0) is tested at ALPHA / (m - i), and
-  rejected only if every smaller p was; adjusted p = running max of (m - i) p. Each comparison's
-  corrected interval is its t-interval at the level it is tested at. Returned in the input order."""
-  m = len(comparisons)
-  order = sorted(range(m), key=lambda i: comparisons[i].p)
-  out, running = list(comparisons), 0.0
-  for rank, i in enumerate(order):
-    c = comparisons[i]
-    running = max(running, min(1.0, (m - rank) * c.p))
-    half = stats.t.ppf(1 - ALPHA / (2 * (m - rank)), c.n - 1) * c.seed_se
-    out[i] = dataclasses.replace(c, p_holm=running, ci_holm=(c.mean - half, c.mean + half))
-  return out
+  return compare(run.name, baseline.name, d, heldout_se)
 
 
 def compare_all(results: list[Result]) -> list[Comparison]:
   by_name = {r.name: r for r in results}
   comparisons = [c for r in results if (base := by_name.get(r.spec["baseline"])) and (c := paired(r, base))]
-  return holm(comparisons)
+  return corrected(comparisons)
 
 
 def _seed_folders(run_folder: Path) -> dict[int, Path]:
@@ -129,6 +110,12 @@ def _health(rows: list[dict]) -> dict[str, float]:
   return {"max_load_ratio": max(_per_layer(last, "moe/max_load_ratio")),
           "usage_entropy": min(_per_layer(last, "moe/usage_entropy"), default=float("nan")),
           "dead_experts": max(_per_layer(last, "moe/dead_experts"), default=float("nan"))}
+
+
+def _warmup(folder: Path) -> int:
+  for config in sorted(folder.glob("seed*/config.json")):
+    return json.loads(config.read_text()).get("train", {}).get("warmup_steps", 0)
+  return 0
 
 
 def _balancing(folder: Path) -> str:
@@ -173,8 +160,8 @@ def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
                 if "perf/peak_memory_gib" in r or "perf/peak_memory_gb" in r]
       walls += [max(r["perf/elapsed_s"] for r in perf)] if perf and "perf/elapsed_s" in perf[-1] else []
     chooser = selection_seeds(description)
-    grid = {lr: statistics.fmean(v.values()) for lr, v in selection_losses(folder, steps, chooser).items()
-            if len(v) == len(chooser)}
+    selection = selection_losses(folder, steps, chooser)
+    grid = {lr: statistics.fmean(v.values()) for lr, v in selection.items() if len(v) == len(chooser)}
     health = {k: statistics.fmean(h[k] for h in healths) for k in healths[0]} if healths and healths[0] else {}
     if health:  # a mean hides single seeds: count those whose worst layer ends past half of collapse
       half = spec["n_experts"] / spec["top_k"] / 2
@@ -182,7 +169,7 @@ def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
     results.append(Result(spec["name"], spec, curves, finals, statistics.fmean(ses) if ses else float("nan"),
                           grid, heldout, health, statistics.median(rates) if rates else float("nan"),
                           max(peaks, default=float("nan")), statistics.fmean(walls) if walls else float("nan"),
-                          _balancing(folder) if health else "", load_curves))
+                          _balancing(folder) if health else "", load_curves, selection, _warmup(folder)))
   return description, results
 
 
@@ -190,24 +177,38 @@ def _fmt_lr(lr: float) -> str:
   return f"{lr:.3g}"
 
 
-def markdown(description: dict, results: list[Result], comparisons: list[Comparison]) -> str:
+def markdown(description: dict, results: list[Result], comparisons: list[Comparison],
+             baselines: dict | None = None) -> str:
+  sections = [_runs_section(description, results, baselines), _baselines_section(results, baselines),
+              _comparisons_section(comparisons), _sensitivity_section(results, comparisons),
+              _lr_section(results), _router_section(results), _noise_section(results, comparisons), _images(results)]
+  return "\n".join(line for section in sections for line in section) + "\n"
+
+
+def _reported(description: dict) -> str:
+  return "test" if description.get("selection_seeds") else "held-out"  # held-out: before the three splits
+
+
+def _runs_section(description: dict, results: list[Result], baselines: dict | None) -> list[str]:
   first = description["runs"][0]
   tokens = first["steps"] * first["tokens_per_step"]
-  lrs = description.get("lrs", [])
+  split = _reported(description)
   lines = [f"# Sweep `{description['sweep']}`, scale `{description['scale']}`", "",
            f"{len(results)} runs. Each trains {first['steps']:,} steps of {first['tokens_per_step']:,} tokens "
            f"({tokens:,} tokens) at its own learning rate, chosen on the mean validation loss of seeds "
-           f"{', '.join(map(str, selection_seeds(description)))} "
-           f"from the grid {', '.join(map(_fmt_lr, lrs))} (widened where the best value was at an edge), "
+           f"{', '.join(map(str, selection_seeds(description)))} from the grid "
+           f"{', '.join(map(_fmt_lr, description.get('lrs', [])))} (widened where the best value was at an edge), "
            f"then {description['seeds']} compared seeds (0..{description['seeds'] - 1}) at that value"
            + (f"; overrides: {' '.join(f'{k}={v}' for k, v in description['overrides'].items())}"
               if description["overrides"] else "") + ".",
-           "Final eval loss: held-out cross-entropy (nats/token) at the last step, mean ± standard deviation "
-           "over seeds [min, max]. tokens/active, tokens/total: training tokens per active and per total "
-           "parameter.", "",
-           "| run | changes | lr | final eval loss | [min, max] | params | active | tokens/active | tokens/total | "
-           "train FLOPs/token | tokens/s | peak memory GiB | wall s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           f"Final {split} loss: cross-entropy (nats/token) on the {split} split at the last step, mean ± standard "
+           "deviation over seeds [min, max]. tokens/active, tokens/total: training tokens per active and per total "
+           "parameter." + (" vs n-gram: the mean's difference from the best n-gram baseline counted on as many "
+                           "training tokens as one training sees (negative: the network is better)." if baselines else ""),
+           "", f"| run | changes | lr | final {split} loss | [min, max] | params | active | tokens/active | "
+           "tokens/total | train FLOPs/token | tokens/s | peak memory GiB | wall s |" + (" vs n-gram |" if baselines else ""),
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if baselines else "")]
+  best = min(baselines["seen"].values()) if baselines else None
   for r in results:
     choice = choose_lr(r.grid) if r.grid else None
     finals = (f"{r.mean:.4f} ± {r.sd:.4f}" if len(r.finals) > 1 else f"{r.mean:.4f}") if r.finals else \
@@ -217,190 +218,153 @@ def markdown(description: dict, results: list[Result], comparisons: list[Compari
         + (f"[{min(r.finals.values()):.4f}, {max(r.finals.values()):.4f}]" if r.finals else "-")
         + f" | {r.spec['total_params']:,} | {r.spec['active_params']:,} | {tokens / r.spec['active_params']:.1f} | "
         f"{tokens / r.spec['total_params']:.1f} | {r.spec['flops_per_token']:,.0f} | {r.tokens_per_s:,.0f} | "
-        f"{r.peak_memory_gb:.2f} | {r.wall_s:.0f} |")
+        f"{r.peak_memory_gb:.2f} | {r.wall_s:.0f} |" + (f" {r.mean - best:+.4f} |" if baselines else ""))
+  return lines
 
+
+def _baselines_section(results: list[Result], baselines: dict | None) -> list[str]:
+  if not baselines:
+    return []
+  seen, whole = baselines["seen"], baselines["whole"]
+  best_seen, best_whole = min(seen, key=seen.get), min(whole, key=whole.get)
+  beat = [r.name for r in results if r.finals and r.mean < seen[best_seen]]
+  return ["", "## Count-based baselines", "",
+          f"Interpolated Kneser-Ney n-gram models (`experiments/ngram.py`) scored on the same {baselines['split']} "
+          f"windows as the runs, counted on the {baselines['seen_tokens']:,} training tokens one training sees (seed "
+          f"{baselines['seed']}'s draw) and on the whole training split ({baselines['whole_tokens']:,} tokens).", "",
+          "| order | " + " | ".join(map(str, seen)) + " |", "|---|" + "---|" * len(seen),
+          "| as one training sees | " + " | ".join(f"{v:.4f}" for v in seen.values()) + " |",
+          "| whole training split | " + " | ".join(f"{v:.4f}" for v in whole.values()) + " |", "",
+          f"Best: order {best_seen} at {seen[best_seen]:.4f} on a training's tokens, order {best_whole} at "
+          f"{whole[best_whole]:.4f} on the whole split. Runs whose mean beats the first: "
+          + (", ".join(f"`{n}`" for n in beat) if beat else "none") + "; the second: "
+          + (", ".join(f"`{r.name}`" for r in results if r.finals and r.mean < whole[best_whole]) or "none") + "."]
+
+
+def _comparisons_section(comparisons: list[Comparison]) -> list[str]:
   m = len(comparisons)
-  lines += ["", "## Comparisons, seed by seed", "",
-            f"Each run against the baseline fixed before the runs (`vs`), over the seeds both finished (n): "
-            f"Δ = mean over seeds of (run - vs), negative is better; its 95% t-interval; p of a paired t-test; "
-            f"Holm's correction over the {m} comparisons of this sweep (adjusted p, and the interval at the "
-            f"level Holm tests it at). **Distinguishable** only where Holm rejects at {ALPHA:g}.", "",
-            "| run | vs | n | Δ | 95% CI | p | Holm p | corrected CI | verdict |",
-            "|---|---|---|---|---|---|---|---|---|"]
+  lines = ["", "## Comparisons, seed by seed", "",
+           f"Each run against the baseline fixed before the runs (`vs`), over the seeds both finished (n): Δ = mean over "
+           f"seeds of (run - vs), negative is better; its 95% t-interval; two-sided p of the paired t-test and of the "
+           f"exact sign-flip test (all 2^n sign patterns; no normality assumed; at least 2 / 2^n); both Holm-adjusted "
+           f"over the {m} comparisons of this sweep; and the simultaneous interval of the family (each at level "
+           f"1 - {ALPHA:g} / {m}, Bonferroni). **Distinguishable** only where Holm rejects at {ALPHA:g} for both tests.", "",
+           "| run | vs | n | Δ | 95% CI | p (t) | p (sign-flip) | Holm p (t) | Holm p (sign-flip) | simultaneous CI | "
+           "verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for c in comparisons:
     verdict = f"**distinguishable: {'better' if c.mean < 0 else 'worse'}**" if c.distinguishable else \
         "not distinguishable"
     lines.append(f"| {c.run} | {c.baseline} | {c.n} | {c.mean:+.4f} | [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}] | "
-                 f"{c.p:.3g} | {c.p_holm:.3g} | [{c.ci_holm[0]:+.4f}, {c.ci_holm[1]:+.4f}] | {verdict} |")
+                 f"{c.p:.3g} | {c.p_sign:.3g} | {c.p_holm:.3g} | {c.p_sign_holm:.3g} | "
+                 f"[{c.ci_simultaneous[0]:+.4f}, {c.ci_simultaneous[1]:+.4f}] | {verdict} |")
   real = [c for c in comparisons if c.distinguishable]
-  lines += ["", "Distinguishable at this scale: " + ("; ".join(
-      f"`{c.run}` vs `{c.baseline}` {c.mean:+.4f} [{c.ci_holm[0]:+.4f}, {c.ci_holm[1]:+.4f}]" for c in real)
-      if real else "none") + ".",
-            "Not distinguishable at this scale: " + (", ".join(
-                f"`{c.run}` vs `{c.baseline}`" for c in comparisons if not c.distinguishable) or "none") + "."]
+  return lines + ["", "Distinguishable at this scale: " + ("; ".join(
+      f"`{c.run}` vs `{c.baseline}` {c.mean:+.4f} [{c.ci_simultaneous[0]:+.4f}, {c.ci_simultaneous[1]:+.4f}]"
+      for c in real) if real else "none") + ".", "Not distinguishable at this scale: " + (", ".join(
+          f"`{c.run}` vs `{c.baseline}`" for c in comparisons if not c.distinguishable) or "none") + "."]
 
-  lines += ["", "## Learning rates", "",
-            "Held-out loss of the selection seed at every value tried; the lowest is used for the compared seeds.",
-            "", "| run | chosen | " + " | ".join(["held-out loss at each learning rate"]) + " | flag |", "|---|---|---|---|"]
+
+def lr_differences(run: Result, baseline: Result) -> dict[float, float]:
+  """At every learning rate both runs tried on every selection seed: the mean over those seeds of the
+  difference in validation loss (run - baseline)."""
+  shared = {}
+  for lr in sorted(set(run.selection) & set(baseline.selection)):
+    seeds = sorted(set(run.selection[lr]) & set(baseline.selection[lr]))
+    if seeds:
+      shared[lr] = statistics.fmean(run.selection[lr][s] - baseline.selection[lr][s] for s in seeds)
+  return shared
+
+
+def _sensitivity_section(results: list[Result], comparisons: list[Comparison]) -> list[str]:
+  by_name = {r.name: r for r in results}
+  rows = [(c, d) for c in comparisons if len(d := lr_differences(by_name[c.run], by_name[c.baseline])) > 1]
+  if not rows:
+    return []
+  lines = ["", "## Comparisons at each shared learning rate", "",
+           "The same comparisons on the selection seeds' validation loss, at every learning rate both runs tried (the "
+           "table above compares each at its own chosen rate). **Learning-rate sensitive**: the sign changes across "
+           "the shared rates, so which is better depends on the rate.", "",
+           "| run | vs | Δ at each shared learning rate | flag |", "|---|---|---|---|"]
+  for c, d in rows:
+    flip = min(d.values()) < 0 < max(d.values())
+    lines.append(f"| {c.run} | {c.baseline} | " + ", ".join(f"{_fmt_lr(lr)}: {v:+.4f}" for lr, v in d.items())
+                 + f" | {'**learning-rate sensitive**' if flip else ''} |")
+  return lines
+
+
+def _lr_section(results: list[Result]) -> list[str]:
+  lines = ["", "## Learning rates", "",
+           "Validation loss at every value tried, mean over the selection seeds (each seed's in brackets); the "
+           "lowest mean is used for the compared seeds.", "",
+           "| run | chosen | validation loss at each learning rate | flag |", "|---|---|---|---|"]
   for r in results:
     if not r.grid:
       continue
     choice = choose_lr(r.grid)
-    cells = ", ".join(f"{_fmt_lr(lr)}: {loss:.4f}" for lr, loss in choice.losses.items())
+    cells = ", ".join(f"{_fmt_lr(lr)}: {loss:.4f}" + (
+        f" ({' / '.join(f'{v:.4f}' for _, v in sorted(r.selection[lr].items()))})" if len(r.selection.get(lr, {})) > 1
+        else "") for lr, loss in choice.losses.items())
     lines.append(f"| {r.name} | {_fmt_lr(choice.lr)} | {cells} | "
                  + ("**best at the edge of the grid: widen it**" if choice.at_edge else "") + " |")
+  return lines
 
+
+def _router_section(results: list[Result]) -> list[str]:
   moe = [r for r in results if r.health]
-  if moe:
-    lines += ["", "## Router health", "",
-              "At the last logged step, the worst layer, mean over seeds: max_load_ratio (experts x the busiest "
-              "expert's share of the assignments: 1 is balanced, E / top_k is collapse), usage entropy (entropy of "
-              "the shares / log E: 1 is balanced) and the share of experts that got no assignment; and how many "
-              "seeds end with a layer past half the collapse value (a partly collapsed router: that seed's "
-              "result measures a partly broken MoE). Balancing: the load-balancing loss weight, the router z-loss "
-              "weight and the aux-loss-free selection bias's update rate (0: off).", "",
-              "| run | experts, top-k | balancing | max_load_ratio | collapse value | usage entropy | dead experts "
-              "| seeds past half of collapse |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in moe:
-      E, k = r.spec["n_experts"], r.spec["top_k"]
-      lines.append(f"| {r.name} | {E}, {k} | {r.balancing} | {r.health['max_load_ratio']:.2f} | {E / k:.1f} | "
-                   f"{r.health['usage_entropy']:.3f} | {r.health['dead_experts']:.3f} | "
-                   + (f"**{r.health['collapsing_seeds']} of {len(r.finals)}**" if r.health["collapsing_seeds"] else "0")
-                   + " |")
+  if not moe:
+    return []
+  lines = ["", "## Router health", "",
+           "At the last logged step, the worst layer, mean over seeds: max_load_ratio (experts x the busiest expert's "
+           "share of the assignments: 1 is balanced, E / top_k is collapse), usage entropy (entropy of the shares / "
+           "log E: 1 is balanced), the share of experts that got no assignment, and how many seeds end with a layer "
+           "past half the collapse value. Over the whole run: the share of logged steps whose worst layer is past "
+           "half of collapse (mean over seeds; the worst seed's), and the largest worst-layer load after warm-up as a "
+           "fraction of collapse. Balancing: the load-balancing loss weight, the router z-loss weight and the "
+           "aux-loss-free selection bias's update rate (0: off).", "",
+           "| run | experts, top-k | balancing | max_load_ratio | collapse value | usage entropy | dead experts "
+           "| seeds past half of collapse at the end | steps past half (mean; worst seed) | largest after warm-up |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in moe:
+    E, k = r.spec["n_experts"], r.spec["top_k"]
+    over = r.router_over_run()
+    lines.append(f"| {r.name} | {E}, {k} | {r.balancing} | {r.health['max_load_ratio']:.2f} | {E / k:.1f} | "
+                 f"{r.health['usage_entropy']:.3f} | {r.health['dead_experts']:.3f} | "
+                 + (f"**{r.health['collapsing_seeds']} of {len(r.finals)}**" if r.health["collapsing_seeds"] else "0")
+                 + f" | {over['past_half_share']:.0%}; {over['past_half_share_worst_seed']:.0%} | "
+                 f"{over['largest_after_warmup']:.2f} |")
+  return lines
 
-  lines += ["", "## Noise", "",
-            "Seed-to-seed standard deviation of the final held-out loss against the held-out set's own noise "
-            "(standard error of its mean over held-out batches, mean over seeds); the comparisons above pair seeds "
-            "on the same held-out set.", "", "| run | seed sd | held-out standard error | ratio |", "|---|---|---|---|"]
-  for r in results:
-    if len(r.finals) > 1:
-      lines.append(f"| {r.name} | {r.sd:.4f} | {r.eval_se:.4f} | {r.sd / r.eval_se:.1f} |")
+
+def _noise_section(results: list[Result], comparisons: list[Comparison]) -> list[str]:
+  lines = ["", "## Noise", "",
+           "Seed-to-seed standard deviation of the final loss against the evaluation set's own noise (standard error "
+           "of its mean over batches, mean over seeds); the comparisons above pair seeds on the same windows.", "",
+           "| run | seed sd | evaluation standard error | ratio |", "|---|---|---|---|"]
+  lines += [f"| {r.name} | {r.sd:.4f} | {r.eval_se:.4f} | {r.sd / r.eval_se:.1f} |" for r in results if len(r.finals) > 1]
   if any(math.isfinite(c.heldout_se) for c in comparisons):
-    lines += ["", "Each comparison's own noise: the standard error of Δ over seeds (what the interval above is made "
-              "of) against the part of it that is the held-out set's (the standard error, over held-out batches, of "
-              "the per-batch difference between the two runs, seeds averaged; from `python -m experiments.heldout`). "
-              "The held-out set is large enough when the second is small against the first.", "",
+    lines += ["", "Each comparison's own noise: the standard error of Δ over seeds (what the intervals above are made of) "
+              "against the part of it that is the evaluation set's (the standard error, over its batches, of the "
+              "per-batch difference between the two runs, seeds averaged; from each training's `heldout.json`). The "
+              "set is large enough when the second is small against the first.", "",
               "| run | vs | seed standard error of Δ | held-out standard error of Δ | ratio |", "|---|---|---|---|---|"]
-    for c in comparisons:
-      if math.isfinite(c.heldout_se):
-        lines.append(f"| {c.run} | {c.baseline} | {c.seed_se:.4f} | {c.heldout_se:.4f} | {c.seed_se / c.heldout_se:.1f} |")
-  lines += ["", "![eval loss against steps](loss_vs_steps.png)", "![eval loss against training FLOPs]"
-            "(loss_vs_flops.png)", "![final eval loss per run](final_loss.png)",
-            "![paired differences](differences.png)", "![learning-rate grid](lr_grid.png)"]
-  if moe:
-    lines.append("![router load over training](router_health.png)")
-  lines.append("")
-  return "\n".join(lines)
+    lines += [f"| {c.run} | {c.baseline} | {c.seed_se:.4f} | {c.heldout_se:.4f} | {c.seed_se / c.heldout_se:.1f} |"
+              for c in comparisons if math.isfinite(c.heldout_se)]
+  return lines
 
 
-def plot(description: dict, results: list[Result], comparisons: list[Comparison], out: Path) -> list[Path]:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  title = f"{description['sweep']} ({description['scale']})"
-  colors = plt.get_cmap("tab20")(np.arange(len(results)) % 20)
-  paths = []
-  for name, x_label, log_x in (("loss_vs_steps", "step", False), ("loss_vs_flops", "training FLOPs", True)):
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-    for r, color in zip(results, colors):
-      steps = sorted({s for curve in r.curves.values() for s, _ in curve})
-      if not steps:
-        continue
-      per_step = [[dict(c)[s] for c in r.curves.values() if s in dict(c)] for s in steps]
-      x = np.array(steps, float) * (r.spec["tokens_per_step"] * r.spec["flops_per_token"] if log_x else 1)
-      ax.plot(x, [np.mean(v) for v in per_step], label=r.name, linewidth=1.2, color=color)
-      ax.fill_between(x, [min(v) for v in per_step], [max(v) for v in per_step], color=color, alpha=0.15)
-    if log_x:
-      ax.set_xscale("log")
-    ax.set(xlabel=x_label, ylabel="eval loss (nats/token)", title=f"{title}: mean over seeds, band = min..max")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    _set_tail_ylim(ax, results)
-    paths.append(_save(fig, out / f"{name}.png"))
-
-  done = [r for r in results if r.finals]
-  fig, ax = plt.subplots(figsize=(8, 0.4 * len(done) + 1.5), dpi=100)
-  y = np.arange(len(done))[::-1]
-  means = np.array([r.mean for r in done])
-  ax.errorbar(means, y, xerr=[means - [min(r.finals.values()) for r in done],
-                              [max(r.finals.values()) for r in done] - means], fmt="o", capsize=3)
-  for yi, r in zip(y, done):
-    ax.scatter(list(r.finals.values()), [yi] * len(r.finals), s=8, color="gray", zorder=3)
-  ax.set_yticks(y, [r.name for r in done])
-  ax.set(xlabel="final eval loss (nats/token): mean, min..max, seeds in gray", title=title)
-  ax.grid(alpha=0.3, axis="x")
-  paths.append(_save(fig, out / "final_loss.png"))
-
-  fig, ax = plt.subplots(figsize=(8, 0.4 * len(comparisons) + 1.5), dpi=100)
-  y = np.arange(len(comparisons))[::-1]
-  for yi, c in zip(y, comparisons):
-    color = "tab:blue" if c.distinguishable and c.mean < 0 else "tab:red" if c.distinguishable else "gray"
-    ax.plot(c.ci_holm, [yi, yi], color=color, linewidth=1, alpha=0.5)
-    ax.plot(c.ci, [yi, yi], color=color, linewidth=3)
-    ax.plot([c.mean], [yi], "o", color=color)
-  ax.axvline(0, color="black", linewidth=0.8)
-  ax.set_yticks(y, [f"{c.run} vs {c.baseline}" for c in comparisons])
-  ax.set(xlabel="paired difference in final eval loss (run - vs): thick 95% CI, thin Holm-corrected CI",
-         title=f"{title}\nblue better, red worse (distinguishable after Holm), gray not distinguishable")
-  ax.grid(alpha=0.3, axis="x")
-  paths.append(_save(fig, out / "differences.png"))
-
-  fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-  for r, color in zip(results, colors):
-    if r.grid:
-      lrs = sorted(r.grid)
-      ax.plot(lrs, [r.grid[lr] for lr in lrs], "o-", label=r.name, color=color, markersize=3)
-      ax.plot([choose_lr(r.grid).lr], [min(r.grid.values())], "*", color=color, markersize=10)
-  ax.set_xscale("log")
-  ax.set(xlabel="peak learning rate", ylabel="final eval loss, selection seed", title=f"{title}: chosen value starred")
-  ax.grid(alpha=0.3)
-  if any(r.grid for r in results):
-    ax.legend(fontsize=7, ncol=2)
-  paths.append(_save(fig, out / "lr_grid.png"))
-
-  moe = [(r, color) for r, color in zip(results, colors) if r.load_curves]
-  if moe:
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-    for r, color in moe:
-      collapse = r.spec["n_experts"] / r.spec["top_k"]
-      steps = sorted({s for curve in r.load_curves.values() for s, _ in curve})
-      per_step = [[dict(c)[s] / collapse for c in r.load_curves.values() if s in dict(c)] for s in steps]
-      ax.plot(steps, [np.mean(v) for v in per_step], label=r.name, linewidth=1.2, color=color)
-      ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], color=color, alpha=0.15)
-    ax.axhline(0.5, color="black", linewidth=0.8, linestyle="--")
-    ax.set(xlabel="step", ylabel="worst layer's max_load_ratio / collapse value",
-           title=f"{title}: router load of the compared seeds (mean, band = min..max)\n"
-                 "1 = collapse (E / top_k), top_k / E = balanced, dashed: half of collapse")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    paths.append(_save(fig, out / "router_health.png"))
-  return paths
-
-
-def _save(fig, path: Path) -> Path:
-  fig.tight_layout()
-  fig.savefig(path)
-  import matplotlib.pyplot as plt
-  plt.close(fig)
-  return path
-
-
-def _set_tail_ylim(ax, results: list[Result]) -> None:
-  """Zoom on the part of training where runs differ: from the best final loss to the loss all runs
-  had reached a quarter of the way in."""
-  finals = [v for r in results for v in r.finals.values()]
-  quarter = [c[len(c) // 4][1] for r in results for c in r.curves.values() if c]
-  if finals and quarter:
-    lo, hi = min(finals), max(quarter)
-    ax.set_ylim(lo - 0.05 * (hi - lo), hi)
+def _images(results: list[Result]) -> list[str]:
+  lines = ["", "![eval loss against steps](loss_vs_steps.png)", "![eval loss against training FLOPs](loss_vs_flops.png)",
+           "![final loss per run](final_loss.png)", "![paired differences](differences.png)",
+           "![learning-rate grid](lr_grid.png)"]
+  return lines + (["![router load over training](router_health.png)"] if any(r.load_curves for r in results) else [])
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
   parser.add_argument("sweep_dir", help="the folder experiments.run wrote (holds sweep.json)")
   parser.add_argument("--out", default="", help="where report.md and the plots go (default: the sweep folder)")
+  parser.add_argument("--no-baselines", action="store_true",
+                      help="leave out the n-gram baselines (otherwise computed once into <sweep>/ngram.json)")
   parser.add_argument("--tensorboard", action="store_true",
                       help="also write OUT/tb: every training's scalars, HParams and a layout, from metrics.jsonl")
   args = parser.parse_args(argv)
@@ -415,8 +379,15 @@ def main(argv: list[str] | None = None) -> int:
   out = Path(args.out) if args.out else sweep_dir
   out.mkdir(parents=True, exist_ok=True)
   comparisons = compare_all(results)
-  (out / "report.md").write_text(markdown(description, results, comparisons))
-  print(f"wrote {out / 'report.md'} and " + ", ".join(p.name for p in plot(description, results, comparisons, out)))
+  baselines = None
+  if not args.no_baselines:
+    try:
+      baselines = ngram.sweep_baselines(sweep_dir)
+    except ConfigError as e:  # the dataset cannot be had here (no network, say): the report goes on without
+      print(f"note: no n-gram baselines ({e})", file=sys.stderr)
+  (out / "report.md").write_text(markdown(description, results, comparisons, baselines))
+  paths = plots.plot(description, results, comparisons, out, baselines)
+  print(f"wrote {out / 'report.md'} and " + ", ".join(p.name for p in paths))
   if args.tensorboard:
     from experiments import tensorboard
     print(f"wrote {tensorboard.write(sweep_dir, description, out / 'tb')}: tensorboard --logdir {out / 'tb'}")

@@ -1,6 +1,7 @@
 """Sweeps expand to the intended configs, the solvers meet their budgets, the report reads metric files,
 and a mini sweep runs end to end through the training command."""
 
+import itertools
 import json
 import os
 import signal
@@ -226,58 +227,76 @@ def _table(text: str, header: str) -> dict[str, list[str]]:
   return rows
 
 
-BASE_LOSSES = np.array([2.00, 2.05, 1.98, 2.03, 2.01])
-DIFFS = {"a": [-0.10, -0.11, -0.09, -0.10, -0.12],  # p ~ 3e-5: distinguishable
-         "b": [0.02, 0.03, 0.0, 0.03, 0.01],  # p ~ 0.037: 0.073 after Holm's x2 -> not
-         "c": [-0.02, -0.01, -0.03, 0.002, -0.02]}  # p ~ 0.045 < 0.05, but Holm stopped at b -> not
+BASE_LOSSES = np.array([2.00, 2.05, 1.98, 2.03, 2.01, 2.04, 1.99, 2.02])
+DIFFS = {"a": [-0.10, -0.11, -0.09, -0.10, -0.12, -0.08, -0.11, -0.10],  # every seed better: distinguishable
+         "b": [0.02, 0.03, 0.0, 0.03, 0.01, 0.02, -0.01, 0.03],  # the t-test alone would call it
+         "c": [-0.02, 0.01, -0.03, 0.002, -0.02, 0.01, -0.01, 0.0]}  # nothing
 
 
-HELDOUT_B = np.random.default_rng(0).normal(0.02, 0.01, size=(5, 6))  # seeds x held-out batches
+HELDOUT_B = np.random.default_rng(0).normal(0.02, 0.01, size=(8, 6))  # seeds x test batches
 
 
-def test_paired_statistics_match_a_plain_formula_with_holm(tmp_path):
+def _plain_sign_flip(d) -> float:
+  """Every one of the 2^n sign patterns, one at a time."""
+  observed, hits = abs(sum(d)), 0
+  for signs in itertools.product((1, -1), repeat=len(d)):
+    hits += abs(sum(s * x for s, x in zip(signs, d))) >= observed - 1e-12
+  return hits / 2 ** len(d)
+
+
+def _plain_holm(p: dict[str, float]) -> dict[str, float]:
+  order, out, running = sorted(p, key=p.get), {}, 0.0
+  for i, name in enumerate(order):
+    running = max(running, min(1.0, (len(p) - i) * p[name]))
+    out[name] = running
+  return out
+
+
+def test_paired_statistics_match_plain_formulas_with_holm_over_both_tests(tmp_path):
+  n, m = len(BASE_LOSSES), len(DIFFS)
   finals = {"base": list(BASE_LOSSES)} | {k: list(BASE_LOSSES + np.array(d)) for k, d in DIFFS.items()}
   _fake_sweep(tmp_path, finals, {k: "base" for k in DIFFS})
-  for seed in range(5):  # per held-out batch (experiments.heldout): base 2.0 everywhere, b + HELDOUT_B
+  for seed in range(n):  # per test batch: base 2.0 everywhere, b + HELDOUT_B
     for name, losses in (("base", np.full(6, 2.0)), ("b", 2.0 + HELDOUT_B[seed])):
       (tmp_path / name / f"seed{seed}" / "heldout.json").write_text(json.dumps({"step": 20, "batch_losses": list(losses)}))
-  assert report.main([str(tmp_path)]) == 0
+  assert report.main([str(tmp_path), "--no-baselines"]) == 0
   rows = _table((tmp_path / "report.md").read_text(), "| run | vs | n |")
-  n, m, expected = 5, 3, {}
-  for name, d in DIFFS.items():
+  expected = {}
+  for name in DIFFS:
     d = np.array(finals[name]) - BASE_LOSSES
     mean, se = d.mean(), d.std(ddof=1) / np.sqrt(n)
-    t = mean / se
-    p = 2 * (1 - scipy_stats.t.cdf(abs(t), n - 1))  # two-sided paired t-test
-    half = scipy_stats.t.ppf(0.975, n - 1) * se
-    expected[name] = (mean, se, p, half)
-  order = sorted(expected, key=lambda k: expected[k][2])  # Holm: ascending p, tested at alpha / (m - i)
-  assert order == ["a", "b", "c"]
-  adjusted, running = {}, 0.0
-  for i, name in enumerate(order):
-    running = max(running, min(1.0, (m - i) * expected[name][2]))
-    adjusted[name] = running
-  for name, (mean, se, p, half) in expected.items():
+    p = 2 * (1 - scipy_stats.t.cdf(abs(mean / se), n - 1))  # two-sided paired t-test
+    expected[name] = (mean, se, p, _plain_sign_flip(list(d)))
+  holm_t = _plain_holm({k: v[2] for k, v in expected.items()})
+  holm_sign = _plain_holm({k: v[3] for k, v in expected.items()})
+  for name, (mean, se, p, p_sign) in expected.items():
     row = rows[name]
-    assert row[1:4] == ["base", "5", f"{mean:+.4f}"]
-    assert row[4] == f"[{mean - half:+.4f}, {mean + half:+.4f}]"
-    assert float(row[5]) == pytest.approx(p, rel=0.01) and float(row[6]) == pytest.approx(adjusted[name], rel=0.01)
-    i = order.index(name)
-    wide = scipy_stats.t.ppf(1 - 0.05 / (2 * (m - i)), n - 1) * se
-    assert row[7] == f"[{mean - wide:+.4f}, {mean + wide:+.4f}]"
-  assert rows["a"][8] == "**distinguishable: better**"
+    half, wide = scipy_stats.t.ppf(0.975, n - 1) * se, scipy_stats.t.ppf(1 - 0.05 / (2 * m), n - 1) * se
+    assert row[1:5] == ["base", str(n), f"{mean:+.4f}", f"[{mean - half:+.4f}, {mean + half:+.4f}]"]
+    assert float(row[5]) == pytest.approx(p, rel=0.01) and float(row[6]) == pytest.approx(p_sign, rel=0.01)
+    assert float(row[7]) == pytest.approx(holm_t[name], rel=0.01)
+    assert float(row[8]) == pytest.approx(holm_sign[name], rel=0.01)
+    assert row[9] == f"[{mean - wide:+.4f}, {mean + wide:+.4f}]"  # simultaneous (Bonferroni) interval
+  assert expected["a"][3] == pytest.approx(2 / 2 ** n)  # every seed agrees: the smallest sign-flip p
+  assert rows["a"][10] == "**distinguishable: better**"
+  assert holm_t["b"] <= 0.05 < holm_sign["b"]  # Holm rejects for the t-test, not for the sign-flip test
+  assert rows["b"][10] == rows["c"][10] == "not distinguishable"
   noise = _table((tmp_path / "report.md").read_text(), "| run | vs | seed standard error")
-  assert set(noise) == {"b"}  # the only run with held-out batches beside its baseline's
+  assert set(noise) == {"b"}  # the only run with test batches beside its baseline's
   assert noise["b"][2] == f"{expected['b'][1]:.4f}"
   assert noise["b"][3] == f"{np.std(HELDOUT_B.mean(0), ddof=1) / np.sqrt(HELDOUT_B.shape[1]):.4f}"
-  assert expected["b"][2] < 0.05 < adjusted["b"]  # significant alone, not after the correction
-  assert expected["c"][2] < 0.05 < adjusted["c"]  # below its own level alpha / 1, but tested after b failed
-  assert rows["b"][8] == rows["c"][8] == "not distinguishable"
   text = (tmp_path / "report.md").read_text()
   assert "Distinguishable at this scale: `a` vs `base`" in text
   for png in ("loss_vs_steps.png", "loss_vs_flops.png", "final_loss.png", "differences.png", "lr_grid.png"):
     assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
   assert not (tmp_path / "router_health.png").exists()  # no MoE run
+
+
+def test_five_seeds_cannot_pass_the_sign_flip_test_whatever_the_t_test_says():
+  from experiments.paired import compare, corrected
+  d = np.array([-0.10, -0.11, -0.09, -0.10, -0.12])
+  (c,) = corrected([compare("a", "base", d)])
+  assert c.p < 1e-4 and c.p_sign == pytest.approx(2 / 32) and not c.distinguishable
 
 
 def test_lr_choice_picks_the_lowest_loss_and_widens_at_an_edge():
@@ -315,7 +334,7 @@ def test_report_flags_a_learning_rate_at_the_edge_and_shows_router_health(tmp_pa
               grids={"dense": {1e-3: 2.5, 3e-3: 2.3, 1e-2: 2.4}, "moe": {1e-3: 2.5, 3e-3: 2.4, 1e-2: 2.3}},
               experts={"moe": (8, 2)})
   (tmp_path / "moe" / "seed1" / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval/loss": 3.0}) + "\n")
-  assert report.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+  assert report.main([str(tmp_path), "--out", str(tmp_path / "out"), "--no-baselines"]) == 0
   text = (tmp_path / "out" / "report.md").read_text()
   lrs = _table(text, "| run | chosen |")
   assert lrs["dense"][1] == "0.003" and lrs["dense"][3] == ""
@@ -331,6 +350,28 @@ def test_report_flags_a_learning_rate_at_the_edge_and_shows_router_health(tmp_pa
   assert loads["dense"] == {} and loads["moe"][0] == [(10, 2.0), (20, 2.0)]  # the worst layer at each logged step
   assert (tmp_path / "out" / "router_health.png").read_bytes()[:4] == b"\x89PNG"
   assert "`moe` vs `dense`" not in text  # one common seed: no comparison
+
+
+def test_report_flags_a_comparison_whose_sign_changes_across_shared_learning_rates(tmp_path):
+  _fake_sweep(tmp_path, {"gelu": [2.0, 2.1, 2.05], "swiglu": [2.1, 2.2, 2.1], "rms": [2.0, 2.1, 2.0]},
+              {"swiglu": "gelu", "rms": "gelu"},
+              grids={"gelu": {1e-3: 2.5, 3e-3: 2.3, 1e-2: 2.4, 3e-2: 2.9}, "swiglu": {1e-3: 2.4, 3e-3: 2.2, 1e-2: 2.6},
+                     "rms": {1e-3: 2.45, 3e-3: 2.25, 1e-2: 2.35}})
+  assert report.main([str(tmp_path), "--no-baselines"]) == 0
+  rows = _table((tmp_path / "report.md").read_text(), "| run | vs | Δ at each shared")
+  assert rows["swiglu"][2] == "0.001: -0.1000, 0.003: -0.1000, 0.01: +0.2000"  # 3e-2: gelu's alone
+  assert rows["swiglu"][3] == "**learning-rate sensitive**" and rows["rms"][3] == ""
+
+
+def test_router_health_over_the_whole_run():
+  spec = {"n_experts": 8, "top_k": 2}  # collapse 4, half of it 2
+  r = report.Result("moe", spec, {}, {}, 0.0, {}, {}, {}, 0.0, 0.0, 0.0,
+                    load_curves={0: [(5, 3.9), (10, 3.0), (20, 1.5), (30, 1.2)], 1: [(5, 3.9), (10, 1.8), (20, 2.4),
+                                                                                   (30, 1.1)]}, warmup=5)
+  over = r.router_over_run()
+  assert over["past_half_share"] == pytest.approx((2 / 4 + 2 / 4) / 2)  # 3.9, 3.0 | 3.9, 2.4
+  assert over["past_half_share_worst_seed"] == pytest.approx(0.5)
+  assert over["largest_after_warmup"] == pytest.approx(3.0 / 4)  # step 5 is warm-up
 
 
 def test_mini_sweep_end_to_end_resumes_and_skips(tmp_path, text_dataset):
@@ -362,7 +403,10 @@ def test_mini_sweep_end_to_end_resumes_and_skips(tmp_path, text_dataset):
   assert third.returncode == 0 and sorted(p.name for p in folder.iterdir()) == grid_names + ["seed0", "seed1"]
   assert (folder / "seed0" / "train.log").read_text().count("done:") == 1  # the third call trained nothing
   assert report.main([str(sweep_dir)]) == 0
-  assert "| no_dropout | embed_dropout" in (sweep_dir / "report.md").read_text()
+  text = (sweep_dir / "report.md").read_text()
+  assert "| no_dropout | embed_dropout" in text and "## Count-based baselines" in text
+  kept = json.loads((sweep_dir / "ngram.json").read_text())  # counted once, on the sweep's own dataset
+  assert kept["seen_tokens"] == 4 * 4 * 32 and set(kept["seen"]) == {str(n) for n in range(1, 9)}
   events = list((folder / "seed0" / "tb").glob("events.out.tfevents.*"))
   assert any(b"hparams" in e.read_bytes() for e in events)
 
@@ -381,8 +425,8 @@ def test_tensorboard_export_has_what_a_comparison_needs(tmp_path):
     for seed in (0, 1):
       (tmp_path / run_name / f"seed{seed}" / "config.json").write_text(json.dumps(
           {"model": {"d_model": width, "n_heads": 4, "x": 1}, "train": {"seed": seed, "lr": 0.003}}))
-  assert report.main([str(tmp_path), "--tensorboard"]) == 0
-  assert report.main([str(tmp_path), "--tensorboard"]) == 0  # written anew, not added to
+  assert report.main([str(tmp_path), "--tensorboard", "--no-baselines"]) == 0
+  assert report.main([str(tmp_path), "--tensorboard", "--no-baselines"]) == 0  # written anew, not added to
   assert len(list((tmp_path / "tb" / "wide" / "seed0").glob("events.out.tfevents.*"))) == 1
   sessions = {}
   for run_name in ("dense", "wide"):
