@@ -144,6 +144,6 @@ def _set_tail_ylim(ax, results, lines) -> None:
   runs had reached a quarter of the way in."""
   finals = [v for r in results for v in r.finals.values()] + [loss for loss, _ in lines]
   quarter = [c[len(c) // 4][1] for r in results for c in r.curves.values() if c]
-  if finals and quarter:
+  if finals and quarter and max(quarter + finals) > min(finals):
     lo, hi = min(finals), max(quarter + finals)
     ax.set_ylim(lo - 0.05 * (hi - lo), hi)

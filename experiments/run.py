@@ -30,6 +30,13 @@ from gptoss_jax.inspect import stats
 from gptoss_jax.data.prepare import ensure_dataset
 
 WIDEN = 2  # default: grid values added beyond an edge before the run goes on (and the report flags it)
+# --smoke: every run at its real widths, depths, vocabulary and mesh, for 2 steps of a short batch on 8 fake CPU
+# devices, from a local corpus (Shakespeare, in the scale's tokenizer), through checkpoint, test split and report
+SMOKE = {"train.steps": "2", "train.batch_size": "8", "data.seq_len": "32", "train.warmup_steps": "1",
+         "train.eval_every": "2", "train.eval_batches": "1", "checkpoint.every": "2", "log.every": "1",
+         "data.source": "shakespeare", "data.path": "", "data.max_tokens": "0", "data.val_fraction": "0.03",
+         "data.test_fraction": "0.03", "train.microbatches": "1"}
+SMOKE_DEVICES = "--xla_force_host_platform_device_count=8"
 SMALL_FILES = ("config.json", "metrics.jsonl", "heldout.json")  # what a report needs of a training
 
 
@@ -239,7 +246,7 @@ class Scheduler:
 
   def total_steps(self) -> int:
     """Steps of every training the sweep will need as far as known (a widened grid adds to it)."""
-    per_run = len(self.d["lrs"]) * len(self.d["selection_seeds"]) * self.tuned() + self.d["seeds"]
+    per_run = trainings_per_run(self.d)
     return sum(spec["steps"] * per_run for spec in self.specs.values())
 
 
@@ -324,7 +331,8 @@ def take_kept(results: Path, sweep_dir: Path, description: dict) -> int:
 
 
 def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, str], jobs: int = 1,
-            widen: int = WIDEN, results: Path | None = None, devices_per_job: int = 1) -> list[str]:
+            widen: int = WIDEN, results: Path | None = None, devices_per_job: int = 1,
+            env_extra: dict[str, str] | None = None) -> list[str]:
   """Trains every unfinished job, `jobs` at a time; returns the names of the ones that failed. With
   `results`, finished trainings kept there are taken first, and each training that finishes is kept."""
   sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -336,11 +344,12 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
   places = slots(jobs, devices_per_job, visible_gpus())
   # one compilation per program: the seeds of a run share their train step (JAX's persistent cache)
   env = os.environ | {"JAX_COMPILATION_CACHE_DIR": str((sweep_dir / ".jax_cache").absolute()),
-                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"} | (env_extra or {})
   done_before = sum(last_step(j.folder) for j in plan.jobs())
-  print(f"{sweep.name} at scale {sweep.scale}: {len(sweep.runs)} runs x ({len(description['lrs'])} learning "
-        f"rates x {len(description['selection_seeds'])} selection seeds + {description['seeds']} seeds), {jobs} at a time; TensorBoard: tensorboard --logdir {sweep_dir}",
-        file=sys.stderr)
+  tuning = (f"{len(description['lrs'])} learning rates x {len(description['selection_seeds'])} selection seeds + "
+            if len(description["lrs"]) > 1 else "")
+  print(f"{sweep.name} at scale {sweep.scale}: {len(sweep.runs)} runs x ({tuning}{description['seeds']} seeds), "
+        f"{jobs} at a time; TensorBoard: tensorboard --logdir {sweep_dir}", file=sys.stderr)
   from tqdm import tqdm
   bar = tqdm(total=plan.total_steps(), initial=done_before, unit="step", file=sys.stderr, dynamic_ncols=True,
              mininterval=2.0 if sys.stderr.isatty() else 60.0)
@@ -400,6 +409,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--results", default="", help="keep each finished training's small files (config.json, "
                       "metrics.jsonl, heldout.json) here, to commit; a later call takes the finished ones back")
   parser.add_argument("--dry-run", action="store_true", help="print the runs, train nothing")
+  parser.add_argument("--smoke", action="store_true", help="every run at its real shapes for 2 steps on 8 fake CPU "
+                                                           "devices, from a local corpus (checks a sweep before paying)")
   parser.add_argument("--device", default="", help=f"print the cost on this accelerator ({' | '.join(cost.DEVICES)})")
   parser.add_argument("--mfu", type=float, default=cost.DEFAULT_MFU, help="the share of peak FLOP/s assumed for --device")
   return parser
@@ -408,7 +419,7 @@ def _parser() -> argparse.ArgumentParser:
 def _plan(args: argparse.Namespace, rest: list[str]) -> tuple[Sweep, dict[str, str], dict]:
   """The command line checked: the sweep (its --runs), the overrides and the sweep's description."""
   sweep = build(args.sweep, args.scale)
-  extra = parse_override_args(rest)
+  extra = parse_override_args(rest) | (SMOKE if args.smoke else {})
   if "train.lr" in extra or "train.seed" in extra:
     raise ConfigError("train.lr and train.seed are set per training by the runner (use --lrs and --seeds)")
   if args.runs:
@@ -417,8 +428,10 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> tuple[Sweep, dict[str, s
     if unknown:
       raise ConfigError(f"unknown run(s) {', '.join(unknown)} (runs: {', '.join(r.name for r in sweep.runs)})")
     sweep = Sweep(sweep.name, sweep.scale, tuple(r for r in sweep.runs if r.name in names))
-  seeds = args.seeds or SCALES[args.scale].seeds
-  if seeds < 2:
+  if args.smoke:  # one learning rate (no tuning) and one seed
+    args.lrs, args.widen = args.lrs or str(SCALES[args.scale].lrs[len(SCALES[args.scale].lrs) // 2]), 0
+  seeds = 1 if args.smoke else args.seeds or SCALES[args.scale].seeds
+  if seeds < 2 and not args.smoke:
     raise ConfigError(f"--seeds must be >= 2 (paired statistics need two), got {seeds}")
   lrs = parse_lrs(args.lrs) if args.lrs else SCALES[args.scale].lrs
   if args.widen < 0:
@@ -439,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
   except (ConfigError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  sweep_dir = Path(args.workdir or f"runs/sweeps/{args.sweep}-{args.scale}")
+  sweep_dir = Path(args.workdir or f"runs/sweeps/{args.sweep}-{args.scale}" + ("-smoke" if args.smoke else ""))
   print(table(description))
   if costs:
     print(costs)
@@ -454,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(sig, _interrupt)
   try:
     failed = execute(sweep, sweep_dir, description, extra, args.jobs, args.widen,
-                     Path(args.results) if args.results else None, args.devices_per_job)
+                     Path(args.results) if args.results else None, args.devices_per_job,
+                     {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {SMOKE_DEVICES}".strip()} if args.smoke else {})
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -465,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(failed)} training(s) failed: {', '.join(failed)} (see their train.log); run again to retry",
           file=sys.stderr)
     return 1
+  if args.smoke:  # the report reads what the trainings wrote (without baselines: nothing to compare with here)
+    from experiments import report
+    return report.main([str(sweep_dir), "--no-baselines"])
   print(f"done; report: python -m experiments.report {sweep_dir}", file=sys.stderr)
   return 0
 

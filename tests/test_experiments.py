@@ -497,3 +497,20 @@ def test_sigterm_stops_the_runner_and_its_trainings_with_checkpoints(tmp_path, t
                          text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-2000:]
   assert "resumed from step" in (sweep_dir / "no_dropout" / "seed0" / "train.log").read_text()
+
+
+def test_smoke_trains_the_small_scales_gpt_oss_style_run_at_its_real_shapes(tmp_path):
+  """--smoke: the last ladder rung of the small scale (MoE, sliding window, sinks, biases, GPT-2's padded
+  vocabulary, bfloat16) for 2 steps on 8 fake CPU devices from a local corpus, through checkpoint and report.
+  The other runs and the gpu scale take the same path (`python -m experiments.run <sweep> --scale S --smoke`)."""
+  out = subprocess.run([sys.executable, "-m", "experiments.run", "ladder", "--scale", "small", "--smoke", "--runs",
+                        "attention_biases", "--workdir", str(tmp_path / "smoke")], cwd=REPO, capture_output=True,
+                       text=True, env=os.environ | {"XLA_FLAGS": ""}, timeout=900)
+  assert out.returncode == 0, out.stderr[-2000:]
+  folder = tmp_path / "smoke" / "attention_biases" / "seed0"
+  config = json.loads((folder / "config.json").read_text())
+  assert config["model"]["vocab_size"] == 50304 and config["model"]["d_model"] == 384
+  assert config["data"]["tokenizer"] == "gpt2" and config["train"]["steps"] == 2
+  assert "x 8 devices" in (folder / "train.log").read_text()  # the 8-device mesh
+  assert [r["step"] for r in run.metrics(folder) if "test/loss" in r] == [2] and any((folder / "checkpoints").iterdir())
+  assert "| attention_biases |" in (tmp_path / "smoke" / "report.md").read_text()

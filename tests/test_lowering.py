@@ -62,3 +62,21 @@ def test_decode_step_lowers(platform, packed):
   assert exported.platforms == (platform,)
   assert exported.out_avals[0].shape == ()  # the sampled token
   assert cpu_kernels.MXFP4_TARGET not in exported.mlir_module() and cpu_kernels.BF16_TARGET not in exported.mlir_module()
+
+
+@pytest.mark.parametrize("scale, devices", [("small", 1), ("gpu", 8)])
+def test_each_scales_largest_run_lowers_for_cuda_at_its_real_batch_and_length(scale, devices):
+  """The sweeps' real shapes (the scale's batch and sequence length, bfloat16, GPT-2's padded vocabulary) of
+  the run with the most parameters across the three sweeps, on the scale's mesh: one GPU per training at
+  `small`, a node of 8 at `gpu`."""
+  from experiments import sweeps
+  runs = [(sweeps.total(r.model), name, r) for name in sweeps.SWEEPS for r in sweeps.build(name, scale).runs]
+  _, name, run = max(runs, key=lambda x: x[0])
+  config = sweeps.Sweep(name, scale, (run,)).config(run, 0, sweeps.SCALES[scale].lrs[0])
+  trainer = Trainer(config.model, config.train, make_mesh(config.mesh, jax.devices()[:devices]))
+  batch = jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len + 1), jnp.int32,
+                               sharding=trainer.batch_sharding)
+  exported = jax.export.export(trainer.train_step, platforms=["cuda"])(trainer.abstract_state(), batch)
+  assert exported.platforms == ("cuda",) and exported.nr_devices == devices
+  assert exported.in_avals[-1].shape == (config.train.batch_size, config.data.seq_len + 1)
+  assert run.model.is_moe and config.model.dtype == "bfloat16" and config.model.vocab_size == 50304
