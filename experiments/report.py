@@ -1,4 +1,5 @@
 """python -m experiments.report <sweep folder> [--out DIR] [--no-baselines] [--tensorboard]
+   python -m experiments.report --readme README.md
 
 Reads the sweep's sweep.json and every training's metrics.jsonl; writes report.md and PNG plots:
 - each run's learning rate (every grid value's validation loss on each selection seed; a best value at the
@@ -361,13 +362,19 @@ def _images(results: list[Result]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
-  parser.add_argument("sweep_dir", help="the folder experiments.run wrote (holds sweep.json)")
+  parser.add_argument("sweep_dir", nargs="?", default="", help="the folder experiments.run wrote (holds sweep.json)")
+  parser.add_argument("--readme", default="", metavar="README.md",
+                      help="instead: rewrite the README's result tables from the reports they name (experiments/readme.py)")
   parser.add_argument("--out", default="", help="where report.md and the plots go (default: the sweep folder)")
   parser.add_argument("--no-baselines", action="store_true",
                       help="leave out the n-gram baselines (otherwise computed once into <sweep>/ngram.json)")
   parser.add_argument("--tensorboard", action="store_true",
                       help="also write OUT/tb: every training's scalars, HParams and a layout, from metrics.jsonl")
   args = parser.parse_args(argv)
+  if args.readme:
+    from experiments import readme
+    print(f"{readme.rewrite(Path(args.readme))} table(s) of {args.readme} rewritten from their reports")
+    return 0
   sweep_dir = Path(args.sweep_dir)
   if not (sweep_dir / "sweep.json").is_file():
     print(f"error: {sweep_dir} is not a sweep folder (no sweep.json; experiments.run writes it)", file=sys.stderr)

@@ -468,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     failed = execute(sweep, sweep_dir, description, extra, args.jobs, args.widen,
                      Path(args.results) if args.results else None, args.devices_per_job,
-                     {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {SMOKE_DEVICES}".strip()} if args.smoke else {})
+                     {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {SMOKE_DEVICES}".strip(), "JAX_PLATFORMS": "cpu"}
+                     if args.smoke else {})
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -514,3 +515,18 @@ def test_smoke_trains_the_small_scales_gpt_oss_style_run_at_its_real_shapes(tmp_
   assert "x 8 devices" in (folder / "train.log").read_text()  # the 8-device mesh
   assert [r["step"] for r in run.metrics(folder) if "test/loss" in r] == [2] and any((folder / "checkpoints").iterdir())
   assert "| attention_biases |" in (tmp_path / "smoke" / "report.md").read_text()
+
+
+def test_the_readmes_result_tables_equal_the_committed_reports(tmp_path):
+  from experiments import readme
+  text = (Path(REPO) / "README.md").read_text()
+  found = readme.blocks(text, Path(REPO))
+  assert len(found) >= 6  # two tables of each of the three sweeps
+  for where, body, want in found:
+    assert body == want, f"README.md's table from {where} differs from the report: run python -m experiments.report --readme README.md"
+  # and the check can fail: a figure changed in a copy is caught, and --readme puts it back
+  copy = tmp_path / "README.md"
+  copy.write_text(text.replace(found[0][2], found[0][2].replace("|", "| x", 1), 1))
+  (tmp_path / "experiments").symlink_to(Path(REPO) / "experiments")
+  assert any(body != want for _, body, want in readme.blocks(copy.read_text(), tmp_path))
+  assert report.main(["--readme", str(copy)]) == 0 and copy.read_text() == text
