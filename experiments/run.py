@@ -124,6 +124,7 @@ def choose_lr(losses: dict[float, float]) -> Choice:
 def command(sweep: Sweep, run: Run, seed: int, lr: float, folder: Path, extra: dict[str, str]) -> list[str]:
   """The training command for one training: its typed config written to FOLDER/run.json and passed as
   the config file (nothing goes through override strings)."""
+  folder.mkdir(parents=True, exist_ok=True)
   (folder / "run.json").write_text(json.dumps(sweep.config(run, seed, lr, extra).to_dict(), indent=1))
   return [sys.executable, "-m", "gptoss_jax.train", "--config", str(folder / "run.json"), "--workdir", str(folder)]
 
@@ -330,6 +331,13 @@ def take_kept(results: Path, sweep_dir: Path, description: dict) -> int:
   return n
 
 
+def launch(cmd: list[str], folder: Path, env: dict[str, str], cpus: frozenset[int]) -> subprocess.Popen:
+  """One training in the background, its output appended to FOLDER/train.log, pinned to its CPUs."""
+  with open(folder / "train.log", "a") as log:
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+
+
 def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, str], jobs: int = 1,
             widen: int = WIDEN, results: Path | None = None, devices_per_job: int = 1,
             env_extra: dict[str, str] | None = None) -> list[str]:
@@ -339,7 +347,8 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
   (sweep_dir / "sweep.json").write_text(json.dumps(description, indent=1))
   if results is not None:
     print(f"{take_kept(results, sweep_dir, description)} finished training(s) taken from {results}", file=sys.stderr)
-  ensure_dataset(sweep.config(sweep.runs[0], 0, description["lrs"][0], extra).data, progress=True)  # once, before trainings that would race to prepare it
+  # once, before trainings that would race to prepare it
+  ensure_dataset(sweep.config(sweep.runs[0], 0, description["lrs"][0], extra).data, progress=True)
   plan = Scheduler(sweep, sweep_dir, description, widen)
   places = slots(jobs, devices_per_job, visible_gpus())
   # one compilation per program: the seeds of a run share their train step (JAX's persistent cache)
@@ -359,12 +368,8 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
     while True:
       free = [s for s in places if all(s is not slot for *_, slot in running.values())]
       for job, slot in zip(plan.ready(set(running)), free):
-        job.folder.mkdir(parents=True, exist_ok=True)
-        with open(job.folder / "train.log", "a") as log:
-          process = subprocess.Popen(command(sweep, job.run, job.seed, job.lr, job.folder.resolve(), extra),
-                                     stdout=log, stderr=subprocess.STDOUT, env=env | slot.env,
-                                     preexec_fn=lambda cpus=slot.cpus: os.sched_setaffinity(0, cpus))
-        running[job.folder] = (job, process, last_step(job.folder), slot)
+        running[job.folder] = (job, launch(command(sweep, job.run, job.seed, job.lr, job.folder.resolve(), extra),
+                                           job.folder, env | slot.env, slot.cpus), last_step(job.folder), slot)
       if not running:
         break
       time.sleep(1.0)
