@@ -5,6 +5,8 @@
   and deep (widths solved to land within 2% of the budget).
 - experts: at fixed active parameters per token, dense and 4..64 experts; plus few large against many
   small experts at equal total and active parameters.
+- swiglu: GELU against SwiGLU at matched parameters and at GELU's hidden width (why SwiGLU lost on the
+  tiny ladder).
 """
 
 from __future__ import annotations
@@ -274,8 +276,20 @@ def experts(scale: Scale) -> list[Run]:
   return runs + [many]
 
 
+def swiglu(scale: Scale) -> list[Run]:
+  """Why SwiGLU lost to GELU on the tiny ladder: the GELU rung before it (`no_biases`), SwiGLU at matched
+  parameters (hidden width 2/3 of GELU's, the ladder's `swiglu` rung), and SwiGLU at GELU's hidden width
+  (1.5x the FFN parameters): if width is what SwiGLU lacks at this scale, the wide one closes the gap."""
+  rungs = {r.name: r for r in ladder(scale)}
+  gelu, matched = rungs["no_biases"], rungs["swiglu"]
+  wide = matched.model.replace(d_ff=gelu.model.d_ff)
+  return [Run("gelu", gelu.model, note="the ladder's no_biases rung"),
+          Run("swiglu", matched.model, matched.changes, "gelu", "hidden width 2/3 of GELU's: matched parameters"),
+          Run("swiglu_wide", wide, ("ffn",), "gelu", f"GELU's hidden width {wide.d_ff}: 1.5x the FFN parameters")]
+
+
 SWEEPS: dict[str, Callable[[Scale], list[Run]]] = {"ladder": ladder, "width_depth": width_depth,
-                                                   "experts": experts}
+                                                   "experts": experts, "swiglu": swiglu}
 
 
 def build(name: str, scale: str) -> Sweep:

@@ -74,9 +74,19 @@ def test_every_run_trains_on_enough_tokens_per_active_parameter_within_one_epoch
   if "data.max_tokens" in s.run:  # a training sees each token of the prepared train split at most once
     held_out = s.run["data.val_fraction"] + s.run["data.test_fraction"]
     assert tokens <= s.run["data.max_tokens"] * (1 - held_out) * 0.98
-  for name in sweeps.SWEEPS:
+  for name in ("ladder", "width_depth", "experts"):  # the swiglu probe's wide run has 1.5x the FFN on purpose
     for r in build(name, scale).runs:
       assert tokens >= least * active(r.model), (name, r.name, tokens / active(r.model))
+
+
+def test_the_swiglu_probe_compares_matched_and_gelu_width_swiglu_with_the_ladders_gelu():
+  runs = {r.name: r for r in build("swiglu", "tiny").runs}
+  rungs = {r.name: r for r in build("ladder", "tiny").runs}
+  assert runs["gelu"].model == rungs["no_biases"].model and runs["swiglu"].model == rungs["swiglu"].model
+  wide = runs["swiglu_wide"].model
+  assert wide.ffn == "swiglu" and wide.d_ff == runs["gelu"].model.d_ff
+  assert wide == runs["gelu"].model.replace(ffn="swiglu")  # only the activation differs from gelu
+  assert runs["swiglu"].baseline == runs["swiglu_wide"].baseline == "gelu"
 
 
 def test_tiny_method_uses_two_selection_seeds_a_2x_grid_and_eight_compared_seeds():
