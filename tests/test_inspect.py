@@ -65,3 +65,25 @@ def test_cli_json_and_text():
 def test_cli_bad_input_is_one_line(args, message):
   out = _cli(*args)
   assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("spec, overrides", [
+    ("gpt2:tiny", {}), ("gpt_oss:tiny", {}),
+    ("gpt2:tiny", {"model.d_model": "256", "model.n_layers": "6", "model.n_heads": "4", "model.head_dim": "64",
+                   "model.d_ff": "1024"})])
+def test_train_memory_estimate_is_near_xlas_own_analysis_of_the_compiled_step(spec, overrides):
+  """The dry-run's memory figure against XLA's memory analysis of the real train step (CPU, one device)."""
+  import jax
+  import jax.numpy as jnp
+  from gptoss_jax.config import RunConfig, apply_overrides, load_config_file
+  from gptoss_jax.inspect import train_memory_bytes
+  from gptoss_jax.sharding import make_mesh
+  from gptoss_jax.train.step import Trainer
+  config = load_config_file(spec)
+  apply_overrides(config, {"train.batch_size": "16", "data.seq_len": "128", **overrides})
+  config = RunConfig.from_dict(config)
+  trainer = Trainer(config.model, config.train, make_mesh(config.mesh, jax.devices()[:1]))
+  batch = jax.ShapeDtypeStruct((16, 129), jnp.int32, sharding=trainer.batch_sharding)
+  m = trainer.train_step.lower(trainer.abstract_state(), batch).compile().memory_analysis()
+  xla = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+  assert 0.7 < train_memory_bytes(config.model, 128, 16 * 128) / xla < 1.4
