@@ -249,7 +249,8 @@ def _comparisons_section(comparisons: list[Comparison]) -> list[str]:
            f"seeds of (run - vs), negative is better; its 95% t-interval; two-sided p of the paired t-test and of the "
            f"exact sign-flip test (all 2^n sign patterns; no normality assumed; at least 2 / 2^n); both Holm-adjusted "
            f"over the {m} comparisons of this sweep; and the simultaneous interval of the family (each at level "
-           f"1 - {ALPHA:g} / {m}, Bonferroni). **Distinguishable** only where Holm rejects at {ALPHA:g} for both tests.", "",
+           f"1 - {ALPHA:g} / {m}, Bonferroni). **Distinguishable** only where Holm rejects at {ALPHA:g} for both tests (Holm's step-down is "
+           f"more powerful than the simultaneous intervals, so a verdict can stand where the interval touches zero).", "",
            "| run | vs | n | Δ | 95% CI | p (t) | p (sign-flip) | Holm p (t) | Holm p (sign-flip) | simultaneous CI | "
            "verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for c in comparisons:
