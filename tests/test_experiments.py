@@ -522,6 +522,7 @@ def test_smoke_trains_the_small_scales_gpt_oss_style_run_at_its_real_shapes(tmp_
   config = json.loads((folder / "config.json").read_text())
   assert config["model"]["vocab_size"] == 50304 and config["model"]["d_model"] == 384
   assert config["data"]["tokenizer"] == "gpt2" and config["train"]["steps"] == 2
+  assert (config["mesh"]["data"], config["mesh"]["fsdp"]) == (1, -1)  # the state sharded over the fake devices
   assert "x 8 devices" in (folder / "train.log").read_text()  # the 8-device mesh
   assert [r["step"] for r in run.metrics(folder) if "test/loss" in r] == [2] and any((folder / "checkpoints").iterdir())
   assert "| attention_biases |" in (tmp_path / "smoke" / "report.md").read_text()
