@@ -1,17 +1,17 @@
 """python -m gptoss_jax.generate --ckpt DIR --prompt "..." [--step N] [--max-new-tokens N] [--temperature T] [--top-p P]
-    [--seed S] [--chat] [--reasoning-effort low|medium|high]
+    [--seed S] [--vocab-file FILE] [--chat [--show-reasoning] [--reasoning-effort low|medium|high]]
 
 Incremental decoding with a KV cache (sliding-window layers keep only their window, sinks honoured): the
 prompt fed in pieces of a few fixed lengths (PREFILL_CHUNKS: a handful of compiled programs whatever the
 prompt's length) and one compiled step for every new token, tokens streamed to the terminal as they come;
-the token counts and speeds at the end, on stderr. --chat renders gpt-oss's harmony chat format with the
-reasoning line.
+the token counts and speeds at the end, on stderr. --chat puts the prompt in gpt-oss's harmony chat format
+and prints the reply's final answer (and, with --show-reasoning, its reasoning), stopping where the answer
+ends.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 from collections.abc import Callable
@@ -19,9 +19,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from gptoss_jax import harmony
 from gptoss_jax.config import ConfigError
-
-HARMONY_STOP = ("<|return|>", "<|call|>")
 
 
 def sample(logits_V: jax.Array, key: jax.Array, temperature: float, top_p: float, n_valid: int = 0) -> jax.Array:
@@ -76,11 +75,12 @@ _decode_step = jax.jit(decode_step, static_argnames=("temperature", "top_p", "n_
 
 
 def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, stop_ids: tuple[int, ...] = (), on_token: Callable[[int], None] | None = None,
+             seed: int = 0, on_token: Callable[[int], bool | None] | None = None,
              timing: dict | None = None, n_valid: int = 0) -> list[int]:
   """New tokens after the prompt (greedy at temperature 0), each among the first `n_valid` ids (0: the
-  whole vocabulary; give the tokenizer's size when the model's vocabulary is padded past it). `timing`, if
-  given, receives the prefill and decode seconds (each including its first compilation)."""
+  whole vocabulary; give the tokenizer's size when the model's vocabulary is padded past it), until
+  `on_token` (called with each new token) returns True. `timing`, if given, receives the
+  prefill and decode seconds (each including its first compilation)."""
   cfg = model.cfg
   total = len(prompt_ids) + max_new_tokens
   if not prompt_ids:
@@ -100,9 +100,8 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
   new = []
   for i in range(max_new_tokens):
     new.append(int(token))
-    if on_token:
-      on_token(new[-1])
-    if new[-1] in stop_ids or i == max_new_tokens - 1:
+    stop = on_token(new[-1]) if on_token else False
+    if stop or i == max_new_tokens - 1:
       break
     token, cache = _decode_step(model, token.astype(jnp.int32), jnp.asarray(len(prompt_ids) + i, jnp.int32), cache,
                                 keys[i + 1], **sampling)
@@ -111,61 +110,105 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
   return new
 
 
-def harmony_prompt(user: str, reasoning_effort: str = "medium") -> str:
-  today = datetime.date.today().isoformat()
-  system = ("You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\n"
-            f"Current date: {today}\n\nReasoning: {reasoning_effort}\n\n"
-            "# Valid channels: analysis, commentary, final. Channel must be included for every message.")
-  return (f"<|start|>system<|message|>{system}<|end|><|start|>user<|message|>{user}<|end|>"
-          "<|start|>assistant")
+CHAT_NEW_TOKENS = 1024  # --chat's default: the reasoning comes before the answer and often takes hundreds of tokens
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m gptoss_jax.generate", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--ckpt", required=True, help="a training workdir or a converted checkpoint")
+  parser.add_argument("--prompt", required=True)
+  parser.add_argument("--max-new-tokens", type=int, default=None,
+                      help=f"default: 128, or {CHAT_NEW_TOKENS} with --chat (either cut to the model's context)")
+  parser.add_argument("--temperature", type=float, default=0.8, help="0 decodes greedily (default: %(default)s)")
+  parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling's mass (default: %(default)s)")
+  parser.add_argument("--seed", type=int, default=0, help="the sampling seed (default: %(default)s)")
+  parser.add_argument("--chat", action="store_true", help="harmony chat format (gpt-oss checkpoints): prints the "
+                                                          "reply's final answer")
+  parser.add_argument("--show-reasoning", action="store_true", help="with --chat, also print the analysis channel")
+  parser.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium",
+                      help="with --chat (default: %(default)s)")
+  parser.add_argument("--vocab-file", default="", help="local .tiktoken file for the checkpoint's tokenizer")
+  parser.add_argument("--step", type=int, default=None, help="an older checkpoint of the run (default: the newest)")
+  return parser
+
+
+class TextPrinter:
+  """Streams a plain continuation: each token's new text as soon as it decodes."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer, self.tokens, self.printed = tokenizer, [], ""
+
+  def __call__(self, token: int) -> bool:
+    self.tokens.append(token)
+    text = self.tokenizer.decode(self.tokens)
+    sys.stdout.write(text[len(self.printed):])
+    sys.stdout.flush()
+    self.printed = text
+    return False
+
+  def notes(self) -> list[str]:
+    return []
+
+
+class ChatPrinter:
+  """Streams a harmony reply: its final answer, after the reasoning (the analysis channel) with
+  show_reasoning; says True when the reply has ended."""
+
+  def __init__(self, encoding, show_reasoning: bool):
+    self.reply, self.show_reasoning, self.shown = harmony.ReplyParser(encoding), show_reasoning, None
+
+  def __call__(self, token: int) -> bool:
+    text, message = self.reply.push(token), self.reply.current
+    if text and (message.channel == "final" or self.show_reasoning):
+      if message is not self.shown and self.show_reasoning:  # a new message: its channel as a heading
+        sys.stdout.write(("\n\n" if self.shown else "") + f"[{message.channel or 'no channel'}]\n")
+      self.shown = message
+      sys.stdout.write(text)
+      sys.stdout.flush()
+    return self.reply.done
+
+  def notes(self) -> list[str]:
+    final = self.reply.final()
+    calls = [m.recipient for m in self.reply.messages if m.ended_by == harmony.CALL]
+    if calls:
+      return [f"the model called a tool ({calls[-1]}), which this command does not run"]
+    if final is None:
+      return ["the reply stopped before its final answer: raise --max-new-tokens (--show-reasoning shows the "
+              "reasoning so far)"]
+    return [] if final.ended_by else ["the answer was cut off at --max-new-tokens"]
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m gptoss_jax.generate", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--ckpt", required=True)
-  parser.add_argument("--prompt", required=True)
-  parser.add_argument("--max-new-tokens", type=int, default=128)
-  parser.add_argument("--temperature", type=float, default=0.8)
-  parser.add_argument("--top-p", type=float, default=0.95)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--chat", action="store_true", help="harmony chat format (gpt-oss checkpoints)")
-  parser.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium")
-  parser.add_argument("--vocab-file", default="", help="local .tiktoken file for the checkpoint's tokenizer")
-  parser.add_argument("--step", type=int, default=None, help="an older checkpoint of the run (default: the newest)")
-  args = parser.parse_args(argv)
+  args = _parser().parse_args(argv)
   try:
-    if args.max_new_tokens <= 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
+    if (args.max_new_tokens is not None and args.max_new_tokens <= 0) or not 0 < args.top_p <= 1 \
+        or args.temperature < 0:
       raise ConfigError("--max-new-tokens must be > 0, --top-p in (0, 1], --temperature >= 0")
+    if args.show_reasoning and not args.chat:
+      raise ConfigError("--show-reasoning needs --chat")
     from gptoss_jax.data.tokenizers import get_tokenizer
     from gptoss_jax.weights import load_model
     config, cfg, model = load_model(args.ckpt, args.step)
     tokenizer = get_tokenizer(config.data.tokenizer, args.vocab_file or config.data.vocab_file)
-    stop_ids: tuple[int, ...] = ()
     if args.chat:
       if tokenizer.name != "o200k_harmony":
         raise ConfigError(f"--chat needs a gpt-oss checkpoint (o200k_harmony tokens), this one uses {tokenizer.name}")
-      enc = tokenizer.encoding
-      prompt_ids = enc.encode(harmony_prompt(args.prompt, args.reasoning_effort), allowed_special="all")
-      stop_ids = tuple(enc.encode_single_token(t) for t in HARMONY_STOP)
+      prompt_ids = tokenizer.encoding.encode(harmony.prompt(args.prompt, args.reasoning_effort), allowed_special="all")
+      printer = ChatPrinter(tokenizer.encoding, args.show_reasoning)
     else:
       prompt_ids = tokenizer.encode(args.prompt)
+      printer = TextPrinter(tokenizer)
+      sys.stdout.write(args.prompt)
     if max(prompt_ids, default=0) >= cfg.vocab_size:
       raise ConfigError(f"the prompt has token ids outside the model's vocabulary of {cfg.vocab_size}")
-    printed = [""]
-    new: list[int] = []
-
-    def stream(token: int):
-      new.append(token)
-      text = tokenizer.decode(new)
-      sys.stdout.write(text[len(printed[0]):])
-      sys.stdout.flush()
-      printed[0] = text
-
-    sys.stdout.write(args.prompt if not args.chat else "")
+    new_tokens = args.max_new_tokens or max(1, min(CHAT_NEW_TOKENS if args.chat else 128,
+                                                   cfg.max_seq_len - len(prompt_ids)))
     timing = {}
-    generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed, stop_ids, stream, timing,
-             n_valid=tokenizer.vocab_size)
+    new = generate(model, prompt_ids, new_tokens, args.temperature, args.top_p, args.seed, printer, timing,
+                   n_valid=tokenizer.vocab_size)
     sys.stdout.write("\n")
+    for note in printer.notes():
+      print(f"note: {note}", file=sys.stderr)
     print(f"prompt {len(prompt_ids)} tokens, prefill {len(prompt_ids) / timing['prefill_s']:,.1f} tokens/s; "
           f"generated {len(new)} tokens, decode {max(len(new) - 1, 1) / max(timing['decode_s'], 1e-9):,.2f} tokens/s "
           "(first compilations included)", file=sys.stderr)

