@@ -4,15 +4,24 @@ evaluation and generation read, from a conversion or from a training run's check
 A folder holds `config.json` (the run config) and `checkpoints/<step>/`: a conversion's step holds the
 item `weights` (the model's weights, model.WEIGHTS); a training run's holds `state` (the train state,
 of which only the parameters and the rest of the model state are read here) and `record`.
+
+Reading holds little more than the weights themselves (gpt-oss-20b's 12.8 GiB must load on a 16 GB machine):
+arrays are read one after another straight from orbax's files with TensorStore into host memory aligned
+for JAX, which takes it on CPU without a copy, and conversions are written in chunks of at most CHUNK_BYTES,
+so a read holds one chunk's compressed bytes beside the weights. Orbax's own restore read everything at
+once, each array twice (its read buffer and the device copy).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx
 
 from gptoss_jax.config import ConfigError, RunConfig
@@ -40,16 +49,75 @@ def data_to_keys(tree, like):
   return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x) if is_key(ref) else x, tree, like)
 
 
+CHUNK_BYTES = 64 * 2**20  # a conversion's arrays are stored in chunks of at most this many bytes
+
+
 def save_model(dst: str | Path, config: RunConfig, model, record: dict | None = None) -> Path:
   """A model without optimizer state (a conversion): DIR/config.json + DIR/checkpoints/0/weights.
   Written to a temporary folder beside DIR and renamed at the end: never half-written."""
+  weights = nnx.state(model, WEIGHTS)
+  chunked = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), weights)
   with atomic_folder(dst) as tmp:
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
     with ocp.CheckpointManager(tmp / "checkpoints", options=options) as manager:
-      manager.save(0, args=ocp.args.Composite(weights=ocp.args.StandardSave(nnx.state(model, WEIGHTS)),
+      manager.save(0, args=ocp.args.Composite(weights=ocp.args.StandardSave(weights, save_args=chunked),
                                               record=ocp.args.JsonSave(record or {})))
     (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
   return Path(dst).absolute()
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+  """Uninitialised host memory starting at a 64-byte boundary: JAX's CPU client takes such an array as it is,
+  without a copy (a plain numpy array is 16-byte aligned and gets copied)."""
+  dtype = np.dtype(dtype)
+  raw = np.empty(int(np.prod(shape)) * dtype.itemsize + 64, np.uint8)
+  start = -raw.ctypes.data % 64
+  return raw[start:start + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def _key_name(key) -> str:
+  return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+
+IN_FLIGHT_BYTES = 512 * 2**20  # arrays read at once, by their size (at least one)
+
+
+def read_item(item_dir: Path, like, device: jax.Device | None = None):
+  """The arrays of an orbax item (OCDBT, as orbax writes by default) that `like` names (an abstract tree;
+  orbax's names join its keys with dots), placed on `device`. Each array is read straight into its final
+  host buffer (cast there if stored in another dtype), a few at a time (IN_FLIGHT_BYTES), and handed to
+  the device as soon as it is read. Missing or misshaped arrays raise ConfigError."""
+  device = device or jax.devices()[0]
+  meta = json.loads((item_dir / "_METADATA").read_text())
+  if not meta.get("use_ocdbt", True):
+    raise ConfigError(f"{item_dir} is not in orbax's OCDBT format")
+  driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+  stored = {".".join(k["key"] for k in v["key_metadata"]) for v in meta["tree_metadata"].values()}
+  kvstore = {"driver": "ocdbt", "base": f"file://{item_dir.absolute()}"}
+  context = ts.Context()  # one cache and thread pool for all arrays
+  paths, abstract = zip(*jax.tree_util.tree_flatten_with_path(like)[0])
+  arrays, pending = [None] * len(paths), collections.deque()  # pending: (index, host buffer, write future)
+
+  def finish():
+    i, out, write = pending.popleft()
+    write.result()
+    arrays[i] = jax.device_put(out, device)  # no copy on CPU (aligned); a host-to-device copy elsewhere
+
+  for i, (path, x) in enumerate(zip(paths, abstract)):
+    name = ".".join(_key_name(k) for k in path)
+    if name not in stored:
+      raise ConfigError(f"{item_dir} has no array {name}")
+    array = ts.open({"driver": driver, "kvstore": kvstore | {"path": name}}, open=True, context=context).result()
+    if tuple(array.shape) != tuple(x.shape):
+      raise ConfigError(f"{item_dir}: {name} has shape {tuple(array.shape)}, the model's is {tuple(x.shape)}")
+    out = aligned_empty(x.shape, x.dtype)
+    source = array if array.dtype == ts.dtype(out.dtype) else ts.cast(array, out.dtype)
+    pending.append((i, out, ts.array(out).write(source)))
+    while sum(p[1].nbytes for p in pending) > IN_FLIGHT_BYTES:
+      finish()
+  while pending:
+    finish()
+  return jax.tree.unflatten(jax.tree.structure(like), arrays)
 
 
 def steps(directory: Path) -> list[int]:
@@ -71,24 +139,19 @@ def load_model(directory: str | Path, step: int | None = None):
   if step is not None and step not in available:
     raise ConfigError(f"{directory}/checkpoints has no step {step} (steps: {', '.join(map(str, available))})")
   step = available[-1] if step is None else step
-  graphdef, weights, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), WEIGHTS, ...)
-  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  restore_args = lambda tree: jax.tree.map(lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=one_device), tree)
-  manager = ocp.CheckpointManager(directory / "checkpoints", options=ocp.CheckpointManagerOptions(create=False))
+  step_dir = directory / "checkpoints" / str(step)
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
   try:
-    if (directory / "checkpoints" / str(step) / "weights").is_dir():  # a conversion
-      restored = manager.restore(step, args=ocp.args.Composite(weights=ocp.args.PyTreeRestore(
-          item=weights, restore_args=restore_args(weights))))
-      model = nnx.merge(graphdef, restored["weights"], fresh_rest(rest))
+    if (step_dir / "weights").is_dir():  # a conversion
+      graphdef, weights, rest = nnx.split(abstract, WEIGHTS, ...)
+      model = nnx.merge(graphdef, read_item(step_dir / "weights", weights), fresh_rest(rest))
     else:  # a training run: its parameters and model state, not the optimizer's
-      _, params, others = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), nnx.Param, ...)
-      item = {"params": params, "rest": keys_to_data(others)}
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args(item), partial_restore=True)))["state"]
+      graphdef, params, others = nnx.split(abstract, nnx.Param, ...)
+      restored = read_item(step_dir / "state", {"params": params, "rest": keys_to_data(others)})
       model = nnx.merge(graphdef, restored["params"], data_to_keys(restored["rest"], others))
-  except Exception as e:  # orbax and tensorstore raise many kinds for missing or corrupt files
-    raise ConfigError(f"{directory}/checkpoints/{step} could not be read ({type(e).__name__}: {str(e)[:200]})") from None
-  finally:
-    manager.close()
+  except ConfigError:
+    raise
+  except Exception as e:  # tensorstore raises many kinds for missing or corrupt files
+    raise ConfigError(f"{step_dir} could not be read ({type(e).__name__}: {str(e)[:200]})") from None
   model.eval()
   return config, cfg, model
