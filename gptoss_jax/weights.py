@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 from pathlib import Path
 
 import jax
@@ -59,8 +60,14 @@ def save_model(dst: str | Path, config: RunConfig, model, record: dict | None = 
   chunked = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), weights)
   with atomic_folder(dst) as tmp:
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
-    with ocp.CheckpointManager(tmp / "checkpoints", options=options) as manager:
-      manager.save(0, args=ocp.args.Composite(weights=ocp.args.StandardSave(weights, save_args=chunked),
+    # orbax copies arrays to the host and writes them this many GB (10^9 bytes) at a time, instead of all at once
+    # (its default: 96); the bound must hold the largest array
+    at_once = max(2, math.ceil(max(x.nbytes for x in jax.tree.leaves(weights)) / 1e9))
+    handlers = {"weights": ocp.PyTreeCheckpointHandler(save_concurrent_gb=at_once,
+                                                       save_device_host_concurrent_gb=at_once),
+                "record": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(tmp / "checkpoints", options=options, item_handlers=handlers) as manager:
+      manager.save(0, args=ocp.args.Composite(weights=ocp.args.PyTreeSave(weights, save_args=chunked),
                                               record=ocp.args.JsonSave(record or {})))
     (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
   return Path(dst).absolute()
