@@ -38,19 +38,21 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
   return lengths
 
 
+@jax.jit
+def summed_nll(model, windows_BxT1):
+  """Each window's summed next-token loss (its first token predicts the second, ...)."""
+  logits = model(windows_BxT1[:, :-1])
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target = jnp.take_along_axis(logits, windows_BxT1[:, 1:, None], axis=-1)[..., 0]
+  return jnp.sum(logz - target, axis=-1)
+
+
 def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, batch: int, byte_lengths: np.ndarray,
                     progress: bool = True) -> dict:
   n_windows = (len(tokens) - 1) // seq_len
   if n_windows == 0:
     raise ConfigError(f"{len(tokens)} tokens are fewer than seq_len + 1 = {seq_len + 1}")
   windows = np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in range(n_windows)]).astype(np.int32)
-
-  @jax.jit
-  def summed_nll(model, w):
-    logits = model(w[:, :-1])
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, w[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(logz - target, axis=-1)
 
   iterator = range(0, n_windows, batch)
   if progress:
@@ -120,5 +122,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
   from gptoss_jax import runtime
   runtime.configure()  # before JAX starts its backend
+  runtime.inference_memory()
   runtime.reuse_step_memory()  # every forward pass reuses its temporaries' memory (README: Benchmarks)
   sys.exit(main())

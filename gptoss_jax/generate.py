@@ -221,5 +221,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
   from gptoss_jax import runtime
   runtime.configure()  # before JAX starts its backend
+  runtime.inference_memory()
   runtime.reuse_step_memory()  # every forward pass reuses its temporaries' memory (README: Benchmarks)
   sys.exit(main())

@@ -3,6 +3,10 @@ dense and a MoE preset on an 8-device mesh using every axis (data, fsdp, tensor,
 step, exported with jax.export for platforms=["cuda"] and ["tpu"]. An op or a sharding that does not
 lower there fails here."""
 
+import functools
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -80,3 +84,32 @@ def test_each_scales_largest_run_lowers_for_cuda_at_its_real_batch_and_length(sc
   assert exported.platforms == ("cuda",) and exported.nr_devices == devices
   assert exported.in_avals[-1].shape == (config.train.batch_size, config.data.seq_len + 1)
   assert run.model.is_moe and config.model.dtype == "bfloat16" and config.model.vocab_size == 50304
+
+
+@pytest.mark.parametrize("program", ["decode", "prefill", "evaluate"])
+def test_packed_experts_are_unpacked_one_expert_at_a_time_on_gpu(program, monkeypatch):
+  """gpt-oss-20b's widths (2 of its layers), experts packed, traced as a GPU traces generate's decode step
+  and prefill piece and evaluate's forward (every platform choice made for `gpu`), exported for cuda: no
+  floating-point tensor holds a whole layer's experts (n_experts x d_model x d_expert or more), which
+  would not fit beside the weights on a 16 GB card."""
+  from gptoss_jax.evaluate import summed_nll
+  from gptoss_jax.generate import PREFILL_CHUNKS, extend
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  cfg = ModelConfig.from_dict(load_config_file(f"{REPO}/configs/gpt_oss.py:20b").model).replace(
+      n_layers=2, moe_mxfp4=True, param_dtype="bfloat16", dtype="bfloat16", max_seq_len=4096)
+  model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  cache = jax.eval_shape(lambda: model.init_cache(1, 1024))
+  scalar, key = jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: jax.random.key(0))
+  tokens = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  if program == "decode":
+    fn = jax.jit(functools.partial(decode_step, temperature=0.0, top_p=1.0))
+    args = (model, scalar, scalar, cache, key)
+  elif program == "prefill":
+    fn, args = jax.jit(extend), (model, tokens(1, PREFILL_CHUNKS[0]), scalar, cache)
+  else:
+    fn, args = summed_nll, (model, tokens(2, 513))
+  text = jax.export.export(fn, platforms=["cuda"])(*args).mlir_module()
+  whole_layer = cfg.n_experts * cfg.d_model * cfg.d_expert
+  shapes = [tuple(int(d) for d in dims.split("x")[:-1])
+            for dims, _ in re.findall(r"tensor<((?:\d+x)+)(bf16|f16|f32)>", text)]
+  assert shapes and not [s for s in shapes if s[0] == cfg.n_experts and math.prod(s) >= whole_layer]

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -320,3 +321,16 @@ def test_reuse_step_memory_applies_on_cpu_only_glibc_hosts():
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env={**os.environ, "JAX_PLATFORMS": platforms},
                          capture_output=True, text=True, check=True).stdout.split()
     assert " ".join(out[-2:]) == expected, (platforms, out)
+
+
+def test_inference_commands_take_most_of_an_accelerator_unless_told_otherwise(monkeypatch):
+  """evaluate and generate: gpt-oss-20b's 12.8 GiB of weights need more than JAX's default 75% of a 16 GB card."""
+  from gptoss_jax import runtime
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  runtime.inference_memory()
+  assert float(os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]) * 14.9 > 12.8  # a 16 GB card shows 14.9 GiB
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+  runtime.inference_memory()
+  assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
+  for command in ("generate", "evaluate"):
+    assert "runtime.inference_memory()" in (Path(REPO) / "gptoss_jax" / f"{command}.py").read_text()
