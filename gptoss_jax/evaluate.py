@@ -1,4 +1,5 @@
-"""python -m gptoss_jax.evaluate --ckpt DIR (--text FILE | --dataset PREPARED_DIR [--split test|val]) [--seq-len N] [--batch B] [--step N] [--json]
+"""python -m gptoss_jax.evaluate --ckpt DIR (--text FILE | --dataset PREPARED_DIR [--split test|val|train]) [--seq-len N] [--batch B] [--step N]
+    [--vocab-file FILE] [--json]
 
 Loss, perplexity, bits per byte and token count of a checkpoint (from training or conversion) on a text
 file or on a split of a prepared dataset (default: test): non-overlapping windows of seq_len + 1 tokens,
@@ -36,6 +37,9 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     except KeyError:  # unused ids
       pass
   return lengths
+
+
+BATCH_TOKENS = 4096  # --batch's default: this many tokens at a time
 
 
 @jax.jit
@@ -80,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
   source.add_argument("--dataset", help="a folder made by gptoss_jax.data.prepare (its --split)")
   parser.add_argument("--split", default="test", choices=("test", "val", "train"),
                       help="the prepared dataset's split (default: test)")
-  parser.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's data.seq_len")
-  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's data.seq_len (a "
+                      "training's length; a conversion's context, at most 4,096)")
+  parser.add_argument("--batch", type=int, default=None, help=f"windows at a time (default: {BATCH_TOKENS:,} "
+                      "tokens' worth, at least 1)")
   parser.add_argument("--vocab-file", default="", help="local .tiktoken file for the checkpoint's tokenizer")
   parser.add_argument("--step", type=int, default=None, help="an older checkpoint of the run (default: the newest)")
   parser.add_argument("--json", action="store_true")
@@ -90,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     from gptoss_jax.weights import load_model
     config, cfg, model = load_model(args.ckpt, args.step)
     seq_len = args.seq_len or config.data.seq_len
-    if not 0 < seq_len <= cfg.max_seq_len or args.batch <= 0:
+    batch = max(1, BATCH_TOKENS // seq_len) if args.batch is None else args.batch
+    if not 0 < seq_len <= cfg.max_seq_len or batch <= 0:
       raise ConfigError(f"--seq-len must be in 1..{cfg.max_seq_len} and --batch > 0")
     if args.text:
       if not Path(args.text).is_file():
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
       raise ConfigError(f"token id {tokens.max()} ({tokenizer.name} tokenizer) is outside the model's "
                         f"vocabulary of {cfg.vocab_size}")
     began = time.perf_counter()
-    result = evaluate_tokens(model, tokens, seq_len, args.batch, token_byte_lengths(tokenizer))
+    result = evaluate_tokens(model, tokens, seq_len, batch, token_byte_lengths(tokenizer))
     print(f"{result['tokens']:,} tokens in {time.perf_counter() - began:.1f} s: "
           f"{result['tokens'] / (time.perf_counter() - began):,.0f} tokens/s (compilation included)", file=sys.stderr)
   except ConfigError as e:

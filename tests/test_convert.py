@@ -34,7 +34,8 @@ def _hf_logits_and_loss(model):
 def test_converted_checkpoint_matches_transformers(hf_folder, tmp_path, family):
   folder, ref = hf_folder(family)
   convert(str(folder), str(tmp_path / "ckpt"), dtype="float32", progress=False)
-  _, cfg, model = load_model(tmp_path / "ckpt")
+  config, cfg, model = load_model(tmp_path / "ckpt")
+  assert config.data.seq_len == min(cfg.max_seq_len, 4096) == min(ref.config.max_position_embeddings, 4096)
   want_logits, want_loss = _hf_logits_and_loss(ref)
   got = np.asarray(model(jnp.asarray(TOKENS, jnp.int32)))
   assert np.abs(got - want_logits).max() <= 1e-4 * np.abs(want_logits).max()

@@ -17,6 +17,12 @@ from gptoss_jax.config import ConfigError
 TOKENIZERS = {"gpt2": "gpt2", "gpt_oss": "o200k_harmony"}
 
 
+# the window `evaluate` uses on a conversion unless --seq-len says otherwise: the model's context, up to the
+# 4,096 tokens gpt-oss was pre-trained at before YaRN stretched it to 131,072 (longer windows cost attention
+# time and memory growing with their square)
+EVAL_CONTEXT = 4096
+
+
 def convert(src: str, dst: str, dtype: str = "bfloat16", keep_mxfp4: bool = False, progress: bool = True):
   from gptoss_jax.convert.export import TOKENIZER_KEY
   from gptoss_jax.convert.hf import read_hf_config, load_pretrained
@@ -38,7 +44,7 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", keep_mxfp4: bool = Fals
     if bar:
       bar[0].close()
   tokenizer = hf.get(TOKENIZER_KEY) or TOKENIZERS.get(hf["model_type"], "byte")
-  config = RunConfig(model=cfg, data=DataConfig(tokenizer=tokenizer, seq_len=min(DataConfig.seq_len, cfg.max_seq_len)))
+  config = RunConfig(model=cfg, data=DataConfig(tokenizer=tokenizer, seq_len=min(EVAL_CONTEXT, cfg.max_seq_len)))
   return save_model(dst, config, model, {"source": str(src), "model_type": hf["model_type"]})
 
 
