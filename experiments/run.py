@@ -39,7 +39,9 @@ SMOKE = {"mesh.data": "1", "mesh.fsdp": "-1", "train.steps": "2", "train.batch_s
          "train.warmup_steps": "1", "train.eval_every": "2", "train.eval_batches": "1", "checkpoint.every": "2",
          "log.every": "1", "data.source": "shakespeare", "data.path": "", "data.max_tokens": "0",
          "data.val_fraction": "0.03", "data.test_fraction": "0.03", "train.microbatches": "1"}
-SMOKE_DEVICES = "--xla_force_host_platform_device_count=8"
+# 8 fake devices; on a loaded host (a 2-core machine running a sweep) one device's thread can reach a collective
+# more than XLA:CPU's default 40 s after the others, which then abort the process: wait up to 10 minutes
+SMOKE_DEVICES = "--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600"
 SMALL_FILES = ("config.json", "metrics.jsonl", "heldout.json")  # what a report needs of a training
 
 

@@ -5,23 +5,24 @@ A folder holds `config.json` (the run config) and `checkpoints/<step>/`: a conve
 item `weights` (the model's weights, model.WEIGHTS); a training run's holds `state` (the train state,
 of which only the parameters and the rest of the model state are read here) and `record`.
 
-Reading holds little more than the weights themselves (gpt-oss-20b's 12.8 GiB must load on a 16 GB machine):
-arrays are read one after another straight from orbax's files with TensorStore into host memory aligned
-for JAX, which takes it on CPU without a copy, and conversions are written in chunks of at most CHUNK_BYTES,
-so a read holds one chunk's compressed bytes beside the weights. Orbax's own restore read everything at
-once, each array twice (its read buffer and the device copy).
+Memory stays near the weights' own size (gpt-oss-20b's 12.8 GiB must load on a 16 GB machine): arrays
+are read one after another straight from orbax's files with TensorStore into host memory aligned for JAX,
+which takes it on CPU without a copy (orbax's own restore read everything at once, each array twice: its
+read buffer and the device copy); conversions are written as they are converted, in groups (orbax's
+partial saves: the whole model is never held) and chunks of at most CHUNK_BYTES (a read holds one chunk's
+compressed bytes beside the weights).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
-import math
+import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import nnx
 
@@ -51,25 +52,55 @@ def data_to_keys(tree, like):
 
 
 CHUNK_BYTES = 64 * 2**20  # a conversion's arrays are stored in chunks of at most this many bytes
+GROUP_BYTES = 512 * 2**20  # a conversion writes its arrays in groups of about this many bytes
+
+
+@contextlib.contextmanager
+def weights_writer(dst: str | Path, config: RunConfig, record: dict | None = None):
+  """Writes a model's weights as they come: yields `add(name, array)` (name: the weight's path joined by
+  dots, `blocks.0.attn.wq`), and the arrays are written in groups of about GROUP_BYTES (orbax's partial
+  saves), so a conversion never holds the whole model. Gives DIR/config.json + DIR/checkpoints/0/weights
+  (an orbax PyTree item; `record.json` beside it), written to a temporary folder beside DIR and renamed at
+  the end: never half-written."""
+  from orbax.checkpoint.experimental import v1
+  saving = v1.options.ArrayOptions.Saving
+  context = v1.Context(array_options=v1.options.ArrayOptions(
+      saving=saving(storage_options=saving.StorageOptions(chunk_byte_size=CHUNK_BYTES))))
+  with atomic_folder(dst) as tmp:
+    staged, group, size = tmp / "staged", {}, [0]
+
+    def flush():
+      if group:
+        with context:
+          v1.partial.save(staged, group)
+        group.clear()
+        size[0] = 0
+
+    def add(name: str, array) -> None:
+      node = group
+      for key in name.split("."):
+        node = node.setdefault(key, {})
+      node["value"] = np.asarray(array)  # nnx's variables: orbax names them <path>.value
+      size[0] += node["value"].nbytes
+      if size[0] >= GROUP_BYTES:
+        flush()
+
+    yield add
+    flush()
+    v1.partial.finalize(staged)
+    step = tmp / "checkpoints" / "0"
+    step.mkdir(parents=True)
+    (staged / "state").rename(step / "weights")
+    shutil.rmtree(staged)
+    (step / "record.json").write_text(json.dumps(record or {}))
+    (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
 
 def save_model(dst: str | Path, config: RunConfig, model, record: dict | None = None) -> Path:
-  """A model without optimizer state (a conversion): DIR/config.json + DIR/checkpoints/0/weights.
-  Written to a temporary folder beside DIR and renamed at the end: never half-written."""
-  weights = nnx.state(model, WEIGHTS)
-  chunked = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), weights)
-  with atomic_folder(dst) as tmp:
-    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
-    # orbax copies arrays to the host and writes them this many GB (10^9 bytes) at a time, instead of all at once
-    # (its default: 96); the bound must hold the largest array
-    at_once = max(2, math.ceil(max(x.nbytes for x in jax.tree.leaves(weights)) / 1e9))
-    handlers = {"weights": ocp.PyTreeCheckpointHandler(save_concurrent_gb=at_once,
-                                                       save_device_host_concurrent_gb=at_once),
-                "record": ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(tmp / "checkpoints", options=options, item_handlers=handlers) as manager:
-      manager.save(0, args=ocp.args.Composite(weights=ocp.args.PyTreeSave(weights, save_args=chunked),
-                                              record=ocp.args.JsonSave(record or {})))
-    (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+  """A model without optimizer state (a conversion) written by weights_writer."""
+  with weights_writer(dst, config, record) as add:
+    for path, variable in nnx.to_flat_state(nnx.state(model, WEIGHTS)):
+      add(".".join(map(str, path)), variable.get_value())
   return Path(dst).absolute()
 
 

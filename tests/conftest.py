@@ -3,7 +3,9 @@ import sys
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# 8 fake devices, whose collectives may wait on a loaded machine longer than XLA:CPU's default 40 s
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (" --xla_force_host_platform_device_count=8"
+                                                              " --xla_cpu_collective_call_terminate_timeout_seconds=600")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # one compilation cache for the session and every command it starts: the many short runs of the same tiny
 # configs (resumes, faults, sweeps) compile their programs once

@@ -33,14 +33,17 @@ def assert_same_weights(a, b):
 
 def test_a_conversion_is_written_in_bounded_chunks_and_read_back_exactly(tmp_path, monkeypatch):
   monkeypatch.setattr(weights, "CHUNK_BYTES", 4096)  # several chunks per matrix at this size
-  monkeypatch.setattr(weights, "IN_FLIGHT_BYTES", 1)  # one array at a time
+  monkeypatch.setattr(weights, "GROUP_BYTES", 20_000)  # written in several groups
+  monkeypatch.setattr(weights, "IN_FLIGHT_BYTES", 1)  # read one array at a time
   model = Transformer(CFG, nnx.Rngs(3))
   weights.save_model(tmp_path / "ckpt", RunConfig(model=CFG), model)
   item = tmp_path / "ckpt" / "checkpoints" / "0" / "weights"
-  embed = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{item}", "path": "embed.value"}},
+  driver = "zarr3" if json.loads((item / "_METADATA").read_text())["use_zarr3"] else "zarr"
+  embed = ts.open({"driver": driver, "kvstore": {"driver": "ocdbt", "base": f"file://{item}", "path": "embed.value"}},
                   open=True).result()
   chunk = embed.chunk_layout.read_chunk.shape
   assert np.prod(chunk) * 2 <= 4096 and tuple(chunk) != tuple(embed.shape)  # bfloat16: 2 bytes
+  assert len(list(item.glob("ocdbt.process_*"))) > 1  # one per group
   _, cfg, back = weights.load_model(tmp_path / "ckpt")
   assert cfg == CFG
   assert_same_weights(model, back)

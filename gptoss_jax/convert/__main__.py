@@ -9,6 +9,7 @@ on failure. Bad input: one line on stderr, exit status 2.
 
 import argparse
 import sys
+from pathlib import Path
 
 from gptoss_jax.config import ConfigError
 
@@ -24,28 +25,30 @@ EVAL_CONTEXT = 4096
 
 
 def convert(src: str, dst: str, dtype: str = "bfloat16", keep_mxfp4: bool = False, progress: bool = True):
+  """Each tensor converted and written as it is read (weights.weights_writer): the whole model is never in
+  memory."""
   from gptoss_jax.convert.export import TOKENIZER_KEY
-  from gptoss_jax.convert.hf import read_hf_config, load_pretrained
-  from gptoss_jax.weights import save_model
+  from gptoss_jax.convert.hf import read_hf_config, read_weights
+  from gptoss_jax.weights import weights_writer
   from gptoss_jax.config import DataConfig, RunConfig
   hf = read_hf_config(src)
-  bar = []  # created at the first tensor, so that input rejected up front prints one line only
-
-  def tick(name: str):
-    if progress and not bar:
-      from tqdm import tqdm
-      bar.append(tqdm(desc="converting", unit="tensor", file=sys.stderr))
-    if bar:
-      bar[0].update(1)
-
-  try:
-    cfg, model = load_pretrained(src, dtype=dtype, keep_mxfp4=keep_mxfp4, progress=tick)
-  finally:
-    if bar:
-      bar[0].close()
+  cfg, arrays = read_weights(src, dtype=dtype, keep_mxfp4=keep_mxfp4)  # checks the folder before writing
   tokenizer = hf.get(TOKENIZER_KEY) or TOKENIZERS.get(hf["model_type"], "byte")
   config = RunConfig(model=cfg, data=DataConfig(tokenizer=tokenizer, seq_len=min(EVAL_CONTEXT, cfg.max_seq_len)))
-  return save_model(dst, config, model, {"source": str(src), "model_type": hf["model_type"]})
+  bar = None  # created at the first tensor, so that input rejected up front prints one line only
+  try:
+    with weights_writer(dst, config, {"source": str(src), "model_type": hf["model_type"]}) as add:
+      for name, array in arrays:
+        if progress and bar is None:
+          from tqdm import tqdm
+          bar = tqdm(desc="converting", unit="tensor", file=sys.stderr)
+        add(name, array)
+        if bar is not None:
+          bar.update(1)
+  finally:
+    if bar is not None:
+      bar.close()
+  return Path(dst).absolute()
 
 
 def vocabulary(data):

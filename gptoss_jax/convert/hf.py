@@ -386,14 +386,13 @@ def is_mxfp4(hf: dict) -> bool:
   return (hf.get("quantization_config") or {}).get("quant_method") == "mxfp4"
 
 
-def load_pretrained(path: str | Path, dtype: str = "float32", keep_mxfp4: bool = False,
-                    progress: Callable[[str], None] | None = None) -> tuple[ModelConfig, Transformer]:
-  """A Hugging Face folder (config.json + safetensors) -> (config, model in eval mode).
-
-  Tensors are read one at a time (memory-mapped), so peak memory stays near the model's own size.
-  MXFP4 experts (gpt_oss with a quantization_config) are dequantized, or with keep_mxfp4 kept packed.
-  `progress` is called with each parameter's name as it is filled.
-  """
+def read_weights(path: str | Path, dtype: str = "float32", keep_mxfp4: bool = False
+                 ) -> tuple[ModelConfig, Iterator[tuple[str, jax.Array]]]:
+  """A Hugging Face folder (config.json + safetensors) -> (config, its weights as they are read: (our name
+  joined by dots, array) pairs). Everything that can be checked before reading is (the config, missing and
+  unexpected tensors); a tensor of the wrong shape raises while reading. Tensors are read one at a time
+  (memory-mapped). MXFP4 experts (gpt_oss with a quantization_config) are dequantized, or with keep_mxfp4
+  kept packed."""
   hf = read_hf_config(path)
   cfg = config_from_hf(hf, dtype)
   packed_source = is_mxfp4(hf)
@@ -404,7 +403,7 @@ def load_pretrained(path: str | Path, dtype: str = "float32", keep_mxfp4: bool =
     cfg = cfg.replace(moe_mxfp4=True)
   tensors = SafetensorsFolder(path)
   family = hf["model_type"]
-  graphdef, abstract, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), WEIGHTS, ...)
+  _, abstract, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), WEIGHTS, ...)
   wanted = {_path_str(p): v for p, v in nnx.to_flat_state(abstract)}
   rules = list(expand(rules_for(family, cfg, packed_source, hf.get("original_layout", False)), cfg.n_layers))
   required = {h for r in rules for h in r.hf}
@@ -419,17 +418,30 @@ def load_pretrained(path: str | Path, dtype: str = "float32", keep_mxfp4: bool =
   not_covered = sorted(set(wanted) - {o for r in rules for o in r.ours})
   if not_covered:
     raise CheckpointError(f"internal: no rule fills {not_covered}")
+
+  def arrays():
+    for rule in rules:
+      for name, array in zip(rule.ours, rule.to_ours(*(tensors.get(h) for h in rule.hf))):
+        target = wanted[name].get_value()
+        if array.shape != target.shape:
+          raise CheckpointError(f"{path}: {', '.join(rule.hf[:2])} has shape {array.shape} after mapping to "
+                                f"{name}, the config needs {target.shape}")
+        yield name, jnp.asarray(array, target.dtype)
+
+  return cfg, arrays()
+
+
+def load_pretrained(path: str | Path, dtype: str = "float32", keep_mxfp4: bool = False,
+                    progress: Callable[[str], None] | None = None) -> tuple[ModelConfig, Transformer]:
+  """A Hugging Face folder (config.json + safetensors) -> (config, model in eval mode), read by read_weights.
+  `progress` is called with each parameter's name as it is filled."""
+  cfg, arrays = read_weights(path, dtype, keep_mxfp4)
   values = {}
-  for rule in rules:
-    arrays = rule.to_ours(*(tensors.get(h) for h in rule.hf))
-    for name, array in zip(rule.ours, arrays):
-      target = wanted[name].get_value()
-      if array.shape != target.shape:
-        raise CheckpointError(f"{path}: {', '.join(rule.hf[:2])} has shape {array.shape} after mapping to "
-                              f"{name}, the config needs {target.shape}")
-      values[name] = jnp.asarray(array, target.dtype)
-      if progress:
-        progress(name)
+  for name, array in arrays:
+    values[name] = array
+    if progress:
+      progress(name)
+  graphdef, abstract, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), WEIGHTS, ...)
   weights = nnx.from_flat_state([(p, v.replace(values[_path_str(p)])) for p, v in nnx.to_flat_state(abstract)])
   model = nnx.merge(graphdef, weights, fresh_rest(rest))
   model.eval()
