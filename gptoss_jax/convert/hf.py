@@ -7,18 +7,21 @@ and the function that builds it from them (torch Linear weights are [out, in]; o
 from __future__ import annotations
 
 import json
+import os
 import re
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 from gptoss_jax.config import ConfigError, ModelConfig
 from gptoss_jax.model import WEIGHTS, Transformer, fresh_rest, mxfp4
+from gptoss_jax.weights import aligned_empty
 
 FAMILIES = ("gpt2", "gpt_oss", "qwen3", "qwen3_moe", "llama")
 
@@ -340,39 +343,82 @@ def expand(rules: list[Rule], n_layers: int) -> Iterator[Rule]:
 # ---------------------------------------------------------------- safetensors
 
 
+# safetensors dtype names -> numpy dtypes (ml_dtypes for the ones numpy lacks)
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                      "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
+                      "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
+                      "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class SafetensorsFile:
+  """One .safetensors file (8-byte header length, JSON header, data), read tensor by tensor with plain reads
+  into fresh, aligned host memory: nothing memory-mapped stays resident, so reading a folder of tens of GB
+  holds one tensor at a time."""
+
+  def __init__(self, path: Path):
+    self.path = path
+    try:
+      with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > 100 * 2**20:
+          raise ValueError(f"header of {length} bytes")
+        header = json.loads(f.read(length))
+      header.pop("__metadata__", None)
+      self.start, size = 8 + length, path.stat().st_size
+      self.tensors = {name: (SAFETENSORS_DTYPES[t["dtype"]], tuple(t["shape"]), *t["data_offsets"])
+                      for name, t in header.items()}
+    except Exception as e:  # a truncated, corrupt or foreign file
+      raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
+    end = max((t[3] for t in self.tensors.values()), default=0)
+    if self.start + end > size:
+      raise CheckpointError(f"{path}: truncated safetensors file ({size:,} bytes, its header needs "
+                            f"{self.start + end:,})")
+
+  def get(self, name: str) -> np.ndarray:
+    dtype, shape, begin, end = self.tensors[name]
+    out = aligned_empty(shape, dtype)
+    if out.nbytes != end - begin:
+      raise CheckpointError(f"{self.path}: tensor {name} has {end - begin} bytes for shape {shape} of {dtype}")
+    view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+    with open(self.path, "rb", buffering=0) as f:
+      while done < out.nbytes:
+        n = os.preadv(f.fileno(), [view[done:]], self.start + begin + done)
+        if n <= 0:
+          raise CheckpointError(f"{self.path}: tensor {name} ends early")
+        done += n
+    return out
+
+
 class SafetensorsFolder:
   """Tensor name -> file for a folder with one or more *.safetensors files (index optional)."""
 
   def __init__(self, folder: str | Path):
     self.folder = Path(folder)
-    self._handles: dict[Path, object] = {}
+    self._files: dict[Path, SafetensorsFile] = {}
     index = self.folder / "model.safetensors.index.json"
     if index.is_file():
       weight_map = json.loads(index.read_text())["weight_map"]
       self.files = {name: self.folder / f for name, f in weight_map.items()}
     else:
-      self.files = {name: f for f in sorted(self.folder.glob("*.safetensors")) for name in self._open(f).keys()}
+      self.files = {name: f for f in sorted(self.folder.glob("*.safetensors")) for name in self._open(f).tensors}
     if not self.files:
       raise CheckpointError(f"{folder}: no *.safetensors files")
 
-  def _open(self, path: Path):
-    if path not in self._handles:
-      try:
-        self._handles[path] = safe_open(str(path), framework="np")
-      except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
-    return self._handles[path]
+  def _open(self, path: Path) -> SafetensorsFile:
+    if path not in self._files:
+      if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (named by the index)")
+      self._files[path] = SafetensorsFile(path)
+    return self._files[path]
 
   def names(self) -> set[str]:
     return set(self.files)
 
   def get(self, name: str) -> np.ndarray:
-    try:
-      return self._open(self.files[name]).get_tensor(name)
-    except CheckpointError:
-      raise
-    except Exception as e:
-      raise CheckpointError(f"{self.files[name]}: cannot read tensor {name} ({e})") from None
+    file = self._open(self.files[name])
+    if name not in file.tensors:
+      raise CheckpointError(f"{file.path}: no tensor {name} (the index says it is there)")
+    return file.get(name)
 
 
 # ---------------------------------------------------------------- loading
