@@ -62,3 +62,11 @@ def reuse_step_memory() -> bool:
   import jax
   jax.config.update("jax_cpu_enable_async_dispatch", False)
   return True
+
+
+def release_free_memory() -> None:
+  """Hands the heap's free memory back to the OS (glibc; elsewhere nothing): reuse_step_memory keeps freed
+  memory for the next step, so the buffers of a one-off phase (loading a checkpoint) would otherwise stay
+  resident beside the weights."""
+  if platform.libc_ver()[0] == "glibc":
+    ctypes.CDLL(None).malloc_trim(0)

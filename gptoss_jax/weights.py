@@ -26,6 +26,7 @@ import numpy as np
 import tensorstore as ts
 from flax import nnx
 
+from gptoss_jax import runtime
 from gptoss_jax.config import ConfigError, RunConfig
 from gptoss_jax.fileio import atomic_folder
 from gptoss_jax.model import WEIGHTS, Transformer, fresh_rest
@@ -117,7 +118,7 @@ def _key_name(key) -> str:
   return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
 
 
-IN_FLIGHT_BYTES = 512 * 2**20  # arrays read at once, by their size (at least one)
+IN_FLIGHT_BYTES = 128 * 2**20  # arrays read at once, by their size (at least one)
 
 
 def read_item(item_dir: Path, like, device: jax.Device | None = None):
@@ -191,5 +192,6 @@ def load_model(directory: str | Path, step: int | None = None):
     raise
   except Exception as e:  # tensorstore raises many kinds for missing or corrupt files
     raise ConfigError(f"{step_dir} could not be read ({type(e).__name__}: {str(e)[:200]})") from None
+  runtime.release_free_memory()  # the reads' buffers, before the weights' first use
   model.eval()
   return config, cfg, model
