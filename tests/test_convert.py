@@ -187,18 +187,17 @@ def test_hf_round_trip_keeps_the_tokenizer(tmp_path, tokenizer, vocab):
 
 
 def test_a_conversion_that_fails_midway_leaves_nothing(hf_folder, tmp_path, monkeypatch):
-  """The failure comes after the temporary folder exists and holds the written weights."""
-  import orbax.checkpoint as ocp
+  """The failure comes after the temporary folder exists and holds every written weight."""
+  from orbax.checkpoint.experimental import v1
   folder, _ = hf_folder("llama")
-  real_save, seen = ocp.CheckpointManager.save, []
+  real_finalize, seen = v1.partial.finalize, []
 
-  def save_then_fail(self, *args, **kwargs):
-    real_save(self, *args, **kwargs)
-    self.wait_until_finished()
+  def finalize_then_fail(path):
+    real_finalize(path)
     seen.extend(p.name for p in tmp_path.iterdir())
     raise OSError("disk full")
 
-  monkeypatch.setattr(ocp.CheckpointManager, "save", save_then_fail)
+  monkeypatch.setattr(v1.partial, "finalize", finalize_then_fail)
   with pytest.raises(OSError, match="disk full"):
     convert(str(folder), str(tmp_path / "out"), dtype="float32", progress=False)
   assert any(name.startswith(".out.") for name in seen)  # the temporary folder existed
