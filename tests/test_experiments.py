@@ -310,6 +310,24 @@ def test_five_seeds_cannot_pass_the_sign_flip_test_whatever_the_t_test_says():
   assert c.p < 1e-4 and c.p_sign == pytest.approx(2 / 32) and not c.distinguishable
 
 
+def test_a_training_is_finished_only_once_its_test_losses_are_written(tmp_path):
+  old = tmp_path / "old"  # from before the test split: the final validation loss is all there is
+  _write_metrics(old, 2.0)
+  (old / "config.json").write_text(json.dumps({"data": {"eval_fraction": 0.03}}))
+  assert run.finished(old, 20) and not run.finished(old, 30)
+  new = tmp_path / "new"
+  _write_metrics(new, 2.0)
+  (new / "config.json").write_text(json.dumps({"data": {"val_fraction": 0.03, "test_fraction": 0.03},
+                                               "train": {"steps": 20}}))
+  assert run.finished(new, 10)  # stopped early (--config.train.stop_at): no test there
+  assert not run.finished(new, 20)  # killed between its validation and test evaluations
+  with (new / "metrics.jsonl").open("a") as f:
+    f.write(json.dumps({"step": 20, "test/loss": 2.1}) + "\n")
+  assert not run.finished(new, 20)  # killed before heldout.json
+  (new / "heldout.json").write_text(json.dumps({"split": "test", "step": 20, "batch_losses": [2.1]}))
+  assert run.finished(new, 20)
+
+
 def test_lr_choice_picks_the_lowest_loss_and_widens_at_an_edge():
   inside = run.choose_lr({1e-3: 2.5, 3e-3: 2.3, 1e-2: 2.4})
   assert (inside.lr, inside.at_edge, inside.widen) == (3e-3, False, None)
