@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -334,3 +335,18 @@ def test_inference_commands_take_most_of_an_accelerator_unless_told_otherwise(mo
   assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
   for command in ("generate", "evaluate"):
     assert "runtime.inference_memory()" in (Path(REPO) / "gptoss_jax" / f"{command}.py").read_text()
+
+
+@pytest.mark.parametrize("flags, scheduler", [
+    ("", "false"),
+    ("--xla_force_host_platform_device_count=1", "false"),
+    ("--xla_force_host_platform_device_count=8", None),  # several CPU devices: XLA's own scheduler
+    ("--xla_force_host_platform_device_count=8 --xla_force_host_platform_device_count=1", "false"),
+    ("--xla_cpu_enable_concurrency_optimized_scheduler=true", "true"),  # the user's choice wins
+])
+def test_commands_pick_xlas_scheduler_only_for_one_cpu_device(monkeypatch, flags, scheduler):
+  from gptoss_jax import runtime
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  runtime.configure()
+  chosen = re.findall(r"--xla_cpu_enable_concurrency_optimized_scheduler=(\w+)", os.environ["XLA_FLAGS"])
+  assert chosen == ([scheduler] if scheduler else [])
