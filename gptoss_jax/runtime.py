@@ -16,29 +16,17 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
-import re
 
 # XLA:CPU's concurrency-optimized scheduler starts independent work early, so a forward pass holds every
 # layer's converted weights at once (the README's MXFP4 memory figures); a per-jit compiler option did
 # not take effect, so the choice is process-wide
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
-HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
-
-
-def host_devices(flags: str) -> int:
-  """How many CPU devices XLA_FLAGS asks for (the last setting wins, as in XLA)."""
-  counts = re.findall(rf"{HOST_DEVICES_FLAG}=(\d+)", flags)
-  return int(counts[-1]) if counts else 1
 
 
 def configure() -> None:
-  """XLA flags for this process (read when JAX starts its backend); a flag the user set wins. A process
-  with several CPU devices (the smoke runs' 8 fake devices) keeps XLA's own scheduler: with the other one,
-  a sharded train step of the gpu scale's `e16_k2` deadlocked, one device reaching the dropless expert
-  loop's backward pass one iteration behind the other seven, at an all-reduce inside it (5 of 5 tries; with
-  XLA's scheduler 4 of 4 passed). XLA's scheduler holds more memory at once."""
+  """XLA flags for this process (read when JAX starts its backend); a flag the user set wins."""
   flags = os.environ.get("XLA_FLAGS", "")
-  if SCHEDULER_FLAG not in flags and host_devices(flags) == 1:
+  if SCHEDULER_FLAG not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} {SCHEDULER_FLAG}=false".strip()
 
 

@@ -311,3 +311,14 @@ def test_auto_dispatch_gathers_the_chosen_experts_only_for_few_tokens():
   packed, kernel = cfg.replace(moe_mxfp4=True), cpu_kernels.available()  # prefill pieces too, with the kernel
   assert resolved_dispatch(packed, PACKED_SELECTED_MAX // 4) == ("selected" if kernel else "grouped")
   assert resolved_dispatch(packed, PACKED_SELECTED_MAX // 4 + 1) == "grouped"
+
+
+def test_auto_dispatch_has_no_routing_dependent_loop_when_several_cpu_devices_share_the_work():
+  from gptoss_jax.sharding import make_mesh
+  cfg = BASE.replace(n_experts=32, top_k=4)
+  for sizes, expected in ((dict(data=2, fsdp=4), "dense"), (dict(data=1, fsdp=1), "grouped")):
+    mesh = make_mesh(sizes, jax.devices()[:sizes["data"] * sizes["fsdp"]])
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      assert resolved_dispatch(cfg, 64) == expected, sizes
+      assert resolved_dispatch(cfg, 1) == "selected"  # no loop either
+      assert resolved_dispatch(cfg.replace(moe_capacity_factor=1.0), 64) == "grouped"  # fixed capacity: no loop

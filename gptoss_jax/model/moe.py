@@ -195,11 +195,22 @@ def expert_loop(activation: Callable[[jax.Array], jax.Array], blocks: tuple[int,
 PACKED_SELECTED_MAX = 1024
 
 
+def partitioned() -> bool:
+  """Whether the computation being traced is split over several devices (a mesh in context: the Trainer's
+  steps set theirs)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and mesh.size > 1
+
+
 def resolved_dispatch(cfg: ModelConfig, n_tokens: int) -> str:
   """`auto`: the selected experts' weights gathered when there are fewer (token, expert) assignments than
   experts (decoding: gpt-oss-20b reads 4 of its 32 experts per token), or up to PACKED_SELECTED_MAX of
   them for packed experts on CPU (prefill); else ragged_dot (a grouped GEMM) on GPU and TPU when
-  dropless, and the grouped paths on CPU, where ragged_dot is a dense dot over every expert. Packed
+  dropless, and the grouped paths on CPU, where ragged_dot is a dense dot over every expert. On CPU
+  split over several devices (fake ones: the tests, `experiments.run --smoke`) dropless is `dense`, every
+  expert on every token: XLA's partitioning of the dropless loop puts an all-reduce inside loops whose trip
+  counts follow the routing, and there 8 fake devices deadlocked, one of them an iteration behind (the gpu
+  scale's `e16_k2`, 5 tries of 5). Packed
   experts never take ragged_dot, which would unpack a layer's experts at once (gpt-oss-20b: 1.6 GB in
   bfloat16, against 50 MB for the dropless loop's one expert at a time)."""
   if cfg.moe_dispatch != "auto":
@@ -210,6 +221,8 @@ def resolved_dispatch(cfg: ModelConfig, n_tokens: int) -> str:
   if few and not cfg.moe_capacity_factor:
     return "selected"
   accelerator = jax.default_backend() in ("gpu", "tpu")
+  if not accelerator and not cfg.moe_capacity_factor and not cfg.moe_mxfp4 and partitioned():
+    return "dense"
   return "ragged" if accelerator and not cfg.moe_capacity_factor and not cfg.moe_mxfp4 else "grouped"
 
 

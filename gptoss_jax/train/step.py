@@ -3,6 +3,7 @@ in/out shardings, state donated)."""
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -57,10 +58,20 @@ class Trainer:
     replicated = NamedSharding(mesh, P())
     self.state_shardings = TrainState(replicated, self.param_shardings, self.opt_shardings, self.rest_shardings)
     self.batch_sharding = batch_sharding(mesh)
-    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
-                              out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-    self.eval_step = jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.rest_shardings,
-                                                            self.batch_sharding), out_shardings=replicated)
+    self.train_step = jax.jit(self._on_mesh(self._train_step), donate_argnums=0,
+                              in_shardings=(self.state_shardings, self.batch_sharding),
+                              out_shardings=(self.state_shardings, replicated))
+    self.eval_step = jax.jit(self._on_mesh(self._eval_step), out_shardings=replicated,
+                             in_shardings=(self.param_shardings, self.rest_shardings, self.batch_sharding))
+
+  def _on_mesh(self, fn):
+    """fn traced with the mesh in context, where the model sees how many devices share its work (the MoE's
+    dispatch choice)."""
+    @functools.wraps(fn)
+    def traced(*args):
+      with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+        return fn(*args)
+    return traced
 
   def init_state(self) -> TrainState:
     """Parameters are created already sharded: no device ever holds the whole model."""
