@@ -84,13 +84,14 @@ def finished(folder: Path, steps: int) -> bool:
   """The training reached step `steps` and evaluated there: its validation loss and, at its last step with a
   test split (all but trainings from before it), its test loss and the per-batch losses of `heldout.json`
   (the loop writes them last, so a training killed in between is not finished)."""
-  if final_eval(folder, steps) is None:
+  logged = {key for row in metrics(folder) if row["step"] >= steps for key in row}
+  if "eval/loss" not in logged:
     return False
   path = folder / "config.json"
   config = json.loads(path.read_text()) if path.is_file() else {}
   if "test_fraction" not in config.get("data", {}) or steps < config.get("train", {}).get("steps", steps):
     return True
-  return final_eval(folder, steps, "test/loss") is not None and (folder / "heldout.json").is_file()
+  return "test/loss" in logged and (folder / "heldout.json").is_file()
 
 
 def grid_trainings(folder: Path, default_seed: int) -> dict[tuple[float, int], Path]:

@@ -241,6 +241,13 @@ def llama_like_rules(cfg: ModelConfig, family: str, mxfp4_source: bool = False) 
     rules += [_one(f"{O}.q_norm.scale", f"{A}.q_norm.weight"), _one(f"{O}.k_norm.scale", f"{A}.k_norm.weight")]
   if cfg.attn_sinks:
     rules.append(_one(f"{O}.sinks", f"{A}.sinks"))
+  return rules + _ffn_rules(cfg, family, mxfp4_source)
+
+
+def _ffn_rules(cfg: ModelConfig, family: str, mxfp4_source: bool) -> list[Rule]:
+  """The feed-forward layer's tensors: a gated MLP (llama, qwen3), one tensor pair per expert (qwen3_moe),
+  or gpt_oss's stacked experts (kept packed, dequantized or plain)."""
+  L, rules = "model.layers.{i}", []
   M, F = f"{L}.mlp", "blocks.{i}.ffn"
   glu_in = lambda g, u: np.stack([g.T, u.T], axis=1)  # two [F, D] torch weights -> [D, 2, F]
   if family in ("llama", "qwen3"):

@@ -120,6 +120,22 @@ def block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, align: int, exp
 Unpack = Callable[[tuple, jax.Array], tuple]  # (weights, e) -> w_in [D, G*F], b_in [G*F], w_out [F, D], b_out [D]
 
 
+def _each_expert(blocks: tuple[int, ...], unpack: Unpack, weights, start_E, count_E, body, carry):
+  """body(e, row, size, expert e's weights, carry) over every block of every expert's rows, the carry
+  threaded through; experts without rows are skipped, their weights never unpacked."""
+  def expert(e, carry):
+    w = unpack(weights, e)
+    start, left = start_E[e], count_E[e]
+    for size in blocks:
+      n = left // size
+      carry = jax.lax.fori_loop(0, n, lambda j, c: body(e, start + j * size, size, w, c), carry)
+      start, left = start + n * size, left - n * size
+    return carry
+  skip = lambda e, carry: carry
+  return jax.lax.fori_loop(0, start_E.shape[0], lambda e, c: jax.lax.cond(count_E[e] > 0, expert, skip, e, c),
+                           carry)
+
+
 def expert_loop(activation: Callable[[jax.Array], jax.Array], blocks: tuple[int, ...], unpack: Unpack) -> RowsFn:
   """The experts' FFN over expert-sorted rows as a loop: for each expert, its weights taken once, then its
   rows in blocks of blocks[0] rows and the remainder in the smaller sizes (descending, each dividing the
@@ -130,18 +146,7 @@ def expert_loop(activation: Callable[[jax.Array], jax.Array], blocks: tuple[int,
   def rows(x_RxD, start, size):
     return jax.lax.dynamic_slice_in_dim(x_RxD, start, size)
 
-  def each_expert(weights, start_E, count_E, body, carry):
-    def expert(e, carry):  # experts without rows are skipped, their weights never unpacked
-      w = unpack(weights, e)
-      start, left = start_E[e], count_E[e]
-      for size in blocks:
-        n = left // size
-        carry = jax.lax.fori_loop(0, n, lambda j, c: body(e, start + j * size, size, w, c), carry)
-        start, left = start + n * size, left - n * size
-      return carry
-    skip = lambda e, carry: carry
-    return jax.lax.fori_loop(0, start_E.shape[0],
-                             lambda e, c: jax.lax.cond(count_E[e] > 0, expert, skip, e, c), carry)
+  each_expert = functools.partial(_each_expert, blocks, unpack)
 
   def forward(x_RxD, start_E, count_E, weights, keep_h: bool):
     """y [R, D], and with keep_h the pre-activations [R, G*F] for the backward pass."""
@@ -220,10 +225,11 @@ def resolved_dispatch(cfg: ModelConfig, n_tokens: int) -> str:
   few = assignments < cfg.n_experts or (packed_on_cpu and assignments <= PACKED_SELECTED_MAX)
   if few and not cfg.moe_capacity_factor:
     return "selected"
-  accelerator = jax.default_backend() in ("gpu", "tpu")
-  if not accelerator and not cfg.moe_capacity_factor and not cfg.moe_mxfp4 and partitioned():
-    return "dense"
-  return "ragged" if accelerator and not cfg.moe_capacity_factor and not cfg.moe_mxfp4 else "grouped"
+  if cfg.moe_capacity_factor or cfg.moe_mxfp4:
+    return "grouped"
+  if jax.default_backend() in ("gpu", "tpu"):
+    return "ragged"
+  return "dense" if partitioned() else "grouped"
 
 
 def grouped_capacity(cfg: ModelConfig, n_tokens: int) -> int:
