@@ -5,8 +5,8 @@
   and deep (widths solved to land within 2% of the budget).
 - experts: at fixed active parameters per token, dense and 4..64 experts; plus few large against many
   small experts at equal total and active parameters.
-- swiglu: GELU against SwiGLU at matched parameters and at GELU's hidden width (why SwiGLU lost on the
-  tiny ladder).
+- swiglu: GELU against SwiGLU at matched parameters, at GELU's hidden width and with its output projection's
+  init scaled to GELU's size (why SwiGLU lost on the tiny ladder).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from functools import cache
+
+import numpy as np
 
 from gptoss_jax.config import ModelConfig, RunConfig, apply_overrides, load_config_file
 from gptoss_jax.inspect import stats
@@ -276,16 +278,37 @@ def experts(scale: Scale) -> list[Run]:
   return runs + [many]
 
 
+def init_matched_scale(gelu: ModelConfig, glu: ModelConfig) -> float:
+  """The `ffn_out_init_scale` that gives a SwiGLU FFN at init the output size of a GELU one: with unit-RMS
+  inputs (after the norm) and N(0, init_std^2) weights, every pre-activation is N(0, s^2), s = init_std *
+  sqrt(d_model); the output's mean square is d_ff * E[act^2] * std_out^2, with E[gelu(a)^2] and
+  E[silu(g)^2] * E[u^2] taken by Gauss-Hermite quadrature."""
+  a, w = np.polynomial.hermite_e.hermegauss(64)
+  w = w / w.sum()
+  s = gelu.init_std * gelu.d_model ** 0.5
+  x = s * a
+  gelu_sq = np.sum(w * (0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))) ** 2)
+  swiglu_sq = np.sum(w * (x / (1 + np.exp(-x))) ** 2) * s ** 2
+  return float(np.sqrt(gelu.d_ff * gelu_sq / (glu.d_ff * swiglu_sq)))
+
+
 def swiglu(scale: Scale) -> list[Run]:
   """Why SwiGLU lost to GELU on the tiny ladder: the GELU rung before it (`no_biases`), SwiGLU at matched
-  parameters (hidden width 2/3 of GELU's, the ladder's `swiglu` rung), and SwiGLU at GELU's hidden width
-  (1.5x the FFN parameters): if width is what SwiGLU lacks at this scale, the wide one closes the gap."""
+  parameters (hidden width 2/3 of GELU's, the ladder's `swiglu` rung), SwiGLU at GELU's hidden width (1.5x
+  the FFN parameters): if width is what SwiGLU lacks at this scale, the wide one closes the gap; and SwiGLU
+  at matched parameters with its output projection's init scaled so that its FFN starts as large as GELU's
+  (the gated product of two small projections starts an order of magnitude smaller): if the start is what
+  it lacks, that one closes it."""
   rungs = {r.name: r for r in ladder(scale)}
   gelu, matched = rungs["no_biases"], rungs["swiglu"]
   wide = matched.model.replace(d_ff=gelu.model.d_ff)
+  factor = init_matched_scale(gelu.model, matched.model)
+  started = matched.model.replace(ffn_out_init_scale=round(factor, 2))
   return [Run("gelu", gelu.model, note="the ladder's no_biases rung"),
           Run("swiglu", matched.model, matched.changes, "gelu", "hidden width 2/3 of GELU's: matched parameters"),
-          Run("swiglu_wide", wide, ("ffn",), "gelu", f"GELU's hidden width {wide.d_ff}: 1.5x the FFN parameters")]
+          Run("swiglu_wide", wide, ("ffn",), "gelu", f"GELU's hidden width {wide.d_ff}: 1.5x the FFN parameters"),
+          Run("swiglu_init", started, matched.changes + ("ffn_out_init_scale",), "gelu",
+              f"matched parameters, output projection's init x{started.ffn_out_init_scale}: starts as large as GELU's")]
 
 
 SWEEPS: dict[str, Callable[[Scale], list[Run]]] = {"ladder": ladder, "width_depth": width_depth,

@@ -107,12 +107,14 @@ class ModelConfig:
   param_dtype: str = dataclasses.field(default="float32", metadata=SAME_MATH)
   dtype: str = dataclasses.field(default="float32", metadata=SAME_MATH)
   init_std: float = dataclasses.field(default=0.02, metadata=SAME_MATH)
+  # the FFN's (and experts') output projection is initialised at this multiple of GPT-2's residual init
+  ffn_out_init_scale: float = dataclasses.field(default=1.0, metadata=SAME_MATH)
 
   def __post_init__(self):
     _check_types(self)
     positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                 "d_ff", "max_seq_len", "rope_theta", "rope_factor", "rope_original_max_len",
-                "norm_eps", "top_k")
+                "norm_eps", "top_k", "ffn_out_init_scale")
     for name in positive:
       if getattr(self, name) <= 0:
         raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -87,6 +87,29 @@ def test_the_swiglu_probe_compares_matched_and_gelu_width_swiglu_with_the_ladder
   assert wide.ffn == "swiglu" and wide.d_ff == runs["gelu"].model.d_ff
   assert wide == runs["gelu"].model.replace(ffn="swiglu")  # only the activation differs from gelu
   assert runs["swiglu"].baseline == runs["swiglu_wide"].baseline == "gelu"
+  assert set(runs) == {"gelu", "swiglu", "swiglu_wide", "swiglu_init"}
+
+
+def test_the_swiglu_probes_init_run_starts_with_an_ffn_output_as_large_as_gelus():
+  """Measured on the FFN modules themselves at init (unit-RMS inputs, as after the norm), at a width where the
+  sample RMS is within a few percent of its expectation: the scaled SwiGLU's output matches GELU's, where the
+  unscaled one is several times smaller."""
+  from flax import nnx
+  from gptoss_jax.model.ffn import MLP
+  runs = {r.name: r for r in build("swiglu", "tiny").runs}
+  started = runs["swiglu_init"].model
+  assert started == runs["swiglu"].model.replace(ffn_out_init_scale=started.ffn_out_init_scale)
+  assert runs["swiglu_init"].baseline == "gelu"
+  x = np.random.default_rng(0).standard_normal((4096, started.d_model)).astype(np.float32)
+  x /= np.sqrt(np.mean(x * x, axis=-1, keepdims=True))  # each row at unit RMS, as the norm leaves it
+
+  def out_rms(cfg, width):  # 8 initialisations' worth of hidden units, the same per-unit statistics
+    cfg = cfg.replace(d_ff=cfg.d_ff * width)
+    y, _ = MLP(cfg, nnx.Rngs(0))(x[None])
+    return float(np.sqrt(np.mean(np.square(y)) / width))
+  gelu = out_rms(runs["gelu"].model, 8)
+  assert out_rms(started, 8) == pytest.approx(gelu, rel=0.05)
+  assert out_rms(runs["swiglu"].model, 8) < gelu / 4
 
 
 def test_tiny_method_uses_two_selection_seeds_a_2x_grid_and_eight_compared_seeds():

@@ -33,6 +33,11 @@ def init_std_out(cfg: ModelConfig) -> float:
   return cfg.init_std / (2 * cfg.n_layers) ** 0.5
 
 
+def ffn_init_std_out(cfg: ModelConfig) -> float:
+  """The FFN's output projection: GPT-2's residual init, times `ffn_out_init_scale`."""
+  return init_std_out(cfg) * cfg.ffn_out_init_scale
+
+
 class MLP(nnx.Module):
   """Dense feed-forward block."""
 
@@ -42,7 +47,7 @@ class MLP(nnx.Module):
     pdt = jnp.dtype(cfg.param_dtype)
     self.w_in = nnx.Param(jax.random.normal(rngs.params(), (D, G, F), pdt) * cfg.init_std,
                           axes=("embed", None, "mlp"))
-    self.w_out = nnx.Param(jax.random.normal(rngs.params(), (F, D), pdt) * init_std_out(cfg),
+    self.w_out = nnx.Param(jax.random.normal(rngs.params(), (F, D), pdt) * ffn_init_std_out(cfg),
                            axes=("mlp", "embed"))
     if cfg.ffn_bias:
       self.b_in = nnx.Param(jnp.zeros((G, F), pdt), axes=(None, "mlp"))

@@ -23,7 +23,7 @@ from flax import nnx
 
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model import cpu_kernels, mxfp4
-from gptoss_jax.model.ffn import activate, init_std_out, n_in_proj
+from gptoss_jax.model.ffn import activate, ffn_init_std_out, n_in_proj
 from gptoss_jax.model.linear import project_batched
 
 
@@ -262,7 +262,7 @@ class MoE(nnx.Module):
     if cfg.moe_bias_update_rate:
       self.selection_bias = SelectionBias(jnp.zeros((E,), jnp.float32), axes=(None,))
     w_in = jax.random.normal(rngs.params(), (E, D, G, F), pdt) * cfg.init_std
-    w_out = jax.random.normal(rngs.params(), (E, F, D), pdt) * init_std_out(cfg)
+    w_out = jax.random.normal(rngs.params(), (E, F, D), pdt) * ffn_init_std_out(cfg)
     if cfg.moe_mxfp4:  # stored as the checkpoints do: [E, out, in / 32, 16], blocks along the input
       blocks, scales = mxfp4.quantize(jnp.transpose(w_in, (0, 2, 3, 1)))
       self.w_in_blocks = mxfp4.Packed(blocks, axes=("expert", None, "mlp", None, None))
