@@ -23,6 +23,7 @@ from gptoss_jax.config import ConfigError
 from gptoss_jax.data.pipeline import split_tokens
 from gptoss_jax.data.prepare import load_meta
 from gptoss_jax.data.tokenizers import Tokenizer, get_tokenizer
+from gptoss_jax.model.transformer import unembed_nll
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
@@ -44,11 +45,10 @@ BATCH_TOKENS = 4096  # --batch's default: this many tokens at a time
 
 @jax.jit
 def summed_nll(model, windows_BxT1):
-  """Each window's summed next-token loss (its first token predicts the second, ...)."""
-  logits = model(windows_BxT1[:, :-1])
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target = jnp.take_along_axis(logits, windows_BxT1[:, 1:, None], axis=-1)[..., 0]
-  return jnp.sum(logz - target, axis=-1)
+  """Each window's summed next-token loss (its first token predicts the second, ...), the logits never
+  whole (`unembed_nll`)."""
+  x_BxTxD, _, _ = model.trunk(windows_BxT1[:, :-1])
+  return jnp.sum(unembed_nll(x_BxTxD, model.unembedding(), windows_BxT1[:, 1:]), axis=-1)
 
 
 def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, batch: int, byte_lengths: np.ndarray,

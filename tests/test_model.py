@@ -100,3 +100,19 @@ def test_logits_in_vocabulary_chunks_equal_one_matmul(monkeypatch):
   logits = transformer.unembed_logits(x, w)
   assert logits.shape == (2, 3, 100) and logits.dtype == jnp.float32
   np.testing.assert_allclose(logits, np.einsum("btd,dv->btv", np.asarray(x), np.asarray(w)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-4), (jnp.bfloat16, 0.06)])  # bf16: logits of ~10 rounded
+def test_next_token_loss_in_vocabulary_chunks_equals_log_softmax_of_the_whole_logits(monkeypatch, dtype, atol):
+  from gptoss_jax.model import transformer
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 5, 8)), dtype)
+  w = jnp.asarray(rng.normal(size=(8, 100)), dtype)
+  targets = jnp.asarray(rng.integers(0, 100, (2, 5)), jnp.int32)
+  monkeypatch.setattr(transformer, "VOCAB_CHUNK", 7)  # 15 chunks, the last one short
+  nll = transformer.unembed_nll(x, w, targets)
+  logits = np.einsum("btd,dv->btv", np.asarray(x, np.float64), np.asarray(w, np.float64))
+  logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  want = logz - np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0]
+  assert nll.shape == (2, 5) and nll.dtype == jnp.float32
+  np.testing.assert_allclose(nll, want, rtol=0, atol=atol)
