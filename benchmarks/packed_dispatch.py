@@ -35,7 +35,15 @@ def main() -> None:
   from gptoss_jax.model.moe import PACKED_SELECTED_MAX, MoE
 
   base = model_config_from_file("gpt_oss:20b").replace(moe_mxfp4=True, param_dtype="bfloat16", dtype="bfloat16")
-  layer = MoE(base, nnx.Rngs(0))
+  graph, state = nnx.split(nnx.eval_shape(lambda: MoE(base, nnx.Rngs(0))))  # initialising for real takes > 20 GB
+  rng = np.random.default_rng(0)
+
+  def fill(path, v):  # any FP4 codes, scales around gpt-oss's (2**-9 .. 2**-4), router and biases at 0.02
+    if v.dtype == jnp.uint8:
+      low, high = (118, 124) if "scales" in str(path[-1]) else (0, 256)
+      return jnp.asarray(rng.integers(low, high, v.shape, dtype=np.uint8))
+    return jnp.asarray((rng.standard_normal(v.shape, np.float32) * 0.02).astype(v.dtype))
+  layer = nnx.merge(graph, jax.tree_util.tree_map_with_path(fill, state))
   print(f"one gpt-oss-20b MoE layer, packed experts, CPU kernel: {cpu_kernels.available()}; "
         f"PACKED_SELECTED_MAX = {PACKED_SELECTED_MAX} assignments; best of {args.repeats}, seconds", flush=True)
   print(f"{'tokens':>6} {'assignments':>11} {'selected':>9} {'grouped':>8} {'grouped/selected':>16}", flush=True)

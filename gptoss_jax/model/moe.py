@@ -195,9 +195,11 @@ def expert_loop(activation: Callable[[jax.Array], jax.Array], blocks: tuple[int,
 
 
 # packed experts on CPU with the kernel: up to this many (token, expert) assignments `selected` reads each
-# one's expert in place, faster than the loop dequantizing every expert (gpt-oss-20b, one layer: 64 tokens
-# 0.48 s against 3.8 s, 256 tokens 1.6 s against 4.6 s); 256 tokens of top-4 is the largest prefill piece
-PACKED_SELECTED_MAX = 1024
+# one's expert in place, faster than the loop dequantizing every expert (gpt-oss-20b, one layer,
+# benchmarks/packed_dispatch.py: 64 tokens 0.48 s against 3.8 s, 256 tokens 1.6 s against 4.6 s; on a busy
+# machine 256: 3.8 against 9.0, 512: 7.7 against 9.4, 1,024: 12.3 against 8.8): prefill pieces (at most 256
+# tokens) and evaluation batches of up to 512 tokens
+PACKED_SELECTED_MAX = 2048
 
 
 def partitioned() -> bool:
@@ -308,7 +310,7 @@ class MoE(nnx.Module):
     """Each (token, expert) assignment through its own expert's weights: only the chosen experts are read
     (packed ones by `cpu_kernels.mxfp4_matvec`, which never writes a dequantized weight on CPU). The cost follows
     the assignments (an expert chosen twice is read twice), so this is for a few tokens (decoding; and
-    prefill pieces, for packed experts on CPU: see PACKED_SELECTED_MAX). On CPU it computes
+    prefill pieces and small evaluation batches, for packed experts on CPU: see PACKED_SELECTED_MAX). On CPU it computes
     in float32: XLA:CPU multiplies bfloat16 no faster than float32 (measured)."""
     cfg = self.cfg
     dt = jnp.float32 if jax.default_backend() == "cpu" else x_NxD.dtype
