@@ -166,7 +166,7 @@ def test_fused_kernel_matches_reference_and_blockwise_gradients(rng, window):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_model_equals_blockwise_and_auto_keeps_blockwise_for_sinks(rng):
+def test_fused_model_equals_blockwise_and_auto_keeps_blockwise_for_sinks(rng, monkeypatch):
   tokens = jnp.asarray(rng.integers(0, 64, (2, 130)), jnp.int32)
   base = dict(attn_sinks=False, max_seq_len=160)
   fused = Transformer(_oss_tiny(attn_impl="fused", **base), nnx.Rngs(0))
@@ -176,5 +176,10 @@ def test_fused_model_equals_blockwise_and_auto_keeps_blockwise_for_sinks(rng):
   np.testing.assert_allclose(forward(fused, tokens), forward(blockwise, tokens), rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="attn_impl=fused .* has no attention sinks"):
     _oss_tiny(attn_impl="fused")
-  auto = Transformer(_oss_tiny(attn_impl="auto", max_seq_len=160), nnx.Rngs(0)).blocks[0].attn
-  assert auto.impl(130) == "blockwise"  # sinks (and on CPU): never the fused kernel
+  from gptoss_jax.model import attention
+  auto = lambda **c: Transformer(_oss_tiny(attn_impl="auto", max_seq_len=160, **c), nnx.Rngs(0)).blocks[0].attn
+  assert auto(attn_sinks=False).impl(130) == "blockwise"  # CPU: never the fused kernel
+  monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")  # the rule as a GPU process applies it
+  assert auto(attn_sinks=False).impl(130) == "fused"
+  assert auto().impl(130) == "blockwise"  # sinks: the fused kernel cannot express them
+  assert auto(attn_sinks=False, attn_dropout=0.1).impl(130) == "blockwise"  # nor attention dropout

@@ -49,13 +49,28 @@ def test_ints_are_accepted_for_floats():
   assert ModelConfig(rope_theta=10000).rope_theta == 10000.0
 
 
+# the released models' parameter counts (transformers' num_parameters() of each, as their model cards give them)
+PUBLISHED_PARAMS = {"gpt2:124m": 124_439_808, "gpt2:355m": 354_823_168, "gpt2:774m": 774_030_080,
+                    "gpt2:1.5b": 1_557_611_200, "gpt_oss:20b": 20_914_757_184, "gpt_oss:120b": 116_829_156_672,
+                    "llama:8b": 8_030_261_248, "qwen3:8b": 8_190_735_360, "qwen3:30b-a3b": 30_532_122_624}
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "[!_]*.py"))))
-def test_every_preset_is_valid(path):
+def test_every_preset_builds_and_the_released_ones_have_their_published_parameter_counts(path):
+  """Each preset is a whole valid run config whose model builds (abstractly: no array is allocated); a preset
+  of a released model has exactly its published number of parameters."""
+  import jax
+  from flax import nnx
+  from gptoss_jax.model import Transformer
   module = {}
   exec(open(path).read(), module)
+  family = os.path.basename(path)[:-3]
   for name in module["PRESETS"]:
-    config = RunConfig.from_dict(load_config_file(f"{path}:{name}"))  # the whole run, typed
-    assert isinstance(config.model, ModelConfig) and config.model == model_config_from_file(f"{path}:{name}")
+    cfg = RunConfig.from_dict(load_config_file(f"{path}:{name}")).model
+    params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), nnx.Param)
+    count = sum(leaf.size for leaf in jax.tree.leaves(params))
+    assert count == PUBLISHED_PARAMS.get(f"{family}:{name}", count), (family, name, count)
+  assert any(key.startswith(family + ":") for key in PUBLISHED_PARAMS)
 
 
 def test_overrides_are_typed():

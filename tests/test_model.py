@@ -12,9 +12,15 @@ TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)), jnp.int3
 SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8, d_ff=64)
 
 
-def test_dropout_zero_is_deterministic():
-  model = Transformer(ModelConfig(**SMALL), nnx.Rngs(0))  # train mode, rates 0
-  np.testing.assert_array_equal(model(TOKENS), model(TOKENS))
+def test_dropout_at_rate_zero_in_training_is_the_model_without_dropout():
+  """Rates 0 in training mode give what the same weights give with dropout switched off (eval mode of a
+  model with rates 0.1): nothing is dropped or rescaled at rate 0."""
+  off = Transformer(ModelConfig(**SMALL), nnx.Rngs(0))  # train mode, rates 0
+  on = Transformer(ModelConfig(**SMALL, embed_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1), nnx.Rngs(1))
+  nnx.update(on, nnx.state(off, nnx.Param))  # the same weights: only the dropout differs
+  assert not np.allclose(on(TOKENS), off(TOKENS))
+  on.eval()
+  np.testing.assert_array_equal(off(TOKENS), on(TOKENS))
 
 
 def test_dropout_is_random_in_training_and_off_in_eval():
