@@ -122,3 +122,34 @@ def test_next_token_loss_in_vocabulary_chunks_equals_log_softmax_of_the_whole_lo
   want = logz - np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0]
   assert nll.shape == (2, 5) and nll.dtype == jnp.float32
   np.testing.assert_allclose(nll, want, rtol=0, atol=atol)
+
+
+def test_cpu_kernels_build_once_per_compiler_and_flags_and_once_for_processes_starting_together(tmp_path,
+                                                                                                 monkeypatch):
+  """The build (a stand-in that takes a while) runs once for threads starting together (the file lock:
+  each opens it on its own, as processes do), again for another compiler version or other flags."""
+  import threading
+  import time
+  from gptoss_jax.model import cpu_kernels
+  monkeypatch.setenv("GPTOSS_JAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "g++ (Debian 12.2.0-14) 12.2.0")
+  builds = []
+
+  def compile_(library):
+    builds.append(library.name)
+    time.sleep(0.3)
+    library.write_bytes(b"built")
+  monkeypatch.setattr(cpu_kernels, "_compile", compile_)
+  found = []
+  threads = [threading.Thread(target=lambda: found.append(cpu_kernels._build())) for _ in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(builds) == 1 and len(set(found)) == 1 and found[0].read_bytes() == b"built"
+  monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "g++ (Debian 14.2.0-19) 14.2.0")
+  newer = cpu_kernels._build()
+  monkeypatch.setattr(cpu_kernels, "FLAGS", cpu_kernels.FLAGS + ("-ffast-math",))
+  flagged = cpu_kernels._build()
+  assert len(builds) == 3 and len({found[0], newer, flagged}) == 3
+  assert sorted(p.name for p in tmp_path.glob("*.so")) == sorted(builds)  # nothing half-written left

@@ -4,13 +4,15 @@ XLA:CPU computes a product of a few rows with a packed MXFP4 or a bfloat16 weigh
 copy of the weight and reading it back, which bounds decoding (a packed expert: about 0.5 ns a weight on 2
 cores); the kernels read the weight once. They are compiled with the system's g++ against the XLA FFI
 headers jaxlib ships, into a cache folder ($GPTOSS_JAX_CACHE, else ~/.cache/gptoss_jax), once per source,
-jaxlib version and CPU. Without a compiler, or with GPTOSS_JAX_KERNELS=0, the same products run in XLA.
+jaxlib version, CPU, compiler version and flags, under a file lock (processes starting together build it
+once). Without a compiler, or with GPTOSS_JAX_KERNELS=0, the same products run in XLA.
 Which one runs is chosen when a program is lowered, so programs for GPU and TPU never hold a CPU call.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
@@ -30,6 +32,7 @@ from gptoss_jax.model import mxfp4
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 MXFP4_TARGET, BF16_TARGET = "gptoss_mxfp4_matvec", "gptoss_bf16_matvec"
 MAX_ROWS = 16  # bf16_matvec's rows at most
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-w")
 
 
 def _cpu_id() -> str:
@@ -40,18 +43,28 @@ def _cpu_id() -> str:
   return "".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
 
 
+def _compiler() -> str:
+  """The compiler's version line: a new compiler makes a new build."""
+  return subprocess.run(["g++", "--version"], check=True, capture_output=True, text=True).stdout.split("\n")[0]
+
+
+def _compile(library: Path) -> None:
+  subprocess.run(["g++", *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(library)],
+                 check=True, capture_output=True, text=True)
+
+
 def _build() -> Path:
-  key = hashlib.sha256(SOURCE.read_bytes() + jaxlib.__version__.encode() + _cpu_id().encode()).hexdigest()[:16]
+  parts = (SOURCE.read_text(), jaxlib.__version__, _cpu_id(), _compiler(), *FLAGS)
+  key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
   cache = cache_dir()
+  cache.mkdir(parents=True, exist_ok=True)
   library = cache / f"cpu_kernels-{key}.so"
-  if not library.is_file():
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then moved in whole: never half-written
-      built = Path(tmp) / library.name
-      subprocess.run(["g++", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-w",
-                      f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)],
-                     check=True, capture_output=True, text=True)
-      os.replace(built, library)
+  with open(cache / "cpu_kernels.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait, then find the library
+    if not library.is_file():
+      with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then moved in whole: never half-written
+        _compile(Path(tmp) / library.name)
+        os.replace(Path(tmp) / library.name, library)
   return library
 
 
