@@ -49,6 +49,17 @@ def sign_flip_p(d: np.ndarray) -> float:
   return float(np.mean(means >= abs(d.mean()) - 1e-12))
 
 
+def sign_flip_floor(n: int, m: int) -> float:
+  """The smallest Holm-adjusted sign-flip p that n seeds can reach among m comparisons: the smallest exact
+  p (every seed one way: 2 of the 2^n patterns) times m. Above ALPHA, no comparison can pass the rule."""
+  return min(1.0, m * 2.0 / 2**n)
+
+
+def seeds_needed(m: int) -> int:
+  """The fewest seeds with which the sign-flip test can reject at ALPHA after Holm over m comparisons."""
+  return math.ceil(math.log2(2 * m / ALPHA))
+
+
 def compare(run: str, baseline: str, d: np.ndarray, heldout_se: float = float("nan")) -> Comparison:
   """The uncorrected comparison of per-seed differences d (run - baseline)."""
   n = len(d)

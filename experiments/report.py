@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import ngram, plots
-from experiments.paired import ALPHA, Comparison, compare, corrected
+from experiments.paired import ALPHA, Comparison, compare, corrected, seeds_needed, sign_flip_floor
 from experiments.run import choose_lr, final_test, metrics, selection_losses
 from gptoss_jax.config import ConfigError
 
@@ -260,6 +260,14 @@ def _comparisons_section(comparisons: list[Comparison]) -> list[str]:
                  f"{c.p:.3g} | {c.p_sign:.3g} | {c.p_holm:.3g} | {c.p_sign_holm:.3g} | "
                  f"[{c.ci_simultaneous[0]:+.4f}, {c.ci_simultaneous[1]:+.4f}] | {verdict} |")
   real = [c for c in comparisons if c.distinguishable]
+  n = min((c.n for c in comparisons), default=0)
+  if comparisons and sign_flip_floor(n, m) > ALPHA:
+    t_only = [c for c in comparisons if c.p_holm <= ALPHA]
+    lines += ["", f"**With {n} seeds no comparison of this sweep can pass the rule**: the sign-flip test's smallest p is "
+              f"2 / 2^{n} = {2 / 2**n:.4f} (every seed one way) and Holm's first step multiplies it by {m}: "
+              f"{sign_flip_floor(n, m):.3f} > {ALPHA:g}. {seeds_needed(m)} seeds are the fewest that can. For orientation, "
+              f"not as verdicts: Holm on the t-test alone rejects for " + (", ".join(
+                  f"`{c.run}` vs `{c.baseline}` ({c.mean:+.4f}, sign-flip p {c.p_sign:.3g})" for c in t_only) or "none") + "."]
   return lines + ["", "Distinguishable at this scale: " + ("; ".join(
       f"`{c.run}` vs `{c.baseline}` {c.mean:+.4f} [{c.ci_simultaneous[0]:+.4f}, {c.ci_simultaneous[1]:+.4f}]"
       for c in real) if real else "none") + ".", "Not distinguishable at this scale: " + (", ".join(

@@ -333,6 +333,18 @@ def test_five_seeds_cannot_pass_the_sign_flip_test_whatever_the_t_test_says():
   assert c.p < 1e-4 and c.p_sign == pytest.approx(2 / 32) and not c.distinguishable
 
 
+@pytest.mark.parametrize("n, m", [(8, 10), (8, 6), (9, 10), (5, 1)])
+def test_the_sign_flip_floor_is_what_holm_makes_of_seeds_that_all_agree(n, m):
+  """The smallest Holm-adjusted sign-flip p is that of m comparisons whose every seed agrees, and the seeds
+  needed are the fewest n for which it reaches 0.05 (a plain loop)."""
+  from experiments.paired import compare, corrected, seeds_needed, sign_flip_floor
+  rng = np.random.default_rng(n + m)
+  agreeing = [compare(f"r{i}", "base", -0.1 - 0.01 * rng.random(n)) for i in range(m)]
+  assert sign_flip_floor(n, m) == pytest.approx(min(c.p_sign_holm for c in corrected(agreeing)))
+  assert seeds_needed(m) == next(k for k in range(1, 30) if m * 2 / 2 ** k <= 0.05)
+  assert (sign_flip_floor(n, m) <= 0.05) == (n >= seeds_needed(m))
+
+
 def test_a_training_is_finished_only_once_its_test_losses_are_written(tmp_path):
   old = tmp_path / "old"  # from before the test split: the final validation loss is all there is
   _write_metrics(old, 2.0)
