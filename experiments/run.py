@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments import cost
+from experiments.paired import ALPHA, seeds_needed, sign_flip_floor
 from experiments.sweeps import SCALES, SWEEPS, Run, Sweep, build
 from gptoss_jax.config import ConfigError, parse_override_args
 from gptoss_jax.inspect import stats
@@ -480,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
   if short:
     print(f"note: {', '.join(short)} train on fewer than the scale's {description['min_tokens_per_active_param']:g} "
           "tokens per active parameter", file=sys.stderr)
+  compared = sum(1 for r in sweep.runs if r.baseline)
+  if compared and sign_flip_floor(description["seeds"], compared) > ALPHA:
+    print(f"note: with {description['seeds']} seeds the sign-flip test cannot pass Holm over {compared} comparisons "
+          f"(smallest adjusted p {sign_flip_floor(description['seeds'], compared):.3f}): nothing can be called "
+          f"distinguishable; --seeds {seeds_needed(compared)} can", file=sys.stderr)
   if args.dry_run:
     return 0
   for sig in (signal.SIGTERM, signal.SIGHUP):  # what a rented machine sends: stop as Ctrl-C does

@@ -345,6 +345,13 @@ def test_the_sign_flip_floor_is_what_holm_makes_of_seeds_that_all_agree(n, m):
   assert (sign_flip_floor(n, m) <= 0.05) == (n >= seeds_needed(m))
 
 
+def test_the_runner_says_when_its_seeds_cannot_pass_the_sign_flip_test(capsys):
+  assert run.main(["ladder", "--scale", "tiny", "--dry-run"]) == 0  # 10 comparisons, 8 seeds
+  assert "--seeds 9 can" in capsys.readouterr().err
+  assert run.main(["ladder", "--scale", "tiny", "--seeds", "9", "--dry-run"]) == 0
+  assert "sign-flip" not in capsys.readouterr().err
+
+
 def test_a_training_is_finished_only_once_its_test_losses_are_written(tmp_path):
   old = tmp_path / "old"  # from before the test split: the final validation loss is all there is
   _write_metrics(old, 2.0)
