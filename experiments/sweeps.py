@@ -6,7 +6,8 @@
 - experts: at fixed active parameters per token, dense and 4..64 experts; plus few large against many
   small experts at equal total and active parameters.
 - swiglu: GELU against SwiGLU at matched parameters, at GELU's hidden width and with its output projection's
-  init scaled to GELU's size (why SwiGLU lost on the tiny ladder).
+  init scaled to GELU's size (why SwiGLU lost on the first tiny ladder and tolerates high learning rates
+  worse on the re-run).
 """
 
 from __future__ import annotations
@@ -293,9 +294,9 @@ def init_matched_scale(gelu: ModelConfig, glu: ModelConfig) -> float:
 
 
 def swiglu(scale: Scale) -> list[Run]:
-  """Why SwiGLU lost to GELU on the tiny ladder: the GELU rung before it (`no_biases`), SwiGLU at matched
-  parameters (hidden width 2/3 of GELU's, the ladder's `swiglu` rung), SwiGLU at GELU's hidden width (1.5x
-  the FFN parameters): if width is what SwiGLU lacks at this scale, the wide one closes the gap; and SwiGLU
+  """Why SwiGLU lost to GELU on the first tiny ladder (and tolerates high learning rates worse on the re-run):
+  the GELU rung before it (`no_biases`), SwiGLU at matched parameters (hidden width 2/3 of GELU's, the
+  ladder's `swiglu` rung), SwiGLU at GELU's hidden width (1.5x the FFN parameters): if width is what SwiGLU lacks at this scale, the wide one closes the gap; and SwiGLU
   at matched parameters with its output projection's init scaled so that its FFN starts as large as GELU's
   (the gated product of two small projections starts an order of magnitude smaller): if the start is what
   it lacks, that one closes it."""
