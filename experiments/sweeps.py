@@ -296,10 +296,10 @@ def init_matched_scale(gelu: ModelConfig, glu: ModelConfig) -> float:
 def swiglu(scale: Scale) -> list[Run]:
   """Why SwiGLU lost to GELU on the first tiny ladder (and tolerates high learning rates worse on the re-run):
   the GELU rung before it (`no_biases`), SwiGLU at matched parameters (hidden width 2/3 of GELU's, the
-  ladder's `swiglu` rung), SwiGLU at GELU's hidden width (1.5x the FFN parameters): if width is what SwiGLU lacks at this scale, the wide one closes the gap; and SwiGLU
-  at matched parameters with its output projection's init scaled so that its FFN starts as large as GELU's
-  (the gated product of two small projections starts an order of magnitude smaller): if the start is what
-  it lacks, that one closes it."""
+  ladder's `swiglu` rung), SwiGLU at GELU's hidden width (1.5x the FFN parameters): if width is what SwiGLU
+  lacks at this scale, the wide one closes the gap; and SwiGLU at matched parameters with its output
+  projection's init scaled so that its FFN starts as large as GELU's (the gated product of two small
+  projections starts an order of magnitude smaller): if the start is what it lacks, that one closes it."""
   rungs = {r.name: r for r in ladder(scale)}
   gelu, matched = rungs["no_biases"], rungs["swiglu"]
   wide = matched.model.replace(d_ff=gelu.model.d_ff)
