@@ -346,6 +346,18 @@ def take_kept(results: Path, sweep_dir: Path, description: dict) -> int:
   return n
 
 
+def keep_unkept(sweep_dir: Path, results: Path, description: dict) -> int:
+  """Keeps the sweep folder's finished trainings that `results` lacks (one that ended while the runner was
+  being stopped was never kept); returns how many."""
+  n = 0
+  for folder in sorted(p.parent for p in sweep_dir.glob("*/*/metrics.jsonl")):
+    spec = next((r for r in description["runs"] if r["name"] == folder.parent.name), None)
+    if spec and finished(folder, spec["steps"]) and not finished(results / folder.relative_to(sweep_dir), spec["steps"]):
+      keep(folder, sweep_dir, results)
+      n += 1
+  return n
+
+
 def launch(cmd: list[str], folder: Path, env: dict[str, str], cpus: frozenset[int]) -> subprocess.Popen:
   """One training in the background, its output appended to FOLDER/train.log, pinned to its CPUs."""
   with open(folder / "train.log", "a") as log:
@@ -361,7 +373,8 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
   sweep_dir.mkdir(parents=True, exist_ok=True)
   (sweep_dir / "sweep.json").write_text(json.dumps(description, indent=1))
   if results is not None:
-    print(f"{take_kept(results, sweep_dir, description)} finished training(s) taken from {results}", file=sys.stderr)
+    print(f"{take_kept(results, sweep_dir, description)} finished training(s) taken from {results}, "
+          f"{keep_unkept(sweep_dir, results, description)} kept there", file=sys.stderr)
   # once, before trainings that would race to prepare it
   ensure_dataset(sweep.config(sweep.runs[0], 0, description["lrs"][0], extra).data, progress=True)
   plan = Scheduler(sweep, sweep_dir, description, widen)

@@ -352,6 +352,19 @@ def test_the_runner_says_when_its_seeds_cannot_pass_the_sign_flip_test(capsys):
   assert "sign-flip" not in capsys.readouterr().err
 
 
+def test_finished_trainings_the_results_lack_are_kept_when_the_runner_starts(tmp_path):
+  """A training that ended while the runner was being stopped was never kept: the next start keeps it."""
+  sweep_dir, results = tmp_path / "sweep", tmp_path / "results"
+  description = {"runs": [{"name": "a", "steps": 20}]}
+  _write_metrics(sweep_dir / "a" / "seed0", 2.0)  # finished
+  _write_metrics(sweep_dir / "a" / "seed1", 2.0, steps=10)  # stopped at step 10 of 20
+  (sweep_dir / "sweep.json").write_text(json.dumps(description))
+  assert run.keep_unkept(sweep_dir, results, description) == 1
+  assert (results / "a" / "seed0" / "metrics.jsonl").read_text() == (sweep_dir / "a" / "seed0" / "metrics.jsonl").read_text()
+  assert not (results / "a" / "seed1").exists() and (results / "sweep.json").is_file()
+  assert run.keep_unkept(sweep_dir, results, description) == 0  # nothing kept twice
+
+
 def test_a_training_is_finished_only_once_its_test_losses_are_written(tmp_path):
   old = tmp_path / "old"  # from before the test split: the final validation loss is all there is
   _write_metrics(old, 2.0)
