@@ -333,29 +333,33 @@ def take_kept(results: Path, sweep_dir: Path, description: dict) -> int:
   differ = sorted(k for k in set(kept) | set(description) if k != "seeds" and kept.get(k) != description.get(k))
   if differ:
     raise ConfigError(f"--results {results} holds another sweep (it differs in {', '.join(differ)}); give another folder")
-  n = 0
-  for sub in sorted(p.parent for p in results.glob("*/*/metrics.jsonl")):
-    folder = sweep_dir / sub.relative_to(results)
-    spec = next((r for r in description["runs"] if r["name"] == sub.parent.name), None)
-    if spec and finished(sub, spec["steps"]) and not finished(folder, spec["steps"]):
-      folder.mkdir(parents=True, exist_ok=True)
-      for name in SMALL_FILES:
-        if (sub / name).is_file():
-          shutil.copy2(sub / name, folder / name)
-      n += 1
-  return n
+  taken = _finished_only_in(results, sweep_dir, description)
+  for sub, folder in taken:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SMALL_FILES:
+      if (sub / name).is_file():
+        shutil.copy2(sub / name, folder / name)
+  return len(taken)
+
+
+def _finished_only_in(src: Path, dst: Path, description: dict) -> list[tuple[Path, Path]]:
+  """(training in src, the same place in dst) for each training of the sweep finished in src and not in dst."""
+  pairs = []
+  for folder in sorted(p.parent for p in src.glob("*/*/metrics.jsonl")):
+    spec = next((r for r in description["runs"] if r["name"] == folder.parent.name), None)
+    other = dst / folder.relative_to(src)
+    if spec and finished(folder, spec["steps"]) and not finished(other, spec["steps"]):
+      pairs.append((folder, other))
+  return pairs
 
 
 def keep_unkept(sweep_dir: Path, results: Path, description: dict) -> int:
   """Keeps the sweep folder's finished trainings that `results` lacks (one that ended while the runner was
   being stopped was never kept); returns how many."""
-  n = 0
-  for folder in sorted(p.parent for p in sweep_dir.glob("*/*/metrics.jsonl")):
-    spec = next((r for r in description["runs"] if r["name"] == folder.parent.name), None)
-    if spec and finished(folder, spec["steps"]) and not finished(results / folder.relative_to(sweep_dir), spec["steps"]):
-      keep(folder, sweep_dir, results)
-      n += 1
-  return n
+  unkept = _finished_only_in(sweep_dir, results, description)
+  for folder, _ in unkept:
+    keep(folder, sweep_dir, results)
+  return len(unkept)
 
 
 def launch(cmd: list[str], folder: Path, env: dict[str, str], cpus: frozenset[int]) -> subprocess.Popen:
@@ -495,9 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"note: {', '.join(short)} train on fewer than the scale's {description['min_tokens_per_active_param']:g} "
           "tokens per active parameter", file=sys.stderr)
   compared = sum(1 for r in sweep.runs if r.baseline)
-  if compared and sign_flip_floor(description["seeds"], compared) > ALPHA:
+  floor = sign_flip_floor(description["seeds"], compared)
+  if compared and floor > ALPHA:
     print(f"note: with {description['seeds']} seeds the sign-flip test cannot pass Holm over {compared} comparisons "
-          f"(smallest adjusted p {sign_flip_floor(description['seeds'], compared):.3f}): nothing can be called "
+          f"(smallest adjusted p {floor:.3f}): nothing can be called "
           f"distinguishable; --seeds {seeds_needed(compared)} can", file=sys.stderr)
   if args.dry_run:
     return 0
