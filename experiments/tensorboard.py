@@ -8,12 +8,15 @@ held-out loss of every run on one chart.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
+from gptoss_jax.config import ModelConfig
 from gptoss_jax.train.metrics import hparams_summaries
 
+MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 LAYOUT = {"losses": {"held-out loss, every run": ["Multiline", ["eval/loss"]],
                      "training loss, every run": ["Multiline", ["train/loss"]]},
           "routers": {"max_load_ratio (1 balanced, E / top_k collapsed)": ["Multiline", [r"moe/max_load_ratio/.*"]],
@@ -40,7 +43,7 @@ def write(sweep_dir: Path, description: dict, out: Path) -> Path:
       seeds = folder.name.startswith("seed")
       hparams = {"run": spec["name"], "sweep": f"{description['sweep']}-{description['scale']}",
                  "seed": config["train"]["seed"], "lr": config["train"]["lr"], "lr_selection": not seeds}
-      hparams |= {f: config["model"][f] for f in varying}
+      hparams |= {f: config["model"].get(f, MODEL_DEFAULTS.get(f)) for f in varying}  # added since: default
       hparams |= {k: spec[k] for k in ("total_params", "active_params")} | {"train_flops_per_token": spec["flops_per_token"]}
       group = spec["name"] if seeds else f"{spec['name']}/{folder.name}"
       with SummaryWriter(str(out / spec["name"] / folder.name)) as writer:
