@@ -552,6 +552,13 @@ def parse_override_args(args: list[str]) -> dict[str, str]:
   return overrides
 
 
+def overridden(config: RunConfig, overrides: Mapping[str, str]) -> RunConfig:
+  """A typed config with command-line overrides ({"model.position": "yarn", ...}) applied, validated again."""
+  tree = ml_collections.ConfigDict(config.to_dict())
+  apply_overrides(tree, overrides)
+  return RunConfig.from_dict(tree)
+
+
 def run_config_from_args(spec: str, args: list[str]) -> RunConfig:
   """The command line's boundary: a config file (or preset name) and its overrides -> a RunConfig."""
   config = load_config_file(spec)

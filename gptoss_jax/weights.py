@@ -27,7 +27,7 @@ import tensorstore as ts
 from flax import nnx
 
 from gptoss_jax import runtime
-from gptoss_jax.config import ConfigError, RunConfig
+from gptoss_jax.config import ConfigError, RunConfig, overridden
 from gptoss_jax.fileio import atomic_folder
 from gptoss_jax.model import WEIGHTS, Transformer, fresh_rest
 
@@ -164,13 +164,36 @@ def steps(directory: Path) -> list[int]:
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
 
 
-def load_model(directory: str | Path, step: int | None = None):
+def read_config(directory: str | Path) -> RunConfig:
+  """The run config a training or conversion saved beside its checkpoints."""
+  path = Path(directory) / "config.json"
+  if not path.is_file():
+    raise ConfigError(f"{Path(directory).absolute()} is not a checkpoint folder (no config.json)")
+  return RunConfig.from_dict(json.loads(path.read_text()))
+
+
+def _overridden(config: RunConfig, overrides: dict[str, str]) -> RunConfig:
+  not_model = [k for k in overrides if not k.startswith("model.")]
+  if not_model:
+    raise ConfigError(f"only model fields can be changed at evaluation, not {', '.join(not_model)}")
+  changed = overridden(config, overrides)
+  shapes = lambda cfg: [(jax.tree_util.keystr(path), a.shape) for path, a in jax.tree_util.tree_leaves_with_path(
+      nnx.state(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))))]
+  if shapes(changed.model) != shapes(config.model):
+    raise ConfigError(f"{', '.join('--config.' + k for k in overrides)} would change the weights' shapes: only "
+                      "fields that keep them (positions, windows, kernels) can be changed at evaluation")
+  return changed
+
+
+def load_model(directory: str | Path, step: int | None = None, overrides: dict[str, str] | None = None):
   """The newest checkpoint of a training run or a conversion (or the one at `step`) -> (run config,
-  ModelConfig, model in eval mode), on one device."""
+  ModelConfig, model in eval mode), on one device. `overrides` ({"model.position": "yarn", ...}, strings as
+  on a command line) change model fields that leave every weight's shape as it is (positions, windows,
+  attention kernels); one that would change a shape is refused, naming it."""
   directory = Path(directory).absolute()
-  if not (directory / "config.json").is_file():
-    raise ConfigError(f"{directory} is not a checkpoint folder (no config.json)")
-  config = RunConfig.from_dict(json.loads((directory / "config.json").read_text()))
+  config = read_config(directory)
+  if overrides:
+    config = _overridden(config, overrides)
   cfg = config.model
   available = steps(directory)
   if not available:

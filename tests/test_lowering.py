@@ -92,7 +92,7 @@ def test_packed_experts_are_unpacked_one_expert_at_a_time_on_gpu(program, monkey
   and prefill piece and evaluate's forward (every platform choice made for `gpu`), exported for cuda: no
   floating-point tensor holds a whole layer's experts (n_experts x d_model x d_expert or more), which
   would not fit beside the weights on a 16 GB card."""
-  from gptoss_jax.evaluate import summed_nll
+  from gptoss_jax.evaluate import position_nll
   from gptoss_jax.generate import PREFILL_CHUNKS, extend
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   cfg = ModelConfig.from_dict(load_config_file(f"{REPO}/configs/gpt_oss.py:20b").model).replace(
@@ -107,7 +107,7 @@ def test_packed_experts_are_unpacked_one_expert_at_a_time_on_gpu(program, monkey
   elif program == "prefill":
     fn, args = jax.jit(extend), (model, tokens(1, PREFILL_CHUNKS[0]), scalar, cache)
   else:
-    fn, args = summed_nll, (model, tokens(2, 513))
+    fn, args = position_nll, (model, tokens(2, 513))
   text = jax.export.export(fn, platforms=["cuda"])(*args).mlir_module()
   whole_layer = cfg.n_experts * cfg.d_model * cfg.d_expert
   shapes = [tuple(int(d) for d in dims.split("x")[:-1])

@@ -164,10 +164,13 @@ class Attention(nnx.Module):
     sinks = self.sinks[...] if cfg.attn_sinks else None
     T = x_BxTxD.shape[1]
     if cache is not None:
+      # a cache of S slots is a window of S positions: no change where it holds the whole text (generation),
+      # streaming where it holds less (every layer sees only its last S positions)
+      S = cache.pos_BxS.shape[1]
       out = attend(q, jnp.concatenate([cache.k_BxSxKxH.astype(dt), k], axis=1),
                    jnp.concatenate([cache.v_BxSxKxH.astype(dt), v], axis=1),
                    positions_BxT, jnp.concatenate([cache.pos_BxS, positions_BxT], axis=1),
-                   window=self.window, sinks_N=sinks, dropout=self.dropout)
+                   window=min(self.window, S) if self.window else S, sinks_N=sinks, dropout=self.dropout)
       cache = cache.update(k, v, positions_BxT)
     elif self.impl(T) == "fused":
       out = attend_fused(q, k, v, self.window)
