@@ -13,6 +13,7 @@ Bad input: one line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from experiments import cost
@@ -43,7 +43,8 @@ SMOKE = {"mesh.data": "1", "mesh.fsdp": "-1", "train.steps": "2", "train.batch_s
 # 8 fake devices; on a loaded host (a 2-core machine running a sweep) one device's thread can reach a collective
 # more than XLA:CPU's default 40 s after the others, which then abort the process: wait up to 10 minutes
 SMOKE_DEVICES = "--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600"
-SMALL_FILES = ("config.json", "metrics.jsonl", "heldout.json")  # what a report needs of a training
+EVALUATION_FILE = "evaluation.json"  # what a sweep's evaluation module writes into a compared training's folder
+SMALL_FILES = ("config.json", "metrics.jsonl", "heldout.json", EVALUATION_FILE)  # what a report needs of a training
 
 
 def run_dir(sweep_dir: Path, run: str, seed: int) -> Path:
@@ -115,7 +116,7 @@ def selection_losses(folder: Path, steps: int, seeds: list[int]) -> dict[float, 
   return dict(sorted(out.items()))
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Choice:
   lr: float  # the grid value with the lowest held-out loss
   losses: dict[float, float]  # every grid value tried -> its held-out loss
@@ -142,6 +143,10 @@ def command(sweep: Sweep, run: Run, seed: int, lr: float, folder: Path, extra: d
   folder.mkdir(parents=True, exist_ok=True)
   (folder / "run.json").write_text(json.dumps(sweep.config(run, seed, lr, extra).to_dict(), indent=1))
   return [sys.executable, "-m", "gptoss_jax.train", "--config", str(folder / "run.json"), "--workdir", str(folder)]
+
+
+def evaluation_command(sweep: Sweep, folder: Path) -> list[str]:
+  return [sys.executable, "-m", sweep.evaluation, str(folder)]
 
 
 def describe(sweep: Sweep, extra: dict[str, str], seeds: int, lrs: tuple[float, ...]) -> dict:
@@ -200,12 +205,13 @@ def cost_table(sweep: Sweep, description: dict, extra: dict[str, str], device: s
   return "\n".join(lines)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Job:
   run: Run
   seed: int
   lr: float
   folder: Path
+  evaluate: bool = False  # the sweep's evaluation of a finished compared training, not a training
 
 
 class Scheduler:
@@ -257,8 +263,17 @@ class Scheduler:
     return out
 
   def ready(self, running: set[Path]) -> list[Job]:
-    return [j for j in self.jobs() if j.run.name not in self.failed and j.folder not in running
-            and not finished(j.folder, self.target(j.run))]
+    """Unfinished trainings, and the sweep's evaluation of each compared training finished without it."""
+    out = []
+    for j in self.jobs():
+      if j.run.name in self.failed or j.folder in running:
+        continue
+      if not finished(j.folder, self.target(j.run)):
+        out.append(j)
+      elif (self.sweep.evaluation and j.folder == run_dir(self.dir, j.run.name, j.seed)
+            and self.target(j.run) == self.steps(j.run) and not (j.folder / EVALUATION_FILE).is_file()):
+        out.append(dataclasses.replace(j, evaluate=True))
+    return out
 
   def total_steps(self) -> int:
     """Steps of every training the sweep will need as far as known (a widened grid adds to it)."""
@@ -285,7 +300,7 @@ def visible_gpus() -> list[str]:
   return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Slot:
   """Where one training runs: its CPUs and the environment that gives it its own accelerator(s)."""
   cpus: frozenset[int]
@@ -400,8 +415,9 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
     while True:
       free = [s for s in places if all(s is not slot for *_, slot in running.values())]
       for job, slot in zip(plan.ready(set(running)), free):
-        running[job.folder] = (job, launch(command(sweep, job.run, job.seed, job.lr, job.folder.resolve(), extra),
-                                           job.folder, env | slot.env, slot.cpus), last_step(job.folder), slot)
+        cmd = (evaluation_command(sweep, job.folder.resolve()) if job.evaluate
+               else command(sweep, job.run, job.seed, job.lr, job.folder.resolve(), extra))
+        running[job.folder] = (job, launch(cmd, job.folder, env | slot.env, slot.cpus), last_step(job.folder), slot)
       if not running:
         break
       time.sleep(1.0)
@@ -412,11 +428,12 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
         if process.poll() is None:
           continue
         del running[folder]
-        name = f"{job.run.name}/{folder.name}"
+        name = f"{job.run.name}/{folder.name}" + (" evaluation" if job.evaluate else "")
         bar.set_description(f"{name} done")
         if results is not None and finished(folder, plan.steps(job.run)):
           keep(folder, sweep_dir, results)
-        if process.returncode or not finished(folder, plan.target(job.run)):
+        done = (folder / EVALUATION_FILE).is_file() if job.evaluate else finished(folder, plan.target(job.run))
+        if process.returncode or not done:
           failed.append(name)
           plan.failed.add(job.run.name)
           tail = (folder / "train.log").read_text().strip().splitlines()[-3:]
@@ -464,10 +481,10 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> tuple[Sweep, dict[str, s
     unknown = sorted(set(names) - {r.name for r in sweep.runs})
     if unknown:
       raise ConfigError(f"unknown run(s) {', '.join(unknown)} (runs: {', '.join(r.name for r in sweep.runs)})")
-    sweep = Sweep(sweep.name, sweep.scale, tuple(r for r in sweep.runs if r.name in names))
+    sweep = dataclasses.replace(sweep, runs=tuple(r for r in sweep.runs if r.name in names))
   if args.smoke:  # one learning rate (no tuning) and one seed
     args.lrs, args.widen = args.lrs or str(SCALES[args.scale].lrs[len(SCALES[args.scale].lrs) // 2]), 0
-  seeds = 1 if args.smoke else args.seeds or SCALES[args.scale].seeds
+  seeds = 1 if args.smoke else args.seeds or sweep.seeds or SCALES[args.scale].seeds
   if seeds < 2 and not args.smoke:
     raise ConfigError(f"--seeds must be >= 2 (paired statistics need two), got {seeds}")
   lrs = parse_lrs(args.lrs) if args.lrs else SCALES[args.scale].lrs

@@ -5,6 +5,7 @@
   and deep (widths solved to land within 2% of the budget).
 - experts: at fixed active parameters per token, dense and 4..64 experts; plus few large against many
   small experts at equal total and active parameters.
+- context: positions, sliding windows and sinks measured past the training length and streamed.
 - swiglu: GELU against SwiGLU at matched parameters, at GELU's hidden width and with its output projection's
   init scaled to GELU's size (why SwiGLU lost on the first tiny ladder and tolerates high learning rates
   worse on the re-run).
@@ -101,6 +102,8 @@ class Sweep:
   name: str
   scale: str
   runs: tuple[Run, ...]
+  evaluation: str = ""  # SWEEPS' Kind.evaluation
+  seeds: int = 0  # compared seeds by default (0: the scale's)
 
   def config(self, run: Run, seed: int, lr: float, extra: dict[str, str] | None = None) -> RunConfig:
     """One training's whole config, typed: the base preset with the run's model, the scale's settings,
@@ -312,8 +315,37 @@ def swiglu(scale: Scale) -> list[Run]:
               f"matched parameters, output projection's init x{started.ffn_out_init_scale}: starts as large as GELU's")]
 
 
-SWEEPS: dict[str, Callable[[Scale], list[Run]]] = {"ladder": ladder, "width_depth": width_depth,
-                                                   "experts": experts, "swiglu": swiglu}
+def context(scale: Scale) -> list[Run]:
+  """What the article claims for long context, measured past the training length (evaluated by
+  `experiments.context` after each compared training: 1x to 8x the training length, YaRN at evaluation, and
+  streamed through a cache of the training length). The experts sweep's dense gpt-oss-style model with
+  every layer full and no sinks (`rope`); learned positions instead (a table of 8x the training length,
+  the rows past it never trained: what learned positions do there); sinks on full layers; the window of
+  1/4 of the training length on alternate layers, then with sinks; the window at 1/8."""
+  final = ladder(scale)[-1].model
+  T = scale.run["data.seq_len"]
+  rope = final.replace(n_experts=0, d_expert=0, router_bias=False, moe_bias_update_rate=0.0, sliding_window=0,
+                       attn_sinks=False, max_seq_len=8 * T)
+  window = rope.replace(sliding_window=T // 4)
+  return [Run("rope", rope, note="RoPE, every layer full, no sinks: the gpt-oss-style dense model without them"),
+          Run("learned", rope.replace(position="learned"), ("position",), "rope",
+              f"learned absolute positions, a table of {8 * T} (rows past {T} never trained)"),
+          Run("sinks", rope.replace(attn_sinks=True), ("attn_sinks",), "rope", "learned sinks, every layer full"),
+          Run("window", window, ("sliding_window",), "rope", f"a window of {T // 4} (1/4 of training) on alternate layers"),
+          Run("window_sinks", window.replace(attn_sinks=True), ("attn_sinks",), "window", "the window and sinks"),
+          Run("window_eighth", rope.replace(sliding_window=T // 8), ("sliding_window",), "window",
+              f"a window of {T // 8} (1/8 of training) on alternate layers")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  runs: Callable[[Scale], list[Run]]
+  evaluation: str = ""  # a module run on each compared training's final checkpoint (`python -m MODULE FOLDER`)
+  seeds: int = 0  # compared seeds when more than the scale's are needed (the family of tests is larger)
+
+
+SWEEPS: dict[str, Kind] = {"ladder": Kind(ladder), "width_depth": Kind(width_depth), "experts": Kind(experts),
+                           "swiglu": Kind(swiglu), "context": Kind(context, "experiments.context", seeds=10)}
 
 
 def build(name: str, scale: str) -> Sweep:
@@ -321,4 +353,5 @@ def build(name: str, scale: str) -> Sweep:
     raise ValueError(f"unknown sweep {name!r} (sweeps: {', '.join(SWEEPS)})")
   if scale not in SCALES:
     raise ValueError(f"unknown scale {scale!r} (scales: {', '.join(SCALES)})")
-  return Sweep(name, scale, tuple(SWEEPS[name](SCALES[scale])))
+  kind = SWEEPS[name]
+  return Sweep(name, scale, tuple(kind.runs(SCALES[scale])), kind.evaluation, max(kind.seeds, SCALES[scale].seeds))

@@ -120,3 +120,24 @@ def test_learned_positions_are_refused_past_their_table(tmp_path, text_dataset):
   assert len(out.stderr.strip().splitlines()) == 1
   out = _cli("--ckpt", folder, "--dataset", text_dataset, "--seq-len", 32, "--stream", "--cache", 8, "--json")
   assert out.returncode == 0 and json.loads(out.stdout)["stream_cache"] == 8, out.stderr
+
+
+def test_the_context_sweeps_evaluation_of_a_training(tmp_path, text_dataset):
+  """experiments.context on a saved rotary model: each length, YaRN from the training length, streamed."""
+  from experiments.context import measure
+  from gptoss_jax.data.pipeline import split_tokens
+  from gptoss_jax.model.positions import rope_frequencies
+  model = _model(max_seq_len=64)
+  folder = save_model(tmp_path / "ckpt", RunConfig(model=model.cfg, data=DataConfig(seq_len=8, dir=str(text_dataset))),
+                      model)
+  result = measure(folder, multiples=(1, 4))
+  tokens = split_tokens(text_dataset, "test")
+  ones = np.ones(256, np.int64)
+  assert result["plain"]["8"] == evaluate_tokens(model, tokens, 8, 2048, ones, progress=False)
+  assert result["stream"] == evaluate_tokens(model, tokens, 32, 512, ones, progress=False, stream_cache=8)
+  yarn = model.cfg.replace(position="yarn", rope_factor=4.0, rope_original_max_len=8)
+  scaled = Transformer(yarn, nnx.Rngs(0))
+  nnx.update(scaled, nnx.state(model))
+  assert result["yarn"]["32"]["loss"] == pytest.approx(
+      evaluate_tokens(scaled, tokens, 32, 512, ones, progress=False)["loss"], rel=1e-6)
+  assert list(result["yarn"]) == ["32"] and rope_frequencies(yarn)[1] > 1  # YaRN's attention scale is on

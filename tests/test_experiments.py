@@ -1,6 +1,7 @@
 """Sweeps expand to the intended configs, the solvers meet their budgets, the report reads metric files,
 and a mini sweep runs end to end through the training command."""
 
+import dataclasses
 import itertools
 import json
 import os
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from experiments import report, run, sweeps
+from experiments import paired, report, run, sweeps
 from experiments.sweeps import SCALES, active, build, solve, total
 from conftest import REPO
 from gptoss_jax.config import ConfigError, ModelConfig, RunConfig, load_config_file
@@ -411,6 +412,42 @@ def test_scheduler_chooses_on_the_mean_of_the_selection_seeds_widens_then_trains
   jobs = plan.ready(set())
   assert folders() == ["gpt2/seed0", "gpt2/seed1"] and {j.lr for j in jobs} == {1e-2}
   assert run.selection_losses(tmp_path / "gpt2", 20, [1000, 1001])[0.0333] == {1000: 2.36, 1001: 2.40}
+
+
+def test_context_sweep_changes_positions_windows_and_sinks_only_and_has_seeds_for_its_family():
+  sweep = build("context", "tiny")
+  runs = {r.name: r for r in sweep.runs}
+  T = sweeps.SCALES["tiny"].run["data.seq_len"]
+  rope = runs["rope"].model
+  assert rope.position == "rope" and not rope.sliding_window and not rope.attn_sinks and not rope.is_moe
+  assert rope.max_seq_len == 8 * T  # learned positions get a table as long as the longest evaluation
+  for name, want in [("learned", {"position": "learned"}), ("sinks", {"attn_sinks": True}),
+                     ("window", {"sliding_window": T // 4}), ("window_eighth", {"sliding_window": T // 8})]:
+    assert runs[name].model == rope.replace(**want) and runs[name].changes == tuple(want)
+  assert runs["window_sinks"].model == runs["window"].model.replace(attn_sinks=True)
+  assert runs["window"].model.sliding_layers == (True, False, True, False)  # alternate layers
+  assert sweep.evaluation == "experiments.context" and build("ladder", "tiny").evaluation == ""
+  # 5 comparisons at 4 lengths and streamed: the exact sign-flip test must survive Holm over 25 tests
+  assert paired.sign_flip_floor(sweep.seeds, 25) < 0.05 <= paired.sign_flip_floor(sweep.seeds - 1, 25)
+
+
+def test_scheduler_runs_the_sweeps_evaluation_after_each_compared_training(tmp_path):
+  sweep = dataclasses.replace(build("context", "tiny"), runs=build("context", "tiny").runs[:1])
+  description = {"runs": [{"name": "rope", "steps": 20, "stop_at": 0}], "lrs": [1e-3, 3e-3, 1e-2], "seeds": 2,
+                 "selection_seeds": [1000, 1001]}
+  plan = run.Scheduler(sweep, tmp_path, description)
+  for lr, loss in ((1e-3, 2.5), (3e-3, 2.3), (1e-2, 2.4)):
+    for seed in (1000, 1001):
+      _write_metrics(run.lr_dir(tmp_path, "rope", lr, seed), loss)
+  assert {(j.folder.name, j.evaluate) for j in plan.ready(set())} == {("seed0", False), ("seed1", False)}
+  for seed in (0, 1):
+    _write_metrics(run.run_dir(tmp_path, "rope", seed), 2.3)
+  jobs = plan.ready(set())  # the selection trainings are never evaluated
+  assert {(j.folder.name, j.evaluate) for j in jobs} == {("seed0", True), ("seed1", True)}
+  assert run.evaluation_command(sweep, jobs[0].folder)[1:] == ["-m", "experiments.context", str(jobs[0].folder)]
+  (run.run_dir(tmp_path, "rope", 0) / run.EVALUATION_FILE).write_text("{}")
+  assert [j.folder.name for j in plan.ready(set())] == ["seed1"]
+  assert "evaluation.json" in run.SMALL_FILES  # kept with the training's small files
 
 
 def test_report_flags_a_learning_rate_at_the_edge_and_shows_router_health(tmp_path):
