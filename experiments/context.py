@@ -15,6 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from experiments.paired import ALPHA, compare, corrected
 from gptoss_jax.config import ConfigError
 
 MULTIPLES = (1, 2, 4, 8)
@@ -48,6 +51,113 @@ def measure(folder: Path, multiples: tuple[int, ...] = MULTIPLES) -> dict:
         yarn = {"model.position": "yarn", "model.rope_factor": str(float(k)), "model.rope_original_max_len": str(T)}
         out["yarn"][str(n)] = evaluate(load_model(folder, overrides=yarn)[2], n)
   return out
+
+
+def load(sweep_dir: Path, description: dict) -> dict[str, dict[int, dict]]:
+  """run -> compared seed -> its evaluation.json, for the runs that have any."""
+  out = {}
+  for spec in description["runs"]:
+    found = {int(p.parent.name[4:]): json.loads(p.read_text())
+             for p in (sweep_dir / spec["name"]).glob("seed*/evaluation.json") if p.parent.name[4:].isdigit()}
+    if found:
+      out[spec["name"]] = dict(sorted(found.items()))
+  return out
+
+
+def _measures(evals: dict[int, dict]) -> dict[str, float]:
+  """One seed's losses by measure: 'N' (windows of N), 'YaRN N', 'streamed'."""
+  return ({n: r["loss"] for n, r in evals["plain"].items()} | {f"YaRN {n}": r["loss"] for n, r in evals["yarn"].items()}
+          | {"streamed": evals["stream"]["loss"]})
+
+
+def comparisons(evaluations: dict[str, dict[int, dict]], description: dict):
+  """(each run against its baseline at every length and streamed: one Holm family; each rotary run's YaRN
+  against itself without YaRN at every longer length: another), corrected."""
+  baseline = {r["name"]: r["baseline"] for r in description["runs"]}
+  measures = {run: {s: _measures(e) for s, e in seeds.items()} for run, seeds in evaluations.items()}
+  between, yarn = [], []
+  for run, seeds in measures.items():
+    base = measures.get(baseline.get(run, ""), {})
+    common = sorted(set(seeds) & set(base))
+    if len(common) > 1:
+      for m in [m for m in seeds[common[0]] if not m.startswith("YaRN")]:
+        d = np.array([seeds[s][m] - base[s][m] for s in common])
+        between.append((m, compare(run, baseline[run], d)))
+    for m in [m for m in next(iter(seeds.values())) if m.startswith("YaRN")]:
+      plain = m.removeprefix("YaRN ")
+      d = np.array([seeds[s][m] - seeds[s][plain] for s in seeds])
+      if len(d) > 1:
+        yarn.append((m, compare(run, run, d)))
+  fix = lambda family: list(zip([m for m, _ in family], corrected([c for _, c in family])))
+  return fix(between), fix(yarn)
+
+
+def section(sweep_dir: Path, description: dict) -> list[str]:
+  """The report's section for a sweep whose trainings carry evaluation.json (the `context` sweep)."""
+  evaluations = load(sweep_dir, description)
+  if not evaluations:
+    return []
+  first = next(iter(next(iter(evaluations.values())).values()))
+  T, cache = first["seq_len"], first["stream"]["stream_cache"]
+  columns = list(_measures(first))
+  lines = ["", "## Past the training length", "",
+           f"Test loss (nats/token, mean ± sd over compared seeds) in non-overlapping windows of each length (trained at "
+           f"{T}); `YaRN N`: the same rotary model with YaRN switched on at evaluation (factor N / {T}, from {T}); "
+           f"`streamed`: windows of {first['stream']['seq_len']} read through a KV cache of the last {cache} positions "
+           "in every layer (`python -m gptoss_jax.evaluate --stream --cache`). Written by `experiments.context`.", "",
+           "| run | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+  for run, seeds in evaluations.items():
+    values = [_measures(e) for e in seeds.values()]
+    cells = [f"{np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}" if len(v) > 1 else (f"{v[0]:.4f}" if v else "-")
+             for v in ([x[c] for x in values if c in x] for c in columns)]
+    lines.append(f"| {run} | {len(seeds)} | " + " | ".join(cells) + " |")
+  between, yarn = comparisons(evaluations, description)
+  header = ("| run | vs | measure | n | Δ | 95% CI | p (t) | p (sign-flip) | Holm p (t) | Holm p (sign-flip) | "
+            "simultaneous CI | verdict |")
+  lines += ["", f"Each run against its baseline, seed by seed, at every length and streamed: one family of {len(between)} "
+            f"tests, Holm over both tests, simultaneous intervals at 1 - {ALPHA:g} / {len(between)}; distinguishable only "
+            "where both corrected tests reject (as in the comparisons above).", "", header, "|---" * 12 + "|"]
+  lines += [f"| {c.run} | {c.baseline} | {m} | {c.cells()}" for m, c in between]
+  if yarn:
+    lines += ["", f"YaRN at evaluation against the same model without it, same seeds and windows (Δ = YaRN - plain; "
+              f"a family of {len(yarn)}):", "", header, "|---" * 12 + "|"]
+    lines += [f"| {c.run} | {c.run} without YaRN | {m.removeprefix('YaRN ')} | {c.cells()}" for m, c in yarn]
+  return lines + ["", "![loss by position past the training length](loss_by_position.png)"]
+
+
+def plot(sweep_dir: Path, description: dict, out: Path) -> list[Path]:
+  """loss_by_position.png: mean over seeds of the loss in each position bucket, one line per run; panels: the
+  longest plain windows, the same with YaRN, streamed."""
+  evaluations = load(sweep_dir, description)
+  if not evaluations:
+    return []
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  first = next(iter(next(iter(evaluations.values())).values()))
+  longest = max(first["plain"], key=int)
+  panels = [("plain", f"windows of {longest}"), ("yarn", f"windows of {longest}, YaRN at evaluation"),
+            ("stream", f"streamed, cache of {first['stream']['stream_cache']}")]
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
+  for ax, (kind, title) in zip(axes, panels):
+    for run, seeds in evaluations.items():
+      results = [e[kind] if kind == "stream" else e[kind].get(longest) for e in seeds.values()]
+      if not all(results):
+        continue
+      starts = [max(b["from"], 0.5) for b in results[0]["by_position"]]
+      ax.plot(starts, np.mean([[b["loss"] for b in r["by_position"]] for r in results], axis=0), marker="o", label=run)
+    ax.axvline(first["seq_len"], color="grey", linestyle=":", linewidth=1)
+    ax.set(xscale="log", xlabel="position (bucket start; dotted: the training length)", title=title)
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("test loss (nats/token)")
+  axes[0].legend()
+  fig.suptitle(f"{description['sweep']} ({description['scale']}): loss by position, mean over seeds")
+  fig.tight_layout()
+  path = out / "loss_by_position.png"
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return [path]
 
 
 def folders(path: Path) -> list[Path]:

@@ -39,6 +39,14 @@ class Comparison:
   def distinguishable(self) -> bool:
     return self.p_holm <= ALPHA and self.p_sign_holm <= ALPHA
 
+  def cells(self) -> str:
+    """n, Δ, 95% CI, both p, both Holm p, the simultaneous interval and the verdict, as table cells."""
+    verdict = (f"**distinguishable: {'better' if self.mean < 0 else 'worse'}**" if self.distinguishable
+               else "not distinguishable")
+    return (f"{self.n} | {self.mean:+.4f} | [{self.ci[0]:+.4f}, {self.ci[1]:+.4f}] | {self.p:.3g} | {self.p_sign:.3g} | "
+            f"{self.p_holm:.3g} | {self.p_sign_holm:.3g} | "
+            f"[{self.ci_simultaneous[0]:+.4f}, {self.ci_simultaneous[1]:+.4f}] | {verdict} |")
+
 
 def sign_flip_p(d: np.ndarray) -> float:
   """Exact two-sided p of the mean difference under sign symmetry: the share of the 2^n sign patterns whose

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import ngram, plots
+from experiments import context, ngram, plots
 from experiments.paired import ALPHA, Comparison, compare, corrected, seeds_needed, sign_flip_floor
 from experiments.run import choose_lr, final_test, metrics, selection_losses
 from gptoss_jax.config import ConfigError
@@ -253,12 +253,7 @@ def _comparisons_section(comparisons: list[Comparison]) -> list[str]:
            f"more powerful than the simultaneous intervals, so a verdict can stand where the interval touches zero).", "",
            "| run | vs | n | Δ | 95% CI | p (t) | p (sign-flip) | Holm p (t) | Holm p (sign-flip) | simultaneous CI | "
            "verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for c in comparisons:
-    verdict = f"**distinguishable: {'better' if c.mean < 0 else 'worse'}**" if c.distinguishable else \
-        "not distinguishable"
-    lines.append(f"| {c.run} | {c.baseline} | {c.n} | {c.mean:+.4f} | [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}] | "
-                 f"{c.p:.3g} | {c.p_sign:.3g} | {c.p_holm:.3g} | {c.p_sign_holm:.3g} | "
-                 f"[{c.ci_simultaneous[0]:+.4f}, {c.ci_simultaneous[1]:+.4f}] | {verdict} |")
+  lines += [f"| {c.run} | {c.baseline} | {c.cells()}" for c in comparisons]
   real = [c for c in comparisons if c.distinguishable]
   n = min((c.n for c in comparisons), default=0)
   if comparisons and sign_flip_floor(n, m) > ALPHA:
@@ -401,8 +396,10 @@ def main(argv: list[str] | None = None) -> int:
       baselines = ngram.sweep_baselines(sweep_dir)
     except ConfigError as e:  # the dataset cannot be had here (no network, say): the report goes on without
       print(f"note: no n-gram baselines ({e})", file=sys.stderr)
-  (out / "report.md").write_text(markdown(description, results, comparisons, baselines))
-  paths = plots.plot(description, results, comparisons, out, baselines)
+  extra = context.section(sweep_dir, description)  # sweeps evaluated past training (`context`)
+  (out / "report.md").write_text(markdown(description, results, comparisons, baselines) + "\n".join(extra)
+                                 + ("\n" if extra else ""))
+  paths = plots.plot(description, results, comparisons, out, baselines) + context.plot(sweep_dir, description, out)
   print(f"wrote {out / 'report.md'} and " + ", ".join(p.name for p in paths))
   if args.tensorboard:
     from experiments import tensorboard

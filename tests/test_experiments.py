@@ -450,6 +450,38 @@ def test_scheduler_runs_the_sweeps_evaluation_after_each_compared_training(tmp_p
   assert "evaluation.json" in run.SMALL_FILES  # kept with the training's small files
 
 
+def test_report_of_a_sweep_evaluated_past_its_training_length(tmp_path):
+  """The `context` section: means per length, each run against its baseline at every length and streamed (one
+  Holm family), YaRN against plain (another), the loss-by-position figure."""
+  _fake_sweep(tmp_path, {"rope": [2.0] * 8, "sinks": [2.0] * 8}, {"sinks": "rope"})
+  rng = np.random.default_rng(0)
+  plain = {"rope": {"8": 2.0, "16": 2.5}, "sinks": {"8": 2.0, "16": 2.2}}
+  for name in plain:
+    for seed in range(8):
+      noisy = {n: v + rng.normal(0, 0.01) for n, v in plain[name].items()}
+      result = lambda loss, n: {"loss": loss, "seq_len": int(n), "stream_cache": 0,
+                                "by_position": [{"from": 0, "to": 1, "loss": loss}, {"from": 1, "to": int(n), "loss": loss}]}
+      evaluation = {"seq_len": 8, "plain": {n: result(v, n) for n, v in noisy.items()},
+                    "yarn": {"16": result(noisy["16"] - 0.3, "16")},
+                    "stream": result(noisy["16"] + 0.1, "16") | {"stream_cache": 8}}
+      (tmp_path / name / f"seed{seed}" / "evaluation.json").write_text(json.dumps(evaluation))
+  assert report.main([str(tmp_path), "--no-baselines"]) == 0
+  text = (tmp_path / "report.md").read_text()
+  means = _table(text, "| run | seeds | 8 | 16 | YaRN 16 | streamed |")
+  values = [json.loads((tmp_path / "rope" / f"seed{s}" / "evaluation.json").read_text()) for s in range(8)]
+  assert means["rope"][3] == f"{np.mean([v['plain']['16']['loss'] for v in values]):.4f} ± " \
+                             f"{np.std([v['plain']['16']['loss'] for v in values], ddof=1):.4f}"
+  section = text[text.index("## Past the training length"):]
+  lines = [line for line in section.splitlines() if line.startswith("| sinks | rope |")]
+  assert [line.split(" | ")[2] for line in lines] == ["8", "16", "streamed"]  # a family of 3
+  at_16 = lines[1].split(" | ")
+  assert float(at_16[4]) == pytest.approx(-0.3, abs=0.02) and "distinguishable: better" in lines[1]
+  assert "distinguishable" in lines[0] and "not distinguishable" in lines[0]  # equal at the training length
+  yarn = [line for line in text.splitlines() if line.startswith("| rope | rope without YaRN | 16 |")]
+  assert len(yarn) == 1 and float(yarn[0].split(" | ")[4]) == pytest.approx(-0.3, abs=1e-9)
+  assert (tmp_path / "loss_by_position.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_report_flags_a_learning_rate_at_the_edge_and_shows_router_health(tmp_path):
   _fake_sweep(tmp_path, {"dense": [2.0, 2.1], "moe": [2.2, 2.3]}, {"moe": "dense"},
               grids={"dense": {1e-3: 2.5, 3e-3: 2.3, 1e-2: 2.4}, "moe": {1e-3: 2.5, 3e-3: 2.4, 1e-2: 2.3}},
