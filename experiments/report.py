@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import context, ngram, plots
+from experiments import context, mxfp4_cost, ngram, plots
 from experiments.paired import ALPHA, Comparison, compare, corrected, seeds_needed, sign_flip_floor
 from experiments.run import choose_lr, final_test, metrics, selection_losses
 from gptoss_jax.config import ConfigError
@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
       baselines = ngram.sweep_baselines(sweep_dir)
     except ConfigError as e:  # the dataset cannot be had here (no network, say): the report goes on without
       print(f"note: no n-gram baselines ({e})", file=sys.stderr)
-  extra = context.section(sweep_dir, description)  # sweeps evaluated past training (`context`)
+  # sweeps evaluated past training (`context`), MoE trainings quantized after it (`experiments.mxfp4_cost`)
+  extra = context.section(sweep_dir, description) + mxfp4_cost.section(sweep_dir, description)
   (out / "report.md").write_text(markdown(description, results, comparisons, baselines) + "\n".join(extra)
                                  + ("\n" if extra else ""))
   paths = plots.plot(description, results, comparisons, out, baselines) + context.plot(sweep_dir, description, out)

@@ -213,6 +213,43 @@ def test_mxfp4_quantize_follows_the_ocp_spec(rng):
   np.testing.assert_array_equal(mxfp4.dequantize(*again, jnp.float32), back.reshape(1, -1))
 
 
+def test_mxfp4_round_trip_blocks_along_its_axis_and_ends_in_a_shorter_block(rng):
+  """Against the spec per block, by ml_dtypes casts: 48 values along axis 1 are one block of 32 and one of 16
+  with their own scales."""
+  import ml_dtypes
+  w = (rng.normal(size=(3, 48, 5)) * 2.0 ** rng.integers(-6, 6, size=(3, 1, 5))).astype(np.float32)
+  got = np.asarray(mxfp4.round_trip(jnp.asarray(w), axis=1))
+  for lo, hi in ((0, 32), (32, 48)):
+    block = w[:, lo:hi]
+    shared = np.floor(np.log2(np.abs(block).max(axis=1, keepdims=True))) - 2
+    want = (block / 2.0 ** shared).astype(ml_dtypes.float4_e2m1fn).astype(np.float32) * 2.0 ** shared
+    np.testing.assert_array_equal(got[:, lo:hi], want)
+
+
+def test_mxfp4_experts_after_training_are_the_packed_model_and_cost_nothing_when_representable(rng):
+  """experiments.mxfp4_cost's quantization of a float model computes what the same weights stored packed
+  compute (gpt-oss's tiny widths, divisible by 32), and a second quantization changes nothing."""
+  from experiments.mxfp4_cost import quantize_experts
+  from gptoss_jax.model import Transformer
+  from gptoss_jax.config import load_config_file
+  cfg = ModelConfig.from_dict(load_config_file("gpt_oss:tiny").model).replace(init_std=0.1)
+  model = Transformer(cfg, nnx.Rngs(0))
+  tokens = jnp.asarray(rng.integers(0, 256, (2, 24)), jnp.int32)
+  before = np.asarray(model(tokens))
+  assert quantize_experts(model) == cfg.n_layers
+  once = np.asarray(model(tokens))
+  assert np.abs(once - before).max() > 1e-3  # quantization moved the logits
+  packed = Transformer(cfg.replace(moe_mxfp4=True), nnx.Rngs(0))
+  for dense, stored in zip(model.blocks, packed.blocks):
+    ffn = stored.ffn
+    ffn.w_in_blocks[...], ffn.w_in_scales[...] = mxfp4.quantize(jnp.transpose(dense.ffn.w_in[...], (0, 2, 3, 1)))
+    ffn.w_out_blocks[...], ffn.w_out_scales[...] = mxfp4.quantize(jnp.transpose(dense.ffn.w_out[...], (0, 2, 1)))
+  nnx.update(packed, nnx.state(model, nnx.Param))  # every other weight as the float model's
+  np.testing.assert_allclose(np.asarray(packed(tokens)), once, atol=1e-5)
+  quantize_experts(model)
+  np.testing.assert_array_equal(np.asarray(model(tokens)), once)  # representable weights: zero cost
+
+
 def codes_to_values(codes):
   import ml_dtypes
   return codes.astype(np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float32)

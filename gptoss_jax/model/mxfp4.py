@@ -55,3 +55,14 @@ def quantize(w: jax.Array) -> tuple[jax.Array, jax.Array]:
   nibbles = magnitude | (jnp.signbit(wb).astype(jnp.uint8) << 3)
   blocks = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
   return blocks, (exponent + 127).astype(jnp.uint8)
+
+
+def round_trip(w: jax.Array, axis: int = -1) -> jax.Array:
+  """w quantized to MXFP4 in blocks of 32 along `axis` and dequantized, in w's dtype: the weights a model
+  stored so computes with. A length not divisible by 32 ends in a shorter block (padded with zeros, which
+  leave its scale to its own values)."""
+  x = jnp.moveaxis(jnp.asarray(w, jnp.float32), axis, -1)
+  K = x.shape[-1]
+  padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -K % BLOCK)])
+  back = dequantize(*quantize(padded), jnp.float32)[..., :K]
+  return jnp.moveaxis(back, -1, axis).astype(w.dtype)
