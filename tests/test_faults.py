@@ -132,27 +132,38 @@ def test_non_finite_loss_stops_and_names_a_checkpoint_with_a_finite_held_out_los
 
 
 def test_kill_9_during_steps_and_saves_resumes_exactly(text_dataset, tmp_path):
-  """kill -9 at a random moment (asynchronous saves every 2 steps), then the same command: every logged
-  loss and the final parameters equal an uninterrupted run's, bitwise."""
-  args = args_for(text_dataset, **{"train.steps": 16, "checkpoint.async_save": "true", "train.eval_every": 4})
+  """kill -9 at a random moment after step 4 and a finished save (asynchronous saves every 2 steps), before the
+  last step (checked), then the same command: it resumes, and every logged loss and the final parameters equal an uninterrupted
+  run's, bitwise."""
+  steps = 24
+  args = args_for(text_dataset, **{"train.steps": steps, "checkpoint.async_save": "true", "train.eval_every": 4})
   code, err = run_cli(tmp_path / "straight", args)
   assert code == 0, err
   proc = cli(tmp_path / "killed", args)
-  metrics = tmp_path / "killed" / "metrics.jsonl"
   deadline = time.time() + 120
-  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
-    time.sleep(0.05)
-  time.sleep(random.Random(os.getpid()).uniform(0.0, 2.0))
+  # a finished save: orbax renames a step's temporary folder to the bare step number when it is complete
+  saved = lambda: any(p.name.isdigit() for p in (tmp_path / "killed" / "checkpoints").glob("*"))
+  while time.time() < deadline and (max(logged_steps(tmp_path / "killed"), default=0) < 4 or not saved()):
+    time.sleep(0.02)
+  time.sleep(random.Random(os.getpid()).uniform(0.0, 0.2))
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  assert proc.returncode == -signal.SIGKILL  # it was still running
+  assert 4 <= max(logged_steps(tmp_path / "killed")) < steps  # killed between step 4 and the last
   code, err = run_cli(tmp_path / "killed", args)
-  assert code == 0, err
+  assert code == 0 and "resumed from step" in err, err
   for key in ("train/loss", "eval/loss"):
     assert logged(tmp_path / "killed", key) == logged(tmp_path / "straight", key)
   _, a = restore(tmp_path / "straight")
   _, b = restore(tmp_path / "killed")
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_array_equal(x, y)
+
+
+def logged_steps(workdir) -> list[int]:
+  path = workdir / "metrics.jsonl"
+  lines = path.read_text().splitlines() if path.exists() else []
+  return [json.loads(line)["step"] for line in lines if line.endswith("}")]  # a line being written is left out
 
 
 def test_a_second_run_on_a_live_workdir_is_refused_and_a_killed_run_leaves_no_lock(text_dataset, tmp_path):
