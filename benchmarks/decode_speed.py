@@ -27,7 +27,7 @@ CONFIG = "gpt_oss:20b"
 
 
 def model_config(layers: int):
-  from gptoss_jax.config import model_config_from_file
+  from gptoss_jax.config_files import model_config_from_file
   return model_config_from_file(CONFIG).replace(n_layers=layers, moe_mxfp4=True, param_dtype="bfloat16",
                                                 dtype="bfloat16", max_seq_len=4096)
 
@@ -37,7 +37,8 @@ def build(folder: str, layers: int) -> None:
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from gptoss_jax.config import RunConfig, load_config_file
+  from gptoss_jax.config import RunConfig
+  from gptoss_jax.config_files import load_config_file
   from gptoss_jax.model import Transformer
   from gptoss_jax.weights import save_model
   cfg = model_config(layers)

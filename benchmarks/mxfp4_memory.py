@@ -114,7 +114,7 @@ def compiled_memory(layers: int) -> dict:
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from gptoss_jax.config import model_config_from_file
+  from gptoss_jax.config_files import model_config_from_file
   from gptoss_jax.model.transformer import Transformer
   cfg = model_config_from_file(str(Path(__file__).parent.parent / "configs/gpt_oss.py:20b")).replace(
       n_layers=layers, moe_mxfp4=True, param_dtype="bfloat16", dtype="bfloat16")
@@ -157,7 +157,7 @@ if __name__ == "__main__":
     print(f"compiled forward, {n} layers (XLA memory analysis): arguments {m['arguments_gib']:.2f} GiB + "
           f"temporaries {m['temporaries_gib']:.2f} GiB + output {m['output_gib']:.2f} GiB = "
           f"{sum(m[k] for k in ('arguments_gib', 'temporaries_gib', 'output_gib')):.2f} GiB")
-  from gptoss_jax.config import model_config_from_file
+  from gptoss_jax.config_files import model_config_from_file
   from gptoss_jax.inspect import stats
   s = stats(model_config_from_file(str(Path(__file__).parent.parent / "configs/gpt_oss.py:20b")))
   print(f"inspect, gpt-oss-20b weights: {s.weight_bytes_mxfp4 / 2**30:.2f} GiB with MXFP4 experts, "

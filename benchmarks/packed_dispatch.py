@@ -30,7 +30,7 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from gptoss_jax.config import model_config_from_file
+  from gptoss_jax.config_files import model_config_from_file
   from gptoss_jax.model import cpu_kernels
   from gptoss_jax.model.moe import PACKED_SELECTED_MAX, MoE
 

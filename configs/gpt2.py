@@ -1,6 +1,6 @@
 """GPT-2 (2019): LayerNorm, learned positions, tanh-GELU MLP, biases everywhere, tied embeddings, dropout."""
 
-from gptoss_jax.config import preset_config
+from gptoss_jax.config_files import preset_config
 
 BASE = dict(vocab_size=50257, max_seq_len=1024, head_dim=64, norm="layernorm", norm_eps=1e-5,
             position="learned", ffn="gelu", ffn_bias=True, qkv_bias=True, out_bias=True,

@@ -1,7 +1,7 @@
 """gpt-oss (2025): RMSNorm, RoPE + YaRN, GQA with biases and sinks, sliding window on alternate
 layers, MoE of clamped-SwiGLU experts (top-k then softmax), untied embeddings."""
 
-from gptoss_jax.config import preset_config
+from gptoss_jax.config_files import preset_config
 
 BASE = dict(vocab_size=201088, max_seq_len=131072, d_model=2880, n_heads=64, n_kv_heads=8, head_dim=64,
             norm="rmsnorm", norm_eps=1e-5, position="yarn", rope_theta=150000.0, rope_factor=32.0,

@@ -1,6 +1,6 @@
 """Llama 3: RMSNorm, RoPE with llama3 frequency scaling, GQA without biases, SwiGLU."""
 
-from gptoss_jax.config import preset_config
+from gptoss_jax.config_files import preset_config
 
 BASE = dict(vocab_size=128256, max_seq_len=131072, head_dim=128, norm="rmsnorm", norm_eps=1e-5,
             position="llama3", rope_theta=500000.0, rope_factor=8.0, rope_original_max_len=8192,

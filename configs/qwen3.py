@@ -1,7 +1,7 @@
 """Qwen3: RMSNorm, RoPE, GQA with per-head q/k RMSNorm and no biases; dense SwiGLU or MoE
 (softmax over all experts, then top-k, renormalized)."""
 
-from gptoss_jax.config import preset_config
+from gptoss_jax.config_files import preset_config
 
 BASE = dict(vocab_size=151936, max_seq_len=40960, head_dim=128, norm="rmsnorm", norm_eps=1e-6,
             position="rope", rope_theta=1000000.0, ffn="swiglu", qk_norm=True, tie_embeddings=False)

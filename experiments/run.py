@@ -26,7 +26,8 @@ from pathlib import Path
 from experiments import cost
 from experiments.paired import ALPHA, seeds_needed, sign_flip_floor
 from experiments.sweeps import SCALES, SWEEPS, Run, Sweep, build
-from gptoss_jax.config import ConfigError, parse_override_args
+from gptoss_jax.config import ConfigError
+from gptoss_jax.config_files import parse_override_args
 from gptoss_jax.inspect import stats
 from gptoss_jax.data.prepare import ensure_dataset
 

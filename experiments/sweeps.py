@@ -19,7 +19,9 @@ from functools import cache
 
 import numpy as np
 
-from gptoss_jax.config import ModelConfig, RunConfig, apply_overrides, load_config_file
+from gptoss_jax.config import ModelConfig, RunConfig
+
+from gptoss_jax.config_files import apply_overrides, load_config_file
 from gptoss_jax.inspect import stats
 
 BASE_CONFIG = "gpt2:124m"  # every run's model fields are given relative to this preset

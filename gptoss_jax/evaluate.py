@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax.config import ConfigError, parse_override_args
+from gptoss_jax.config import ConfigError
+
+from gptoss_jax.config_files import parse_override_args
 from gptoss_jax.data.pipeline import split_tokens
 from gptoss_jax.data.prepare import load_meta
 from gptoss_jax.data.tokenizers import Tokenizer, get_tokenizer

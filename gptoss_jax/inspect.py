@@ -14,7 +14,9 @@ import sys
 
 from flax import nnx
 
-from gptoss_jax.config import ConfigError, ModelConfig, model_config_from_file, parse_override_args
+from gptoss_jax.config import ConfigError, ModelConfig
+
+from gptoss_jax.config_files import model_config_from_file, parse_override_args
 from gptoss_jax.model import Transformer
 
 EXPERT_WEIGHTS = ("w_in", "w_out", "b_in", "b_out")

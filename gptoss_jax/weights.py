@@ -27,7 +27,8 @@ import tensorstore as ts
 from flax import nnx
 
 from gptoss_jax import runtime
-from gptoss_jax.config import ConfigError, RunConfig, overridden
+from gptoss_jax.config import ConfigError, RunConfig
+from gptoss_jax.config_files import overridden
 from gptoss_jax.fileio import atomic_folder
 from gptoss_jax.model import WEIGHTS, Transformer, fresh_rest
 

@@ -4,8 +4,8 @@ import os
 import pytest
 
 from conftest import REPO
-from gptoss_jax.config import (ConfigError, ModelConfig, RunConfig, apply_overrides, load_config_file,
-                               model_config_from_file, parse_override_args, run_config_from_args)
+from gptoss_jax.config import ConfigError, ModelConfig, RunConfig
+from gptoss_jax.config_files import apply_overrides, load_config_file, model_config_from_file, parse_override_args, run_config_from_args
 
 
 @pytest.mark.parametrize("fields, field_named", [

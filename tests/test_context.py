@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from conftest import REPO
-from gptoss_jax.config import DataConfig, ModelConfig, RunConfig, load_config_file
+from gptoss_jax.config import DataConfig, ModelConfig, RunConfig
+from gptoss_jax.config_files import load_config_file
 from gptoss_jax.evaluate import evaluate_tokens, position_nll, stream_position_nll
 from gptoss_jax.model import Transformer
 from gptoss_jax.weights import save_model

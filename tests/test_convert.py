@@ -334,7 +334,7 @@ def test_prefill_in_pieces_equals_the_whole_prompt_at_once():
   gives the same last logits and cache as one forward pass, and the same greedy continuation."""
   from flax import nnx
   from gptoss_jax import Transformer
-  from gptoss_jax.config import model_config_from_file
+  from gptoss_jax.config_files import model_config_from_file
   from gptoss_jax.generate import _extend, generate, prefill_chunks
   assert prefill_chunks(45) == [32, 8, 4, 1] and prefill_chunks(600) == [256, 256, 64, 16, 8]
   assert sum(prefill_chunks(1000)) == 1000

@@ -18,7 +18,8 @@ from scipy import stats as scipy_stats
 from experiments import paired, report, run, sweeps
 from experiments.sweeps import SCALES, active, build, solve, total
 from conftest import REPO
-from gptoss_jax.config import ConfigError, ModelConfig, RunConfig, load_config_file
+from gptoss_jax.config import ConfigError, ModelConfig, RunConfig
+from gptoss_jax.config_files import load_config_file
 
 TINY = SCALES["tiny"]
 

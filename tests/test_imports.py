@@ -27,3 +27,16 @@ def test_conversion_evaluation_and_generation_need_nothing_from_training():
       "import gptoss_jax.generate, gptoss_jax.weights\n"
       "print(sorted(m for m in sys.modules if m.startswith('gptoss_jax.train')))")
   assert out.strip() == "[]", out
+
+
+def test_the_typed_config_imports_nothing_else_and_loading_it_needs_no_jax():
+  """gptoss_jax.config is the typed configs only (no ml_collections, no package module); config_files, the
+  only module that knows ml_collections, and the data modules import no model code (nor flax)."""
+  out = _fresh_interpreter(
+      "import sys\n"
+      "import gptoss_jax.config\n"
+      "print(sorted(m for m in sys.modules if m.startswith(('gptoss_jax.', 'ml_collections', 'jax', 'configs'))))\n"
+      "import gptoss_jax.config_files, gptoss_jax.data.prepare, gptoss_jax.data.pipeline\n"
+      "print('gptoss_jax.model' in sys.modules, 'flax' in sys.modules)")
+  typed, heavy = out.strip().splitlines()
+  assert typed == "['gptoss_jax.config']" and heavy == "False False", out

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 from gptoss_jax import ModelConfig
-from gptoss_jax.config import model_config_from_file
+from gptoss_jax.config_files import model_config_from_file
 from gptoss_jax.inspect import mean_context, stats
 
 
@@ -75,7 +75,8 @@ def test_train_memory_estimate_is_near_xlas_own_analysis_of_the_compiled_step(sp
   """The dry-run's memory figure against XLA's memory analysis of the real train step (CPU, one device)."""
   import jax
   import jax.numpy as jnp
-  from gptoss_jax.config import RunConfig, apply_overrides, load_config_file
+  from gptoss_jax.config import RunConfig
+  from gptoss_jax.config_files import apply_overrides, load_config_file
   from gptoss_jax.inspect import train_memory_bytes
   from gptoss_jax.sharding import make_mesh
   from gptoss_jax.train.step import Trainer

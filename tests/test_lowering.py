@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from conftest import REPO
-from gptoss_jax.config import ModelConfig, RunConfig, apply_overrides, load_config_file
+from gptoss_jax.config import ModelConfig, RunConfig
+from gptoss_jax.config_files import apply_overrides, load_config_file
 from gptoss_jax.generate import decode_step
 from gptoss_jax.model import Transformer
 from gptoss_jax.sharding import make_mesh

@@ -231,7 +231,7 @@ def test_mxfp4_experts_after_training_are_the_packed_model_and_cost_nothing_when
   compute (gpt-oss's tiny widths, divisible by 32), and a second quantization changes nothing."""
   from experiments.mxfp4_cost import quantize_experts
   from gptoss_jax.model import Transformer
-  from gptoss_jax.config import load_config_file
+  from gptoss_jax.config_files import load_config_file
   cfg = ModelConfig.from_dict(load_config_file("gpt_oss:tiny").model).replace(init_std=0.1)
   model = Transformer(cfg, nnx.Rngs(0))
   tokens = jnp.asarray(rng.integers(0, 256, (2, 24)), jnp.int32)

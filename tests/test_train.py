@@ -19,7 +19,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from conftest import REPO
-from gptoss_jax.config import RunConfig, apply_overrides, load_config_file
+from gptoss_jax.config import RunConfig
+from gptoss_jax.config_files import apply_overrides, load_config_file
 from gptoss_jax.sharding import make_mesh
 from gptoss_jax.train.checkpoint import Checkpointer
 from gptoss_jax.train.loop import train

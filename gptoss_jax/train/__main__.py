@@ -7,7 +7,9 @@ import argparse
 import json
 import sys
 
-from gptoss_jax.config import ConfigError, run_config_from_args
+from gptoss_jax.config import ConfigError
+
+from gptoss_jax.config_files import run_config_from_args
 
 DEFAULT_CONFIG = "gpt_oss:tiny"
 
