@@ -429,16 +429,7 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
         if process.poll() is None:
           continue
         del running[folder]
-        name = f"{job.run.name}/{folder.name}" + (" evaluation" if job.evaluate else "")
-        bar.set_description(f"{name} done")
-        if results is not None and finished(folder, plan.steps(job.run)):
-          keep(folder, sweep_dir, results)
-        done = (folder / EVALUATION_FILE).is_file() if job.evaluate else finished(folder, plan.target(job.run))
-        if process.returncode or not done:
-          failed.append(name)
-          plan.failed.add(job.run.name)
-          tail = (folder / "train.log").read_text().strip().splitlines()[-3:]
-          bar.write(f"{name} failed (exit {process.returncode}): " + " | ".join(tail))
+        failed += _ended(job, process.returncode, plan, sweep_dir, results, bar)
       bar.total = max(bar.total, bar.n)
   except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP: every running training saves a checkpoint and stops
     _stop([process for _, process, _, _ in running.values()])
@@ -446,6 +437,21 @@ def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, s
     raise
   bar.close()
   return failed
+
+
+def _ended(job: Job, returncode: int, plan: Scheduler, sweep_dir: Path, results: Path | None, bar) -> list[str]:
+  """A job's process has ended: keeps the training's files, and returns [its name] if it failed."""
+  name = f"{job.run.name}/{job.folder.name}" + (" evaluation" if job.evaluate else "")
+  bar.set_description(f"{name} done")
+  if results is not None and finished(job.folder, plan.steps(job.run)):
+    keep(job.folder, sweep_dir, results)
+  done = (job.folder / EVALUATION_FILE).is_file() if job.evaluate else finished(job.folder, plan.target(job.run))
+  if not returncode and done:
+    return []
+  plan.failed.add(job.run.name)
+  tail = (job.folder / "train.log").read_text().strip().splitlines()[-3:]
+  bar.write(f"{name} failed (exit {returncode}): " + " | ".join(tail))
+  return [name]
 
 
 def _parser() -> argparse.ArgumentParser:
