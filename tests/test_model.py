@@ -68,7 +68,7 @@ def test_tied_embeddings_share_the_table():
 def test_bf16_matvec_equals_numpy(monkeypatch, kernel):
   """A few rows against a bfloat16 weight [in, out], values and both gradients, against numpy in float64
   on the same bfloat16 values: the CPU kernel (needs g++; outputs over several of its tiles) and XLA's
-  path; and a projection of a few rows takes the kernel exactly when it is there."""
+  path, through the same call; and a projection of a few rows takes the kernel exactly when it is there."""
   from gptoss_jax.model import cpu_kernels, linear
   monkeypatch.setenv("GPTOSS_JAX_KERNELS", "1" if kernel else "0")
   cpu_kernels.available.cache_clear()
@@ -83,12 +83,12 @@ def test_bf16_matvec_equals_numpy(monkeypatch, kernel):
     for rows in (1, 5, cpu_kernels.MAX_ROWS):
       x = jnp.asarray(rng.normal(size=(rows, I)), jnp.float32)
       dy = rng.normal(size=(rows, O))
-      if kernel:
-        y, vjp = jax.vjp(cpu_kernels.bf16_matvec, x, w)
-        dx, dw = vjp(jnp.asarray(dy, jnp.float32))
-        np.testing.assert_allclose(y, np.asarray(x, np.float64) @ w64, rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(dx, dy @ w64.T, rtol=1e-4, atol=1e-3)
-        np.testing.assert_allclose(np.asarray(dw, np.float32), np.asarray(x, np.float64).T @ dy, rtol=1e-2, atol=5e-2)
+      y, vjp = jax.vjp(cpu_kernels.bf16_matvec, x, w)  # callable either way: the kernel or XLA's product
+      dx, dw = vjp(jnp.asarray(dy, jnp.float32))
+      np.testing.assert_allclose(y, np.asarray(x, np.float64) @ w64, rtol=1e-5, atol=1e-4)
+      np.testing.assert_allclose(dx, dy @ w64.T, rtol=1e-4, atol=1e-3)
+      np.testing.assert_allclose(np.asarray(dw, np.float32), np.asarray(x, np.float64).T @ dy, rtol=1e-2, atol=5e-2)
+      assert (cpu_kernels.BF16_TARGET in jax.jit(cpu_kernels.bf16_matvec).lower(x, w).as_text()) == kernel
       text = jax.jit(lambda x, w: linear.project(x, w)).lower(x, w).as_text()
       assert (cpu_kernels.BF16_TARGET in text) == kernel
       np.testing.assert_allclose(linear.project(x, w), np.asarray(x, np.float64) @ w64, rtol=1e-5, atol=1e-4)

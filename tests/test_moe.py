@@ -1,6 +1,7 @@
 """Routing, dispatch strategies and auxiliary losses against numpy written here; MXFP4 against a
 plain decode and transformers' converter."""
 
+import re
 
 import jax
 import jax.numpy as jnp
@@ -284,9 +285,34 @@ def test_mxfp4_matvec_equals_a_plain_decode(rng, monkeypatch, kernel):
     grad = jax.vjp(lambda x: cpu_kernels.mxfp4_matvec(x, *args[1:]), args[0])[1](jnp.asarray(dy))[0]
     want_grad = np.einsum("ao,aoi->ai", dy.astype(np.float64), w[experts].astype(np.float64))
     np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-5 * np.abs(want_grad).max())
+    outside = jnp.asarray([-1, E, E + 7, 0, -3, 2])  # clamped on both paths: as experts [0, E-1, E-1, 0, 0, 2]
+    np.testing.assert_array_equal(jax.jit(cpu_kernels.mxfp4_matvec)(args[0], outside, *args[2:]),
+                                  jax.jit(cpu_kernels.mxfp4_matvec)(args[0], jnp.asarray([0, 4, 4, 0, 0, 2]), *args[2:]))
   finally:
     cpu_kernels.available.cache_clear()
     jax.clear_caches()
+
+
+def test_cpu_kernels_refuse_operands_and_outputs_of_the_wrong_shape(monkeypatch):
+  from gptoss_jax.model import cpu_kernels
+  monkeypatch.setenv("GPTOSS_JAX_KERNELS", "1")
+  cpu_kernels.available.cache_clear()
+  try:
+    if not cpu_kernels.available():
+      pytest.skip("the CPU kernels could not be built here (no g++?)")
+    x, e = jnp.zeros((3, 64), jnp.float32), jnp.zeros((3,), jnp.int32)
+    blocks, scales = jnp.zeros((2, 5, 2, 16), jnp.uint8), jnp.zeros((2, 5, 2), jnp.uint8)
+    call = lambda target, shape, *args: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32))(*args)
+    assert call(cpu_kernels.MXFP4_TARGET, (3, 5), x, e, blocks, scales).shape == (3, 5)
+    for target, shape, args, message in [
+        (cpu_kernels.MXFP4_TARGET, (3, 6), (x, e, blocks, scales), "want the output [A, O]"),
+        (cpu_kernels.MXFP4_TARGET, (3, 5), (x[:, :32], e, blocks, scales), "want x [A, I]"),
+        (cpu_kernels.BF16_TARGET, (3, 7), (x, jnp.zeros((64, 8), jnp.bfloat16)), "want the output [R, O]"),
+        (cpu_kernels.BF16_TARGET, (3, 8), (x[:, :10], jnp.zeros((64, 8), jnp.bfloat16)), "want x [R <= 16, I]")]:
+      with pytest.raises(Exception, match=re.escape(message)):
+        jax.block_until_ready(call(target, shape, *args))
+  finally:
+    cpu_kernels.available.cache_clear()
 
 
 def test_mxfp4_matches_transformers(rng):

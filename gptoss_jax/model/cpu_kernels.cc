@@ -74,6 +74,10 @@ ffi::Error Mxfp4Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts, f
     return ffi::Error::InvalidArgument(
         "mxfp4_matvec: want x [A, I], experts [A], blocks [E, O, I / 32, 16], scales [E, O, I / 32]");
   }
+  const auto yd = y->dimensions();
+  if (yd.size() != 2 || yd[0] != xd[0] || yd[1] != bd[1]) {
+    return ffi::Error::InvalidArgument("mxfp4_matvec: want the output [A, O]");
+  }
   const int64_t A = xd[0], I = xd[1], E = bd[0], O = bd[1], NB = bd[2];
   float half_scale[256];
   for (int s = 0; s < 256; ++s) half_scale[s] = HalfScale(static_cast<uint8_t>(s));
@@ -82,13 +86,12 @@ ffi::Error Mxfp4Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts, f
   const uint8_t* bp = blocks.typed_data();
   const uint8_t* sp = scales.typed_data();
   float* yp = y->typed_data();
-  for (int64_t a = 0; a < A; ++a) {
-    if (ep[a] < 0 || ep[a] >= E) return ffi::Error::InvalidArgument("mxfp4_matvec: expert index out of range");
-  }
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t a = 0; a < A; ++a) {
     for (int64_t o = 0; o < O; ++o) {
-      const int64_t row = static_cast<int64_t>(ep[a]) * O + o;
+      // an index out of range is clamped, as XLA's gather on the other path does: the same function everywhere
+      const int64_t e = ep[a] < 0 ? 0 : (ep[a] >= E ? E - 1 : ep[a]);
+      const int64_t row = e * O + o;
       yp[a * O + o] = Row(xp + a * I, bp + row * NB * 16, sp + row * NB, NB, half_scale);
     }
   }
@@ -120,6 +123,10 @@ ffi::Error Bf16Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi::Re
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || xd[0] > kMaxRows) {
     return ffi::Error::InvalidArgument("bf16_matvec: want x [R <= 16, I], w [I, O]");
+  }
+  const auto yd = y->dimensions();
+  if (yd.size() != 2 || yd[0] != xd[0] || yd[1] != wd[1]) {
+    return ffi::Error::InvalidArgument("bf16_matvec: want the output [R, O]");
   }
   const int64_t R = xd[0], I = xd[1], O = wd[1], tiles = (O + kTile - 1) / kTile;
   const float* xp = x.typed_data();

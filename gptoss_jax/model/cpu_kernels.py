@@ -7,6 +7,11 @@ headers jaxlib ships, into a cache folder ($GPTOSS_JAX_CACHE, else ~/.cache/gpto
 jaxlib version, CPU, compiler version and flags, under a file lock (processes starting together build it
 once). Without a compiler, or with GPTOSS_JAX_KERNELS=0, the same products run in XLA.
 Which one runs is chosen when a program is lowered, so programs for GPU and TPU never hold a CPU call.
+
+The contract, the same for both products: call them anywhere; each runs its kernel on CPU where the kernels
+are `available()` and XLA's product otherwise (GPU, TPU, no compiler), with the same result up to rounding. An expert
+index out of range is clamped to the nearest expert on both paths (XLA's gather semantics; the router never
+makes one). The kernels check every operand's and the output's shape and fail with a message otherwise.
 """
 
 from __future__ import annotations
@@ -102,7 +107,7 @@ def mxfp4_matvec(x_AxI: jax.Array, experts_A: jax.Array, blocks: jax.Array, scal
   without the kernels. Differentiable in x (the packed weights are never trained)."""
   E, nb = blocks.shape[0], blocks.shape[-2]
   blocks, scales = blocks.reshape(E, -1, nb, 16), scales.reshape(E, -1, nb)
-  x_AxI, experts_A = x_AxI.astype(jnp.float32), experts_A.astype(jnp.int32)
+  x_AxI, experts_A = x_AxI.astype(jnp.float32), jnp.clip(experts_A.astype(jnp.int32), 0, E - 1)
   if not available():
     return mxfp4_reference(x_AxI, experts_A, blocks, scales)
   return _mxfp4(x_AxI, experts_A, blocks, scales)
@@ -132,18 +137,25 @@ def bf16_reference(x_RxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
                              preferred_element_type=jnp.float32)
 
 
-@jax.custom_vjp
 def bf16_matvec(x_RxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
   """x @ w in float32 for up to MAX_ROWS rows of x (float32) and a bfloat16 weight stored [in, out]: the
   kernel on CPU (reading the weight once, the rows' products in float32 from the bfloat16 weight),
-  `bf16_reference` elsewhere. Call only where `available()`. Differentiable in both."""
+  `bf16_reference` on other platforms; on CPU without the kernels, the same product in float32 by XLA.
+  Differentiable in both."""
+  if not available():
+    return jax.lax.dot_general(x_RxI.astype(jnp.float32), w_IxO.astype(jnp.float32), (((1,), (0,)), ((), ())))
+  return _bf16(x_RxI, w_IxO)
+
+
+@jax.custom_vjp
+def _bf16(x_RxI, w_IxO):
   out = jax.ShapeDtypeStruct((x_RxI.shape[0], w_IxO.shape[1]), jnp.float32)
   kernel = lambda x, w: jax.ffi.ffi_call(BF16_TARGET, out)(x.astype(jnp.float32), w)
   return jax.lax.platform_dependent(x_RxI, w_IxO, cpu=kernel, default=bf16_reference)
 
 
 def _bf16_fwd(x_RxI, w_IxO):
-  return bf16_matvec(x_RxI, w_IxO), (x_RxI, w_IxO)
+  return _bf16(x_RxI, w_IxO), (x_RxI, w_IxO)
 
 
 def _bf16_bwd(residuals, dy_RxO):
@@ -152,4 +164,4 @@ def _bf16_bwd(residuals, dy_RxO):
   return dx, (x_RxI.astype(jnp.float32).T @ dy_RxO).astype(w_IxO.dtype)
 
 
-bf16_matvec.defvjp(_bf16_fwd, _bf16_bwd)
+_bf16.defvjp(_bf16_fwd, _bf16_bwd)
