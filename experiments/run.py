@@ -345,8 +345,8 @@ def take_kept(results: Path, sweep_dir: Path, description: dict) -> int:
   description (other runs, grid, overrides or selection seeds) is refused."""
   if not (results / "sweep.json").is_file():
     return 0
-  kept = json.loads((results / "sweep.json").read_text())
-  differ = sorted(k for k in set(kept) | set(description) if k != "seeds" and kept.get(k) != description.get(k))
+  kept, now = (_what_trains(d) for d in (json.loads((results / "sweep.json").read_text()), description))
+  differ = sorted(k for k in set(kept) | set(now) if kept.get(k) != now.get(k))
   if differ:
     raise ConfigError(f"--results {results} holds another sweep (it differs in {', '.join(differ)}); give another folder")
   taken = _finished_only_in(results, sweep_dir, description)
@@ -356,6 +356,13 @@ def take_kept(results: Path, sweep_dir: Path, description: dict) -> int:
       if (sub / name).is_file():
         shutil.copy2(sub / name, folder / name)
   return len(taken)
+
+
+def _what_trains(description: dict) -> dict:
+  """A description without what does not change its trainings: the number of compared seeds (more may be
+  added) and the FLOPs estimate (its method may improve)."""
+  runs = [{k: v for k, v in r.items() if k != "flops_per_token"} for r in description.get("runs", [])]
+  return {k: v for k, v in description.items() if k not in ("seeds", "runs")} | {"runs": runs}
 
 
 def _finished_only_in(src: Path, dst: Path, description: dict) -> list[tuple[Path, Path]]:

@@ -19,8 +19,8 @@ from gptoss_jax.config import ConfigError, ModelConfig
 from gptoss_jax.config_files import model_config_from_file, parse_override_args
 from gptoss_jax.model import Transformer
 
-EXPERT_WEIGHTS = ("w_in", "w_out", "b_in", "b_out")
 MXFP4_BYTES_PER_PARAM = 17 / 32  # 4-bit values plus one 8-bit scale per 32
+LOOKUPS = ("embed", "pos_embed.table")  # tables read by index (the token embedding only when untied)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,14 +34,37 @@ class ModelStats:
   kv_bytes_per_token: int  # bf16 K and V of the full-attention layers
   kv_window_bytes: int  # bf16 K and V held by the sliding layers (fixed: window tokens each)
   weight_bytes_bf16: int
-  weight_bytes_mxfp4: int  # experts' w_in / w_out in MXFP4, everything else bf16
+  weight_bytes_mxfp4: int  # experts' matmul weights in MXFP4, everything else bf16
 
 
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """Every parameter of the model by path, from abstract evaluation (unpacked expert weights)."""
+@dataclasses.dataclass(frozen=True)
+class Weight:
+  size: int
+  axes: tuple  # the logical axes the model declares for it (`nnx.Param(..., axes=...)`)
+
+  @property
+  def routed(self) -> bool:
+    """One of the routed experts' parameters: it has the `expert` axis."""
+    return "expert" in self.axes
+
+  @property
+  def matmul(self) -> bool:
+    """A weight a token is multiplied by: it carries the residual stream's `embed` axis and at least one
+    other besides `expert` (biases, norm scales and sinks have one at most)."""
+    return "embed" in self.axes and sum(a != "expert" for a in self.axes) >= 2
+
+
+def weights(cfg: ModelConfig) -> dict[str, Weight]:
+  """Every parameter of the model by path, with its size and logical axes, from abstract evaluation
+  (expert weights unpacked)."""
   model = nnx.eval_shape(lambda: Transformer(cfg.replace(moe_mxfp4=False), nnx.Rngs(0)))
-  return {".".join(map(str, path)): tuple(v.get_value().shape)
-          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  out = {}
+  for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    axes = tuple(v.get_metadata().get("axes") or ())
+    if len(axes) != v.get_value().ndim:
+      raise ValueError(f"{'.'.join(map(str, path))}: declares axes {axes} for shape {v.get_value().shape}")
+    out[".".join(map(str, path))] = Weight(math.prod(v.get_value().shape), axes)
+  return out
 
 
 def mean_context(seq_len: int, window: int) -> float:
@@ -52,25 +75,24 @@ def mean_context(seq_len: int, window: int) -> float:
 
 
 def stats(cfg: ModelConfig, seq_len: int | None = None) -> ModelStats:
+  """Counts by what each parameter declares (its logical axes), not by its name: routed experts carry the
+  `expert` axis (a fraction top_k / n_experts of them active per token), matmul weights `embed` and another."""
   seq_len = seq_len or cfg.max_seq_len
-  shapes = param_shapes(cfg)
-  size = {path: math.prod(shape) for path, shape in shapes.items()}
-  total = sum(size.values())
-  embedding = size.get("pos_embed.table", 0) + (0 if cfg.tie_embeddings else size["embed"])
-  is_expert = lambda p: cfg.is_moe and ".ffn." in p and p.rsplit(".", 1)[-1] in EXPERT_WEIGHTS
-  experts = sum(n for p, n in size.items() if is_expert(p))
-  inactive = experts * (cfg.n_experts - cfg.top_k) // cfg.n_experts if cfg.is_moe else 0
-  active = total - embedding - inactive
+  params = weights(cfg)
+  total = sum(w.size for w in params.values())
+  lookups = {p for p in LOOKUPS if p in params and not (p == "embed" and cfg.tie_embeddings)}  # tied: unembedding
+  embedding = sum(params[p].size for p in lookups)
+  experts = sum(w.size for w in params.values() if w.routed)
+  share = cfg.top_k / cfg.n_experts if cfg.is_moe else 1.0
+  active = total - embedding - (experts * (cfg.n_experts - cfg.top_k) // cfg.n_experts if cfg.is_moe else 0)
 
   # forward FLOPs per token: 2 per active matmul weight (not lookups, norms, biases) + attention
-  lookups = {"pos_embed.table"} | (set() if cfg.tie_embeddings else {"embed"})  # tied: it is the unembedding
-  active_share = lambda p: cfg.top_k / cfg.n_experts if is_expert(p) else 1.0
-  matmul = sum(n * active_share(p) for p, n in size.items() if len(shapes[p]) >= 2 and p not in lookups)
+  matmul = sum(w.size * (share if w.routed else 1.0) for p, w in params.items() if w.matmul and p not in lookups)
   attention = sum(4 * cfg.n_heads * cfg.head_dim * mean_context(seq_len, cfg.sliding_window if s else 0)
                   for s in cfg.sliding_layers)
   kv_per_layer = 2 * cfg.n_kv_heads * cfg.head_dim * 2
   n_sliding = sum(cfg.sliding_layers)
-  expert_matrices = sum(n for p, n in size.items() if is_expert(p) and len(shapes[p]) >= 3)
+  expert_matrices = sum(w.size for w in params.values() if w.routed and w.matmul)
   return ModelStats(
       total_params=total, embedding_params=embedding, expert_params=experts, active_params=active,
       seq_len=seq_len, train_flops_per_token=3 * (2 * matmul + attention),

@@ -367,6 +367,21 @@ def test_finished_trainings_the_results_lack_are_kept_when_the_runner_starts(tmp
   assert run.keep_unkept(sweep_dir, results, description) == 0  # nothing kept twice
 
 
+def test_kept_results_are_taken_back_unless_they_describe_other_trainings(tmp_path):
+  """More compared seeds or a better FLOPs estimate describe the same trainings; another parameter count does not."""
+  results = tmp_path / "results"
+  _write_metrics(results / "a" / "seed0", 2.0)
+  kept = {"sweep": "s", "seeds": 8, "lrs": [1e-3], "runs": [{"name": "a", "steps": 20, "total_params": 100,
+                                                             "flops_per_token": 600.0}]}
+  (results / "sweep.json").write_text(json.dumps(kept))
+  now = kept | {"seeds": 10, "runs": [kept["runs"][0] | {"flops_per_token": 594.0}]}
+  assert run.take_kept(results, tmp_path / "sweep", now) == 1
+  assert (tmp_path / "sweep" / "a" / "seed0" / "metrics.jsonl").is_file()
+  other = kept | {"runs": [kept["runs"][0] | {"total_params": 101}]}
+  with pytest.raises(ConfigError, match="differs in runs"):
+    run.take_kept(results, tmp_path / "other", other)
+
+
 def test_a_training_is_finished_only_once_its_test_losses_are_written(tmp_path):
   old = tmp_path / "old"  # from before the test split: the final validation loss is all there is
   _write_metrics(old, 2.0)

@@ -46,6 +46,46 @@ def test_flops_and_kv_formulas():
   assert s.kv_window_bytes == 4 * 2 * 2 * 8 * 2
 
 
+def test_biases_are_not_matmuls_and_expert_biases_are_not_packed():
+  """The formula above with every bias on (attention q/k/v/o, the experts' in and out): the parameters grow
+  by the biases, the FLOPs not at all, the MXFP4 bytes by the biases at 2 bytes each (only matrices pack)."""
+  plain = ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+                      n_experts=4, top_k=1, d_expert=16, ffn="swiglu", tie_embeddings=False)
+  biased = plain.replace(qkv_bias=True, out_bias=True, ffn_bias=True)
+  a, b = stats(plain, 16), stats(biased, 16)
+  biases = 2 * ((4 + 2 + 2) * 8 + 32 + 4 * (2 * 16 + 32))  # per layer: q, k, v, o; experts' b_in [E, 2, F], b_out [E, D]
+  assert b.total_params - a.total_params == biases
+  assert b.train_flops_per_token == a.train_flops_per_token
+  assert b.weight_bytes_mxfp4 - a.weight_bytes_mxfp4 == 2 * biases
+  expert_biases = 2 * 4 * (2 * 16 + 32)
+  assert b.active_params - a.active_params == biases - expert_biases * 3 // 4  # 1 of 4 experts' biases active
+
+
+def test_a_module_nested_in_the_moe_layer_is_counted_by_its_axes_not_its_names(monkeypatch):
+  """A shared expert (a dense MLP with the usual w_in / w_out / b_in / b_out names) inside the MoE layer: every
+  one of its parameters is active and its matrices cost FLOPs in full (counting by name took it for a routed
+  expert, active top_k / n_experts of the time)."""
+  from flax import nnx
+  from gptoss_jax.model import moe
+  from gptoss_jax.model.ffn import MLP
+  cfg = ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+                    n_experts=4, top_k=1, d_expert=16, ffn="gelu", ffn_bias=True, tie_embeddings=False)
+  before = stats(cfg, 16)
+  original = moe.MoE.__init__
+
+  def with_shared_expert(self, cfg, rngs):
+    original(self, cfg, rngs)
+    self.shared = MLP(cfg, rngs)
+
+  monkeypatch.setattr(moe.MoE, "__init__", with_shared_expert)
+  after = stats(cfg, 16)
+  mlp_matrices, mlp_biases = 32 * 64 + 64 * 32, 64 + 32
+  assert after.total_params - before.total_params == 2 * (mlp_matrices + mlp_biases)
+  assert after.active_params - before.active_params == 2 * (mlp_matrices + mlp_biases)
+  assert after.expert_params == before.expert_params
+  assert after.train_flops_per_token - before.train_flops_per_token == 3 * 2 * 2 * mlp_matrices
+
+
 def _cli(*args):
   return subprocess.run([sys.executable, "-m", "gptoss_jax.inspect", *args], cwd=REPO, capture_output=True, text=True)
 
