@@ -1,13 +1,13 @@
-"""The README's result tables, taken from the committed reports so they cannot drift from them.
+"""The result tables of the README and docs/results.md, taken from the committed reports so they cannot drift.
 
-A block in the README reads
+A block in such a file reads (the path relative to the file)
 
   <!-- report: experiments/results/ladder-tiny/report.md, table 2 -->
   | ... the report's second table, verbatim ... |
   <!-- end report -->
 
-`python -m experiments.report --readme README.md` rewrites every block from its report; the test suite
-fails when a block differs from its report (tests/test_experiments.py).
+`python -m experiments.report --readme README.md docs/results.md` rewrites every block from its report; the
+test suite fails when a block differs from its report (tests/test_experiments.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """python -m experiments.report <sweep folder> [--out DIR] [--no-baselines] [--tensorboard]
-   python -m experiments.report --readme README.md
+   python -m experiments.report --readme README.md docs/results.md
 
 Reads the sweep's sweep.json and every training's metrics.jsonl; writes report.md and PNG plots:
 - each run's learning rate (every grid value's validation loss on each selection seed; a best value at the
@@ -367,8 +367,9 @@ def _images(results: list[Result]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
   parser.add_argument("sweep_dir", nargs="?", default="", help="the folder experiments.run wrote (holds sweep.json)")
-  parser.add_argument("--readme", default="", metavar="README.md",
-                      help="instead: rewrite the README's result tables from the reports they name (experiments/readme.py)")
+  parser.add_argument("--readme", nargs="+", default=[], metavar="FILE.md",
+                      help="instead: rewrite these markdown files' result tables from the reports they name "
+                           "(experiments/readme.py)")
   parser.add_argument("--out", default="", help="where report.md and the plots go (default: the sweep folder)")
   parser.add_argument("--no-baselines", action="store_true",
                       help="leave out the n-gram baselines (otherwise computed once into <sweep>/ngram.json)")
@@ -377,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.readme:
     from experiments import readme
-    print(f"{readme.rewrite(Path(args.readme))} table(s) of {args.readme} rewritten from their reports")
+    for path in args.readme:
+      print(f"{readme.rewrite(Path(path))} table(s) of {path} rewritten from their reports")
     return 0
   sweep_dir = Path(args.sweep_dir)
   if not (sweep_dir / "sweep.json").is_file():

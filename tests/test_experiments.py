@@ -688,14 +688,18 @@ def test_smoke_trains_the_small_scales_gpt_oss_style_run_at_its_real_shapes(tmp_
 
 def test_the_readmes_result_tables_equal_the_committed_reports(tmp_path):
   from experiments import readme
-  text = (Path(REPO) / "README.md").read_text()
-  found = readme.blocks(text, Path(REPO))
+  for name in ("README.md", "docs/results.md"):
+    path = Path(REPO) / name
+    for where, body, want in readme.blocks(path.read_text(), path.parent):
+      assert body == want, (f"{name}'s table from {where} differs from the report: run python -m experiments.report "
+                            f"--readme README.md docs/results.md")
+  text = (Path(REPO) / "docs" / "results.md").read_text()
+  found = readme.blocks(text, Path(REPO) / "docs")
   assert len(found) >= 6  # two tables of each of the three sweeps
-  for where, body, want in found:
-    assert body == want, f"README.md's table from {where} differs from the report: run python -m experiments.report --readme README.md"
   # and the check can fail: a figure changed in a copy is caught, and --readme puts it back
-  copy = tmp_path / "README.md"
+  (tmp_path / "docs").mkdir()
+  copy = tmp_path / "docs" / "results.md"
   copy.write_text(text.replace(found[0][2], found[0][2].replace("|", "| x", 1), 1))
   (tmp_path / "experiments").symlink_to(Path(REPO) / "experiments")
-  assert any(body != want for _, body, want in readme.blocks(copy.read_text(), tmp_path))
+  assert any(body != want for _, body, want in readme.blocks(copy.read_text(), tmp_path / "docs"))
   assert report.main(["--readme", str(copy)]) == 0 and copy.read_text() == text
