@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.run import choose_lr
+from experiments.folders import choose_lr
 
 
 def plot(description: dict, results: list, comparisons: list, out: Path, baselines: dict | None = None) -> list[Path]:

@@ -30,7 +30,7 @@ import numpy as np
 
 from experiments import context, mxfp4_cost, ngram, plots
 from experiments.paired import ALPHA, Comparison, compare, corrected, seeds_needed, sign_flip_floor
-from experiments.run import choose_lr, final_test, metrics, selection_losses
+from experiments.folders import choose_lr, final_test, metrics, selection_losses
 from gptoss_jax.config import ConfigError
 
 
