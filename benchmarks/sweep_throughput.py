@@ -9,7 +9,6 @@ speed-up is the ratio of the two sweeps' busy cores.
 """
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -19,6 +18,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from experiments.description import SweepDescription  # noqa: E402
+from experiments.run import trainings_per_run  # noqa: E402
 
 
 def children_cpu_s() -> float:
@@ -35,9 +37,9 @@ def sweep_once(args, jobs: int, folder: Path) -> tuple[float, float, int]:
   start, cpu_start = time.perf_counter(), children_cpu_s()
   subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   wall, cpu_s = time.perf_counter() - start, children_cpu_s() - cpu_start
-  description = json.loads((folder / "sweep.json").read_text())
-  trainings = len(description["runs"]) * (len(description["lrs"]) + description["seeds"])
-  return wall, cpu_s, trainings * args.steps * description["runs"][0]["tokens_per_step"]
+  description = SweepDescription.load(folder / "sweep.json")
+  trainings = len(description.runs) * trainings_per_run(description)
+  return wall, cpu_s, trainings * args.steps * description.runs[0].tokens_per_step
 
 
 def main() -> int:

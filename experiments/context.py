@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.description import SweepDescription
 from experiments.paired import ALPHA, compare, corrected
 from gptoss_jax.config import ConfigError
 
@@ -53,14 +54,14 @@ def measure(folder: Path, multiples: tuple[int, ...] = MULTIPLES) -> dict:
   return out
 
 
-def load(sweep_dir: Path, description: dict) -> dict[str, dict[int, dict]]:
+def load(sweep_dir: Path, description: SweepDescription) -> dict[str, dict[int, dict]]:
   """run -> compared seed -> its evaluation.json, for the runs that have any."""
   out = {}
-  for spec in description["runs"]:
+  for spec in description.runs:
     found = {int(p.parent.name[4:]): json.loads(p.read_text())
-             for p in (sweep_dir / spec["name"]).glob("seed*/evaluation.json") if p.parent.name[4:].isdigit()}
+             for p in (sweep_dir / spec.name).glob("seed*/evaluation.json") if p.parent.name[4:].isdigit()}
     if found:
-      out[spec["name"]] = dict(sorted(found.items()))
+      out[spec.name] = dict(sorted(found.items()))
   return out
 
 
@@ -70,10 +71,10 @@ def _measures(evals: dict[int, dict]) -> dict[str, float]:
           | {"streamed": evals["stream"]["loss"]})
 
 
-def comparisons(evaluations: dict[str, dict[int, dict]], description: dict):
+def comparisons(evaluations: dict[str, dict[int, dict]], description: SweepDescription):
   """(each run against its baseline at every length and streamed: one Holm family; each rotary run's YaRN
   against itself without YaRN at every longer length: another), corrected."""
-  baseline = {r["name"]: r["baseline"] for r in description["runs"]}
+  baseline = {r.name: r.baseline for r in description.runs}
   measures = {run: {s: _measures(e) for s, e in seeds.items()} for run, seeds in evaluations.items()}
   between, yarn = [], []
   for run, seeds in measures.items():
@@ -92,7 +93,7 @@ def comparisons(evaluations: dict[str, dict[int, dict]], description: dict):
   return fix(between), fix(yarn)
 
 
-def section(sweep_dir: Path, description: dict) -> list[str]:
+def section(sweep_dir: Path, description: SweepDescription) -> list[str]:
   """The report's section for a sweep whose trainings carry evaluation.json (the `context` sweep)."""
   evaluations = load(sweep_dir, description)
   if not evaluations:
@@ -125,7 +126,7 @@ def section(sweep_dir: Path, description: dict) -> list[str]:
   return lines + ["", "![loss by position past the training length](loss_by_position.png)"]
 
 
-def plot(sweep_dir: Path, description: dict, out: Path) -> list[Path]:
+def plot(sweep_dir: Path, description: SweepDescription, out: Path) -> list[Path]:
   """loss_by_position.png: mean over seeds of the loss in each position bucket, one line per run; panels: the
   longest plain windows, the same with YaRN, streamed."""
   evaluations = load(sweep_dir, description)
@@ -152,7 +153,7 @@ def plot(sweep_dir: Path, description: dict, out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("test loss (nats/token)")
   axes[0].legend()
-  fig.suptitle(f"{description['sweep']} ({description['scale']}): loss by position, mean over seeds")
+  fig.suptitle(f"{description.sweep} ({description.scale}): loss by position, mean over seeds")
   fig.tight_layout()
   path = out / "loss_by_position.png"
   fig.savefig(path, dpi=110)

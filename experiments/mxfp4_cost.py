@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.description import SweepDescription
 from experiments.paired import ALPHA, compare, corrected
 from gptoss_jax.config import ConfigError
 
@@ -54,14 +55,14 @@ def measure(folder: Path) -> dict:
   return {"loss": plain, "mxfp4_loss": loss(), "moe_layers": layers, "d_model": cfg.d_model, "d_expert": cfg.d_expert}
 
 
-def section(sweep_dir: Path, description: dict) -> list[str]:
+def section(sweep_dir: Path, description: SweepDescription) -> list[str]:
   """The report's table for a sweep whose MoE trainings carry mxfp4.json."""
   rows = []
-  for spec in description["runs"]:
-    found = {p.parent.name: json.loads(p.read_text()) for p in sorted((sweep_dir / spec["name"]).glob(f"seed*/{FILE}"))}
+  for spec in description.runs:
+    found = {p.parent.name: json.loads(p.read_text()) for p in sorted((sweep_dir / spec.name).glob(f"seed*/{FILE}"))}
     if len(found) > 1:
       d = np.array([r["mxfp4_loss"] - r["loss"] for r in found.values()])
-      rows.append((spec["name"], np.mean([r["loss"] for r in found.values()]), compare(spec["name"], spec["name"], d),
+      rows.append((spec.name, np.mean([r["loss"] for r in found.values()]), compare(spec.name, spec.name, d),
                    next(iter(found.values()))))
   if not rows:
     return []
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
   if not (sweep_dir / "sweep.json").is_file():
     print(f"error: {sweep_dir} is not a sweep folder (no sweep.json; experiments.run writes it)", file=sys.stderr)
     return 2
-  moe = [r["name"] for r in json.loads((sweep_dir / "sweep.json").read_text())["runs"] if r["n_experts"]]
+  moe = [r.name for r in SweepDescription.load(sweep_dir / "sweep.json").runs if r.n_experts]
   folders = sorted(p for name in moe for p in (sweep_dir / name).glob("seed*") if (p / "checkpoints").is_dir())
   if not folders:
     print(f"error: no MoE training with checkpoints in {sweep_dir}", file=sys.stderr)

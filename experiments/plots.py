@@ -15,7 +15,7 @@ def plot(description: dict, results: list, comparisons: list, out: Path, baselin
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  title = f"{description['sweep']} ({description['scale']})"
+  title = f"{description.sweep} ({description.scale})"
   colors = plt.get_cmap("tab20")(np.arange(len(results)) % 20)
   lines = _baseline_lines(baselines)
   paths = [_curves(plt, results, colors, title, lines, out, flops) for flops in (False, True)]
@@ -49,7 +49,7 @@ def _curves(plt, results, colors, title, lines, out: Path, flops: bool) -> Path:
     if not steps:
       continue
     per_step = [[dict(c)[s] for c in r.curves.values() if s in dict(c)] for s in steps]
-    x = np.array(steps, float) * (r.spec["tokens_per_step"] * r.spec["flops_per_token"] if flops else 1)
+    x = np.array(steps, float) * (r.spec.tokens_per_step * r.spec.flops_per_token if flops else 1)
     ax.plot(x, [np.mean(v) for v in per_step], label=r.name, linewidth=1.2, color=color)
     ax.fill_between(x, [min(v) for v in per_step], [max(v) for v in per_step], color=color, alpha=0.15)
   _draw_baselines(ax, lines)
@@ -118,7 +118,7 @@ def _router(plt, results, colors, title, out: Path) -> Path:
   for r, color in zip(results, colors):
     if not r.load_curves:
       continue
-    collapse = r.spec["n_experts"] / r.spec["top_k"]
+    collapse = r.spec.collapse
     steps = sorted({s for curve in r.load_curves.values() for s, _ in curve})
     per_step = [[dict(c)[s] / collapse for c in r.load_curves.values() if s in dict(c)] for s in steps]
     ax.plot(steps, [np.mean(v) for v in per_step], label=r.name, linewidth=1.2, color=color)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import context, mxfp4_cost, ngram, plots
+from experiments.description import RunSpec, SweepDescription
 from experiments.paired import ALPHA, Comparison, compare, corrected, seeds_needed, sign_flip_floor
 from experiments.folders import choose_lr, final_test, metrics, selection_losses
 from gptoss_jax.config import ConfigError
@@ -37,7 +38,7 @@ from gptoss_jax.config import ConfigError
 @dataclasses.dataclass
 class Result:
   name: str
-  spec: dict  # the run's entry in sweep.json
+  spec: RunSpec  # the run's entry in sweep.json
   curves: dict[int, list[tuple[int, float]]]  # seed -> (step, eval loss)
   finals: dict[int, float]  # finished seed -> eval loss at the last step
   eval_se: float  # mean over seeds of the final held-out loss's standard error (the held-out set's noise)
@@ -68,7 +69,7 @@ class Result:
     worst-layer load after warm-up as a fraction of collapse (over seeds)."""
     if not self.load_curves:
       return {}
-    collapse = self.spec["n_experts"] / self.spec["top_k"]
+    collapse = self.spec.collapse
     shares = [np.mean([v > collapse / 2 for _, v in c]) for c in self.load_curves.values()]
     after = [v for c in self.load_curves.values() for s, v in c if s > self.warmup]
     return {"past_half_share": float(np.mean(shares)), "past_half_share_worst_seed": float(max(shares)),
@@ -89,7 +90,7 @@ def paired(run: Result, baseline: Result) -> Comparison | None:
 
 def compare_all(results: list[Result]) -> list[Comparison]:
   by_name = {r.name: r for r in results}
-  comparisons = [c for r in results if (base := by_name.get(r.spec["baseline"])) and (c := paired(r, base))]
+  comparisons = [c for r in results if (base := by_name.get(r.spec.baseline)) and (c := paired(r, base))]
   return corrected(comparisons)
 
 
@@ -128,16 +129,11 @@ def _balancing(folder: Path) -> str:
   return ""
 
 
-def selection_seeds(description: dict) -> list[int]:
-  """The seeds learning rates were chosen on (one, `selection_seed`, in sweeps from before there were two)."""
-  return description.get("selection_seeds") or [description.get("selection_seed", 1000)]
-
-
-def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
-  description = json.loads((sweep_dir / "sweep.json").read_text())
+def load(sweep_dir: Path) -> tuple[SweepDescription, list[Result]]:
+  description = SweepDescription.load(sweep_dir / "sweep.json")
   results = []
-  for spec in description["runs"]:
-    folder, steps = sweep_dir / spec["name"], spec["steps"]
+  for spec in description.runs:
+    folder, steps = sweep_dir / spec.name, spec.steps
     curves, finals, ses, healths, rates, peaks, walls, heldout, load_curves = {}, {}, [], [], [], [], [], {}, {}
     for seed, sub in sorted(_seed_folders(folder).items()):
       rows = metrics(sub)
@@ -160,14 +156,14 @@ def load(sweep_dir: Path) -> tuple[dict, list[Result]]:
       peaks += [r.get("perf/peak_memory_gib", r.get("perf/peak_memory_gb")) for r in perf  # _gb: before 2026-12
                 if "perf/peak_memory_gib" in r or "perf/peak_memory_gb" in r]
       walls += [max(r["perf/elapsed_s"] for r in perf)] if perf and "perf/elapsed_s" in perf[-1] else []
-    chooser = selection_seeds(description)
+    chooser = list(description.selection_seeds)
     selection = selection_losses(folder, steps, chooser)
     grid = {lr: statistics.fmean(v.values()) for lr, v in selection.items() if len(v) == len(chooser)}
     health = {k: statistics.fmean(h[k] for h in healths) for k in healths[0]} if healths and healths[0] else {}
     if health:  # a mean hides single seeds: count those whose worst layer ends past half of collapse
-      half = spec["n_experts"] / spec["top_k"] / 2
+      half = spec.collapse / 2
       health["collapsing_seeds"] = sum(h["max_load_ratio"] > half for h in healths)
-    results.append(Result(spec["name"], spec, curves, finals, statistics.fmean(ses) if ses else float("nan"),
+    results.append(Result(spec.name, spec, curves, finals, statistics.fmean(ses) if ses else float("nan"),
                           grid, heldout, health, statistics.median(rates) if rates else float("nan"),
                           max(peaks, default=float("nan")), statistics.fmean(walls) if walls else float("nan"),
                           _balancing(folder) if health else "", load_curves, selection, _warmup(folder)))
@@ -178,7 +174,7 @@ def _fmt_lr(lr: float) -> str:
   return f"{lr:.3g}"
 
 
-def markdown(description: dict, results: list[Result], comparisons: list[Comparison],
+def markdown(description: SweepDescription, results: list[Result], comparisons: list[Comparison],
              baselines: dict | None = None) -> str:
   sections = [_runs_section(description, results, baselines), _baselines_section(results, baselines),
               _comparisons_section(comparisons), _sensitivity_section(results, comparisons),
@@ -186,22 +182,22 @@ def markdown(description: dict, results: list[Result], comparisons: list[Compari
   return "\n".join(line for section in sections for line in section) + "\n"
 
 
-def _reported(description: dict) -> str:
-  return "test" if description.get("selection_seeds") else "held-out"  # held-out: before the three splits
+def _reported(description: SweepDescription) -> str:
+  return "test" if len(description.selection_seeds) > 1 else "held-out"  # held-out: before the three splits
 
 
-def _runs_section(description: dict, results: list[Result], baselines: dict | None) -> list[str]:
-  first = description["runs"][0]
-  tokens = first["steps"] * first["tokens_per_step"]
+def _runs_section(description: SweepDescription, results: list[Result], baselines: dict | None) -> list[str]:
+  first = description.runs[0]
+  tokens = first.steps * first.tokens_per_step
   split = _reported(description)
-  lines = [f"# Sweep `{description['sweep']}`, scale `{description['scale']}`", "",
-           f"{len(results)} runs. Each trains {first['steps']:,} steps of {first['tokens_per_step']:,} tokens "
+  lines = [f"# Sweep `{description.sweep}`, scale `{description.scale}`", "",
+           f"{len(results)} runs. Each trains {first.steps:,} steps of {first.tokens_per_step:,} tokens "
            f"({tokens:,} tokens) at its own learning rate, chosen on the mean validation loss of seeds "
-           f"{', '.join(map(str, selection_seeds(description)))} from the grid "
-           f"{', '.join(map(_fmt_lr, description.get('lrs', [])))} (widened where the best value was at an edge), "
-           f"then {description['seeds']} compared seeds (0..{description['seeds'] - 1}) at that value"
-           + (f"; overrides: {' '.join(f'{k}={v}' for k, v in description['overrides'].items())}"
-              if description["overrides"] else "") + ".",
+           f"{', '.join(map(str, description.selection_seeds))} from the grid "
+           f"{', '.join(map(_fmt_lr, description.lrs))} (widened where the best value was at an edge), "
+           f"then {description.seeds} compared seeds (0..{description.seeds - 1}) at that value"
+           + (f"; overrides: {' '.join(f'{k}={v}' for k, v in description.overrides.items())}"
+              if description.overrides else "") + ".",
            f"Final {split} loss: cross-entropy (nats/token) on the {split} split at the last step, mean ± standard "
            "deviation over seeds [min, max]. tokens/active, tokens/total: training tokens per active and per total "
            "parameter." + (" vs n-gram: the mean's difference from the best n-gram baseline counted on as many "
@@ -215,10 +211,10 @@ def _runs_section(description: dict, results: list[Result], baselines: dict | No
     finals = (f"{r.mean:.4f} ± {r.sd:.4f}" if len(r.finals) > 1 else f"{r.mean:.4f}") if r.finals else \
         f"unfinished ({len(r.curves)} seeds started)"
     lines.append(
-        f"| {r.name} | {', '.join(r.spec['changes']) or '-'} | {_fmt_lr(choice.lr) if choice else '-'} | {finals} | "
+        f"| {r.name} | {', '.join(r.spec.changes) or '-'} | {_fmt_lr(choice.lr) if choice else '-'} | {finals} | "
         + (f"[{min(r.finals.values()):.4f}, {max(r.finals.values()):.4f}]" if r.finals else "-")
-        + f" | {r.spec['total_params']:,} | {r.spec['active_params']:,} | {tokens / r.spec['active_params']:.1f} | "
-        f"{tokens / r.spec['total_params']:.1f} | {r.spec['flops_per_token']:,.0f} | {r.tokens_per_s:,.0f} | "
+        + f" | {r.spec.total_params:,} | {r.spec.active_params:,} | {tokens / r.spec.active_params:.1f} | "
+        f"{tokens / r.spec.total_params:.1f} | {r.spec.flops_per_token:,.0f} | {r.tokens_per_s:,.0f} | "
         f"{r.peak_memory_gb:.2f} | {r.wall_s:.0f} |" + (f" {r.mean - best:+.4f} |" if baselines else ""))
   return lines
 
@@ -330,7 +326,7 @@ def _router_section(results: list[Result]) -> list[str]:
            "| seeds past half of collapse at the end | steps past half (mean; worst seed) | largest after warm-up |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   for r in moe:
-    E, k = r.spec["n_experts"], r.spec["top_k"]
+    E, k = r.spec.n_experts, r.spec.top_k
     over = r.router_over_run()
     lines.append(f"| {r.name} | {E}, {k} | {r.balancing} | {r.health['max_load_ratio']:.2f} | {E / k:.1f} | "
                  f"{r.health['usage_entropy']:.3f} | {r.health['dead_experts']:.3f} | "

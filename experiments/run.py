@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from experiments import cost
+from experiments.description import RunSpec, SweepDescription
 from experiments.folders import (EVALUATION_FILE, SMALL_FILES, Choice, choose_lr, finished, grid_trainings,  # noqa: F401
                                  last_step, lr_dir, metrics, run_dir, selection_losses, three_digits)
 from experiments.paired import ALPHA, seeds_needed, sign_flip_floor
@@ -58,7 +59,7 @@ def evaluation_command(sweep: Sweep, folder: Path) -> list[str]:
   return [sys.executable, "-m", sweep.evaluation, str(folder)]
 
 
-def describe(sweep: Sweep, extra: dict[str, str], seeds: int, lrs: tuple[float, ...]) -> dict:
+def describe(sweep: Sweep, extra: dict[str, str], seeds: int, lrs: tuple[float, ...]) -> SweepDescription:
   """sweep.json: what the report needs besides the metrics. Resolving every run's config here also
   checks the command-line overrides before anything trains."""
   runs = []
@@ -67,34 +68,29 @@ def describe(sweep: Sweep, extra: dict[str, str], seeds: int, lrs: tuple[float, 
     cfg = config.model
     s = stats(cfg, config.data.seq_len)
     tokens = config.train.batch_size * config.data.seq_len * config.train.steps
-    runs.append({"name": run.name, "changes": list(run.changes), "baseline": run.baseline, "note": run.note,
-                 "total_params": s.total_params, "active_params": s.active_params,
-                 "flops_per_token": s.train_flops_per_token, "n_experts": cfg.n_experts, "top_k": cfg.top_k,
-                 "steps": config.train.steps,
-                 "stop_at": config.train.stop_at, "tokens": tokens,
-                 "tokens_per_step": config.train.batch_size * config.data.seq_len})
+    runs.append(RunSpec(run.name, tuple(run.changes), run.baseline, run.note, s.total_params, s.active_params,
+                        s.train_flops_per_token, cfg.n_experts, cfg.top_k, config.train.steps, config.train.stop_at,
+                        tokens, config.train.batch_size * config.data.seq_len))
   scale = SCALES[sweep.scale]
-  return {"sweep": sweep.name, "scale": sweep.scale, "seeds": seeds, "lrs": list(lrs),
-          "selection_seeds": list(scale.selection_seeds), "overrides": extra, "runs": runs,
-          "min_tokens_per_active_param": scale.min_tokens_per_active_param}
+  return SweepDescription(sweep.name, sweep.scale, tuple(runs), seeds, tuple(lrs), tuple(scale.selection_seeds),
+                          dict(extra), scale.min_tokens_per_active_param)
 
 
-def table(description: dict) -> str:
+def table(description: SweepDescription) -> str:
   lines = [f"{'run':<18} {'changes':<44} {'params':>10} {'active':>10} {'train FLOPs/token':>18} "
            f"{'tokens/active':>14}"]
-  for r in description["runs"]:
-    lines.append(f"{r['name']:<18} {','.join(r['changes']) or '-':<44.44} {r['total_params']:>10,} "
-                 f"{r['active_params']:>10,} {r['flops_per_token']:>18,.0f} {r['tokens'] / r['active_params']:>14.1f}")
+  for r in description.runs:
+    lines.append(f"{r.name:<18} {','.join(r.changes) or '-':<44.44} {r.total_params:>10,} "
+                 f"{r.active_params:>10,} {r.flops_per_token:>18,.0f} {r.tokens / r.active_params:>14.1f}")
   return "\n".join(lines)
 
 
-def trainings_per_run(description: dict) -> int:
+def trainings_per_run(description: SweepDescription) -> int:
   """Trainings each run needs at least (a grid widened at an edge adds selection trainings)."""
-  tuned = len(description["lrs"]) > 1
-  return len(description["lrs"]) * len(description["selection_seeds"]) * tuned + description["seeds"]
+  return len(description.lrs) * len(description.selection_seeds) * description.tuned + description.seeds
 
 
-def cost_table(sweep: Sweep, description: dict, extra: dict[str, str], device: str, mfu: float,
+def cost_table(sweep: Sweep, description: SweepDescription, extra: dict[str, str], device: str, mfu: float,
                devices_per_job: int = 1) -> str:
   """Per run and for the whole sweep: training FLOPs, hours on `device` at `mfu`, and each training's peak
   memory per device (an estimate), flagged with what to change where it would not fit."""
@@ -103,8 +99,8 @@ def cost_table(sweep: Sweep, description: dict, extra: dict[str, str], device: s
            f"of {mfu:g}, {devices_per_job} device(s) per training, {n} trainings per run:",
            f"{'run':<18} {'FLOPs/training':>15} {'h/training':>11} {'h/run':>9} {'memory GiB':>11}  fits?"]
   total = 0.0
-  for run, spec in zip(sweep.runs, description["runs"]):
-    e = cost.estimate(sweep.config(run, 0, description["lrs"][0], extra), spec["flops_per_token"], dev, mfu,
+  for run, spec in zip(sweep.runs, description.runs):
+    e = cost.estimate(sweep.config(run, 0, description.lrs[0], extra), spec.flops_per_token, dev, mfu,
                       devices_per_job)
     total += e["device_hours"] * n
     lines.append(f"{run.name:<18} {e['train_flops']:>15.3g} {e['device_hours'] / devices_per_job:>11.2f} "
@@ -127,28 +123,28 @@ class Scheduler:
   """Which trainings can start now: a run's learning-rate grid first, then (once its grid is done and
   its best value is inside the grid) its compared seeds at the chosen value."""
 
-  def __init__(self, sweep: Sweep, sweep_dir: Path, description: dict, widen: int = WIDEN):
+  def __init__(self, sweep: Sweep, sweep_dir: Path, description: SweepDescription, widen: int = WIDEN):
     self.sweep, self.dir, self.d, self.widen = sweep, sweep_dir, description, widen
-    self.specs = {r["name"]: r for r in description["runs"]}
+    self.specs = {r.name: r for r in description.runs}
     self.failed: set[str] = set()  # runs with a failed training: nothing more of them is started
 
   def steps(self, run: Run) -> int:
-    return self.specs[run.name]["steps"]
+    return self.specs[run.name].steps
 
   def target(self, run: Run) -> int:
     """Where this call's trainings stop: train.stop_at if set, else the last step."""
-    return self.specs[run.name]["stop_at"] or self.steps(run)
+    return self.specs[run.name].stop_at or self.steps(run)
 
   def tuned(self) -> bool:
-    return len(self.d["lrs"]) > 1
+    return self.d.tuned
 
   def choice(self, run: Run) -> Choice | None:
     """The run's learning rate once every value tried has finished on every selection seed (None before)."""
     if not self.tuned():
-      return Choice(self.d["lrs"][0], {}, None, False)
-    seeds = self.d["selection_seeds"]
+      return Choice(self.d.lrs[0], {}, None, False)
+    seeds = self.d.selection_seeds
     losses = selection_losses(self.dir / run.name, self.steps(run), seeds)
-    tried = set(self.d["lrs"]) | {lr for lr, _ in grid_trainings(self.dir / run.name, seeds[0])}
+    tried = set(self.d.lrs) | {lr for lr, _ in grid_trainings(self.dir / run.name, seeds[0])}
     if any(len(losses.get(lr, {})) < len(seeds) for lr in tried):
       return None
     return choose_lr({lr: sum(losses[lr][s] for s in seeds) / len(seeds) for lr in tried})
@@ -156,19 +152,19 @@ class Scheduler:
   def jobs(self) -> list[Job]:
     """Every training that is known now to be needed, finished or not."""
     out = []
-    seeds = self.d["selection_seeds"]
+    seeds = self.d.selection_seeds
     for run in self.sweep.runs:
       if self.tuned():
-        tried = sorted(set(self.d["lrs"]) | {lr for lr, _ in grid_trainings(self.dir / run.name, seeds[0])})
+        tried = sorted(set(self.d.lrs) | {lr for lr, _ in grid_trainings(self.dir / run.name, seeds[0])})
         out += [Job(run, seed, lr, lr_dir(self.dir, run.name, lr, seed)) for lr in tried for seed in seeds]
       choice = self.choice(run)
       if choice is None:
         continue
-      widened = len(choice.losses) - len(self.d["lrs"])
+      widened = len(choice.losses) - len(self.d.lrs)
       if choice.widen is not None and widened < self.widen:
         out += [Job(run, seed, choice.widen, lr_dir(self.dir, run.name, choice.widen, seed)) for seed in seeds]
       else:
-        out += [Job(run, seed, choice.lr, run_dir(self.dir, run.name, seed)) for seed in range(self.d["seeds"])]
+        out += [Job(run, seed, choice.lr, run_dir(self.dir, run.name, seed)) for seed in range(self.d.seeds)]
     return out
 
   def ready(self, running: set[Path]) -> list[Job]:
@@ -187,7 +183,7 @@ class Scheduler:
   def total_steps(self) -> int:
     """Steps of every training the sweep will need as far as known (a widened grid adds to it)."""
     per_run = trainings_per_run(self.d)
-    return sum(spec["steps"] * per_run for spec in self.specs.values())
+    return sum(spec.steps * per_run for spec in self.specs.values())
 
 
 def cpu_sets(jobs: int) -> list[set[int]]:
@@ -247,13 +243,13 @@ def keep(folder: Path, sweep_dir: Path, results: Path) -> None:
   shutil.copy2(sweep_dir / "sweep.json", results / "sweep.json")
 
 
-def take_kept(results: Path, sweep_dir: Path, description: dict) -> int:
+def take_kept(results: Path, sweep_dir: Path, description: SweepDescription) -> int:
   """Copies the finished trainings kept in `results` (by an earlier call, maybe on another machine) into the
   sweep folder, where the scheduler then skips them; returns how many. A results folder of another sweep
   description (other runs, grid, overrides or selection seeds) is refused."""
   if not (results / "sweep.json").is_file():
     return 0
-  kept, now = (_what_trains(d) for d in (json.loads((results / "sweep.json").read_text()), description))
+  kept, now = (_what_trains(d).to_dict() for d in (SweepDescription.load(results / "sweep.json"), description))
   differ = sorted(k for k in set(kept) | set(now) if kept.get(k) != now.get(k))
   if differ:
     raise ConfigError(f"--results {results} holds another sweep (it differs in {', '.join(differ)}); give another folder")
@@ -266,25 +262,25 @@ def take_kept(results: Path, sweep_dir: Path, description: dict) -> int:
   return len(taken)
 
 
-def _what_trains(description: dict) -> dict:
+def _what_trains(description: SweepDescription) -> SweepDescription:
   """A description without what does not change its trainings: the number of compared seeds (more may be
   added) and the FLOPs estimate (its method may improve)."""
-  runs = [{k: v for k, v in r.items() if k != "flops_per_token"} for r in description.get("runs", [])]
-  return {k: v for k, v in description.items() if k not in ("seeds", "runs")} | {"runs": runs}
+  runs = tuple(dataclasses.replace(r, flops_per_token=0.0) for r in description.runs)
+  return dataclasses.replace(description, seeds=0, runs=runs)
 
 
-def _finished_only_in(src: Path, dst: Path, description: dict) -> list[tuple[Path, Path]]:
+def _finished_only_in(src: Path, dst: Path, description: SweepDescription) -> list[tuple[Path, Path]]:
   """(training in src, the same place in dst) for each training of the sweep finished in src and not in dst."""
   pairs = []
   for folder in sorted(p.parent for p in src.glob("*/*/metrics.jsonl")):
-    spec = next((r for r in description["runs"] if r["name"] == folder.parent.name), None)
+    spec = description.run(folder.parent.name)
     other = dst / folder.relative_to(src)
-    if spec and finished(folder, spec["steps"]) and not finished(other, spec["steps"]):
+    if spec and finished(folder, spec.steps) and not finished(other, spec.steps):
       pairs.append((folder, other))
   return pairs
 
 
-def keep_unkept(sweep_dir: Path, results: Path, description: dict) -> int:
+def keep_unkept(sweep_dir: Path, results: Path, description: SweepDescription) -> int:
   """Keeps the sweep folder's finished trainings that `results` lacks (one that ended while the runner was
   being stopped was never kept); returns how many."""
   unkept = _finished_only_in(sweep_dir, results, description)
@@ -300,27 +296,27 @@ def launch(cmd: list[str], folder: Path, env: dict[str, str], cpus: frozenset[in
                             preexec_fn=lambda: os.sched_setaffinity(0, cpus))
 
 
-def execute(sweep: Sweep, sweep_dir: Path, description: dict, extra: dict[str, str], jobs: int = 1,
+def execute(sweep: Sweep, sweep_dir: Path, description: SweepDescription, extra: dict[str, str], jobs: int = 1,
             widen: int = WIDEN, results: Path | None = None, devices_per_job: int = 1,
             env_extra: dict[str, str] | None = None) -> list[str]:
   """Trains every unfinished job, `jobs` at a time; returns the names of the ones that failed. With
   `results`, finished trainings kept there are taken first, and each training that finishes is kept."""
   sweep_dir.mkdir(parents=True, exist_ok=True)
-  (sweep_dir / "sweep.json").write_text(json.dumps(description, indent=1))
+  description.save(sweep_dir / "sweep.json")
   if results is not None:
     print(f"{take_kept(results, sweep_dir, description)} finished training(s) taken from {results}, "
           f"{keep_unkept(sweep_dir, results, description)} kept there", file=sys.stderr)
   # once, before trainings that would race to prepare it
-  ensure_dataset(sweep.config(sweep.runs[0], 0, description["lrs"][0], extra).data, progress=True)
+  ensure_dataset(sweep.config(sweep.runs[0], 0, description.lrs[0], extra).data, progress=True)
   plan = Scheduler(sweep, sweep_dir, description, widen)
   places = slots(jobs, devices_per_job, visible_gpus())
   # one compilation per program: the seeds of a run share their train step (JAX's persistent cache)
   env = os.environ | {"JAX_COMPILATION_CACHE_DIR": str((sweep_dir / ".jax_cache").absolute()),
                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"} | (env_extra or {})
   done_before = sum(last_step(j.folder) for j in plan.jobs())
-  tuning = (f"{len(description['lrs'])} learning rates x {len(description['selection_seeds'])} selection seeds + "
-            if len(description["lrs"]) > 1 else "")
-  print(f"{sweep.name} at scale {sweep.scale}: {len(sweep.runs)} runs x ({tuning}{description['seeds']} seeds), "
+  tuning = (f"{len(description.lrs)} learning rates x {len(description.selection_seeds)} selection seeds + "
+            if description.tuned else "")
+  print(f"{sweep.name} at scale {sweep.scale}: {len(sweep.runs)} runs x ({tuning}{description.seeds} seeds), "
         f"{jobs} at a time; TensorBoard: tensorboard --logdir {sweep_dir}", file=sys.stderr)
   from tqdm import tqdm
   bar = tqdm(total=plan.total_steps(), initial=done_before, unit="step", file=sys.stderr, dynamic_ncols=True,
@@ -392,7 +388,7 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _plan(args: argparse.Namespace, rest: list[str]) -> tuple[Sweep, dict[str, str], dict]:
+def _plan(args: argparse.Namespace, rest: list[str]) -> tuple[Sweep, dict[str, str], SweepDescription]:
   """The command line checked: the sweep (its --runs), the overrides and the sweep's description."""
   sweep = build(args.sweep, args.scale)
   extra = (SMOKE if args.smoke else {}) | parse_override_args(rest)
@@ -432,15 +428,14 @@ def main(argv: list[str] | None = None) -> int:
   print(table(description))
   if costs:
     print(costs)
-  short = [r["name"] for r in description["runs"]
-           if r["tokens"] < description["min_tokens_per_active_param"] * r["active_params"]]
+  short = [r.name for r in description.runs if r.tokens < description.min_tokens_per_active_param * r.active_params]
   if short:
-    print(f"note: {', '.join(short)} train on fewer than the scale's {description['min_tokens_per_active_param']:g} "
+    print(f"note: {', '.join(short)} train on fewer than the scale's {description.min_tokens_per_active_param:g} "
           "tokens per active parameter", file=sys.stderr)
   compared = sum(1 for r in sweep.runs if r.baseline)
-  floor = sign_flip_floor(description["seeds"], compared)
+  floor = sign_flip_floor(description.seeds, compared)
   if compared and floor > ALPHA:
-    print(f"note: with {description['seeds']} seeds the sign-flip test cannot pass Holm over {compared} comparisons "
+    print(f"note: with {description.seeds} seeds the sign-flip test cannot pass Holm over {compared} comparisons "
           f"(smallest adjusted p {floor:.3f}): nothing can be called "
           f"distinguishable; --seeds {seeds_needed(compared)} can", file=sys.stderr)
   if args.dry_run:

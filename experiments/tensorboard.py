@@ -32,27 +32,28 @@ def write(sweep_dir: Path, description: dict, out: Path) -> Path:
   from tensorboardX import SummaryWriter
   shutil.rmtree(out, ignore_errors=True)  # written anew: event files of an earlier export would be read too
   out.mkdir(parents=True)
-  varying = sorted({field for run in description["runs"] for field in run["changes"]})
+  varying = sorted({field for run in description.runs for field in run.changes})
   with SummaryWriter(str(out)) as root:
     root.add_custom_scalars(LAYOUT)
-  for spec in description["runs"]:
-    for folder in sorted((sweep_dir / spec["name"]).glob("*")):
+  for spec in description.runs:
+    for folder in sorted((sweep_dir / spec.name).glob("*")):
       if not (folder / "metrics.jsonl").is_file():
         continue
       config = json.loads((folder / "config.json").read_text())
       seeds = folder.name.startswith("seed")
-      hparams = {"run": spec["name"], "sweep": f"{description['sweep']}-{description['scale']}",
+      hparams = {"run": spec.name, "sweep": f"{description.sweep}-{description.scale}",
                  "seed": config["train"]["seed"], "lr": config["train"]["lr"], "lr_selection": not seeds}
       hparams |= {f: config["model"].get(f, MODEL_DEFAULTS.get(f)) for f in varying}  # added since: default
-      hparams |= {k: spec[k] for k in ("total_params", "active_params")} | {"train_flops_per_token": spec["flops_per_token"]}
-      group = spec["name"] if seeds else f"{spec['name']}/{folder.name}"
-      with SummaryWriter(str(out / spec["name"] / folder.name)) as writer:
+      hparams |= {"total_params": spec.total_params, "active_params": spec.active_params,
+                  "train_flops_per_token": spec.flops_per_token}
+      group = spec.name if seeds else f"{spec.name}/{folder.name}"
+      with SummaryWriter(str(out / spec.name / folder.name)) as writer:
         for summary in hparams_summaries(hparams, group, ("eval/loss", "train/loss"), differs=(*varying, "lr")):
           writer.file_writer.add_summary(summary)
         for line in (folder / "metrics.jsonl").read_text().splitlines():
           row = json.loads(line)
           step = row.pop("step")
-          row.setdefault("train/tokens", step * spec["tokens_per_step"])
+          row.setdefault("train/tokens", step * spec.tokens_per_step)
           for tag, value in row.items():
             if isinstance(value, (int, float)) and tag not in LEFT_OUT:
               writer.add_scalar(tag, value, step)

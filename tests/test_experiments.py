@@ -16,6 +16,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from experiments import paired, report, run, sweeps
+from experiments.description import RunSpec, SweepDescription
 from experiments.sweeps import SCALES, active, build, solve, total
 from conftest import REPO
 from gptoss_jax.config import ConfigError, ModelConfig, RunConfig
@@ -357,10 +358,10 @@ def test_the_runner_says_when_its_seeds_cannot_pass_the_sign_flip_test(capsys):
 def test_finished_trainings_the_results_lack_are_kept_when_the_runner_starts(tmp_path):
   """A training that ended while the runner was being stopped was never kept: the next start keeps it."""
   sweep_dir, results = tmp_path / "sweep", tmp_path / "results"
-  description = {"runs": [{"name": "a", "steps": 20}]}
+  description = SweepDescription("s", "tiny", (RunSpec("a", steps=20),))
   _write_metrics(sweep_dir / "a" / "seed0", 2.0)  # finished
   _write_metrics(sweep_dir / "a" / "seed1", 2.0, steps=10)  # stopped at step 10 of 20
-  (sweep_dir / "sweep.json").write_text(json.dumps(description))
+  description.save(sweep_dir / "sweep.json")
   assert run.keep_unkept(sweep_dir, results, description) == 1
   assert (results / "a" / "seed0" / "metrics.jsonl").read_text() == (sweep_dir / "a" / "seed0" / "metrics.jsonl").read_text()
   assert not (results / "a" / "seed1").exists() and (results / "sweep.json").is_file()
@@ -371,13 +372,13 @@ def test_kept_results_are_taken_back_unless_they_describe_other_trainings(tmp_pa
   """More compared seeds or a better FLOPs estimate describe the same trainings; another parameter count does not."""
   results = tmp_path / "results"
   _write_metrics(results / "a" / "seed0", 2.0)
-  kept = {"sweep": "s", "seeds": 8, "lrs": [1e-3], "runs": [{"name": "a", "steps": 20, "total_params": 100,
-                                                             "flops_per_token": 600.0}]}
-  (results / "sweep.json").write_text(json.dumps(kept))
-  now = kept | {"seeds": 10, "runs": [kept["runs"][0] | {"flops_per_token": 594.0}]}
+  spec = RunSpec("a", steps=20, total_params=100, flops_per_token=600.0)
+  kept = SweepDescription("s", "tiny", (spec,), seeds=8, lrs=(1e-3,))
+  kept.save(results / "sweep.json")
+  now = dataclasses.replace(kept, seeds=10, runs=(dataclasses.replace(spec, flops_per_token=594.0),))
   assert run.take_kept(results, tmp_path / "sweep", now) == 1
   assert (tmp_path / "sweep" / "a" / "seed0" / "metrics.jsonl").is_file()
-  other = kept | {"runs": [kept["runs"][0] | {"total_params": 101}]}
+  other = dataclasses.replace(kept, runs=(dataclasses.replace(spec, total_params=101),))
   with pytest.raises(ConfigError, match="differs in runs"):
     run.take_kept(results, tmp_path / "other", other)
 
@@ -411,8 +412,8 @@ def test_lr_choice_picks_the_lowest_loss_and_widens_at_an_edge():
 
 def test_scheduler_chooses_on_the_mean_of_the_selection_seeds_widens_then_trains_seeds(tmp_path):
   sweep = sweeps.Sweep("ladder", "tiny", build("ladder", "tiny").runs[:1])
-  description = {"runs": [{"name": "gpt2", "steps": 20, "stop_at": 0}], "lrs": [1e-3, 3e-3, 1e-2], "seeds": 2,
-                 "selection_seeds": [1000, 1001]}
+  description = SweepDescription("ladder", "tiny", (RunSpec("gpt2", steps=20),), seeds=2, lrs=(1e-3, 3e-3, 1e-2),
+                                 selection_seeds=(1000, 1001))
   plan = run.Scheduler(sweep, tmp_path, description)
   folders = lambda: sorted(str(j.folder.relative_to(tmp_path)) for j in plan.ready(set()))
   assert folders() == [f"gpt2/lr{lr}-seed{s}" for lr in ("0.001", "0.003", "0.01") for s in (1000, 1001)]
@@ -449,8 +450,8 @@ def test_context_sweep_changes_positions_windows_and_sinks_only_and_has_seeds_fo
 
 def test_scheduler_runs_the_sweeps_evaluation_after_each_compared_training(tmp_path):
   sweep = dataclasses.replace(build("context", "tiny"), runs=build("context", "tiny").runs[:1])
-  description = {"runs": [{"name": "rope", "steps": 20, "stop_at": 0}], "lrs": [1e-3, 3e-3, 1e-2], "seeds": 2,
-                 "selection_seeds": [1000, 1001]}
+  description = SweepDescription("context", "tiny", (RunSpec("rope", steps=20),), seeds=2, lrs=(1e-3, 3e-3, 1e-2),
+                                 selection_seeds=(1000, 1001))
   plan = run.Scheduler(sweep, tmp_path, description)
   for lr, loss in ((1e-3, 2.5), (3e-3, 2.3), (1e-2, 2.4)):
     for seed in (1000, 1001):
@@ -533,7 +534,7 @@ def test_report_flags_a_comparison_whose_sign_changes_across_shared_learning_rat
 
 
 def test_router_health_over_the_whole_run():
-  spec = {"n_experts": 8, "top_k": 2}  # collapse 4, half of it 2
+  spec = RunSpec("moe", n_experts=8, top_k=2)  # collapse 4, half of it 2
   r = report.Result("moe", spec, {}, {}, 0.0, {}, {}, {}, 0.0, 0.0, 0.0,
                     load_curves={0: [(5, 3.9), (10, 3.0), (20, 1.5), (30, 1.2)], 1: [(5, 3.9), (10, 1.8), (20, 2.4),
                                                                                    (30, 1.1)]}, warmup=5)
