@@ -53,6 +53,9 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
 
 
 BATCH_TOKENS = 4096  # --batch's default: this many tokens at a time
+# --seq-len's default on CPU at most: gpt-oss-20b's 24 layers took 16.0 GiB of host memory in windows of 4,096
+# (a conversion's default) and 13.9 GiB in windows of 512 (benchmarks/gpt_oss_memory.py): 16 GB machines
+CPU_WINDOW = 1024
 
 
 @jax.jit
@@ -155,6 +158,15 @@ def check_length(cfg, seq_len: int) -> None:
                       f"{cfg.max_seq_len} (a rotary model can be evaluated past its training length)")
 
 
+def default_seq_len(config) -> int:
+  """The checkpoint's data.seq_len, capped at CPU_WINDOW on CPU (said on stderr when it is)."""
+  if jax.default_backend() != "cpu" or config.data.seq_len <= CPU_WINDOW:
+    return config.data.seq_len
+  print(f"note: windows of {CPU_WINDOW:,} tokens on CPU, not the checkpoint's {config.data.seq_len:,} (its memory; "
+        "--seq-len to choose)", file=sys.stderr)
+  return CPU_WINDOW
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m gptoss_jax.evaluate", description=__doc__.split("\n\n")[0],
                                    epilog="--config.model.FIELD=VALUE: a model field that keeps the weights' shapes")
@@ -166,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="the prepared dataset's split (default: test)")
   lengths = parser.add_mutually_exclusive_group()
   lengths.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's data.seq_len (a "
-                       "training's length; a conversion's context, at most 4,096)")
+                       f"training's length; a conversion's context, at most 4,096), on CPU at most {CPU_WINDOW:,}")
   lengths.add_argument("--lengths", default="", help="comma-separated lengths, each evaluated (e.g. 128,256,512,1024)")
   parser.add_argument("--stream", action="store_true", help="read each window through a KV cache of --cache positions")
   parser.add_argument("--cache", type=int, default=0, help="with --stream: positions every layer's cache keeps")
@@ -224,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
       raise ConfigError("--stream and --cache N (N >= 1) go together")
     overrides = scaling_overrides(read_config(args.ckpt), parse_override_args(rest)) if rest else {}
     config, cfg, model = load_model(args.ckpt, args.step, overrides)
-    lengths = parse_lengths(args.lengths) if args.lengths else [args.seq_len or config.data.seq_len]
+    lengths = parse_lengths(args.lengths) if args.lengths else [args.seq_len or default_seq_len(config)]
     for seq_len in lengths:
       check_length(cfg, seq_len)
     if args.batch is not None and args.batch <= 0:
