@@ -20,6 +20,7 @@ import numpy as np
 from experiments.description import SweepDescription
 from experiments.paired import ALPHA, compare, corrected
 from gptoss_jax.config import ConfigError
+from gptoss_jax.fileio import atomic_write
 
 MULTIPLES = (1, 2, 4, 8)
 BATCH_TOKENS = 16384  # tokens per evaluation call (tiny models: fewer, larger calls)
@@ -178,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [f for path in args.folders for f in folders(Path(path))]
     for folder in todo:
       result = measure(folder)
-      (folder / "evaluation.json.tmp").write_text(json.dumps(result))
-      (folder / "evaluation.json.tmp").replace(folder / "evaluation.json")
+      atomic_write(folder / "evaluation.json", json.dumps(result))
       print(f"{folder}: " + ", ".join(f"{n}: {r['loss']:.4f}" for n, r in result["plain"].items())
             + f"; streamed {result['stream']['loss']:.4f}", file=sys.stderr)
   except ConfigError as e:

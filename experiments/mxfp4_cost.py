@@ -22,6 +22,7 @@ import numpy as np
 from experiments.description import SweepDescription
 from experiments.paired import ALPHA, compare, corrected
 from gptoss_jax.config import ConfigError
+from gptoss_jax.fileio import atomic_write
 
 FILE = "mxfp4.json"
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     for folder in tqdm(folders, desc="MXFP4 cost", unit="training", file=sys.stderr):
       result = measure(folder)
-      (folder / FILE).write_text(json.dumps(result))
+      atomic_write(folder / FILE, json.dumps(result))
       if args.results:
         dst = Path(args.results) / folder.relative_to(sweep_dir)
         dst.mkdir(parents=True, exist_ok=True)
