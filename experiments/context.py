@@ -149,8 +149,8 @@ def plot(sweep_dir: Path, description: SweepDescription, out: Path) -> list[Path
       starts = [max(b["from"], 0.5) for b in results[0]["by_position"]]
       ax.plot(starts, np.mean([[b["loss"] for b in r["by_position"]] for r in results], axis=0), marker="o", label=run)
     ax.axvline(first["seq_len"], color="grey", linestyle=":", linewidth=1)
-    ax.set(xscale="log", xlabel="position (bucket start; dotted: the training length)", title=title)
     ax.set_xscale("log", base=2)
+    ax.set(xlabel="position (bucket start; dotted: the training length)", title=title)
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("test loss (nats/token)")
   axes[0].legend()
