@@ -37,7 +37,7 @@ class Scale:
   window: int  # the sliding-window rung's window
   depths: tuple[int, ...]  # width vs depth
   expert_counts: dict[int, int]  # experts sweep: n_experts -> top_k
-  run: dict  # every run's data / train / checkpoint / log settings
+  run: dict  # every run's data / train / checkpoint / log settings, {"section.field": value} (checked)
   lrs: tuple[float, ...]  # the learning-rate grid each run is tuned on (spaced 2x)
   seeds: int = 8  # compared seeds 0..seeds-1
   # the learning rate is chosen on the mean validation loss of these seeds, never compared ones
@@ -46,6 +46,19 @@ class Scale:
   # every MoE run adds DeepSeek-V3's aux-loss-free balancing to the default balancing loss and z-loss:
   # with the loss alone, some tiny runs ended with one expert at 2-2.5x its share (of 4 at collapse)
   moe_bias_update_rate: float = 1e-3
+
+  def __post_init__(self):
+    """`run` is checked against the typed config when the scale is defined: an unknown section or field (with
+    the nearest valid names) or a value of the wrong type is an error here, not at training."""
+    RunConfig.from_dict({"model": {"max_seq_len": self.model["max_seq_len"]}} | self.overrides())
+
+  def overrides(self) -> dict[str, dict]:
+    """`run` by section: {"data": {"seq_len": 128, ...}, "train": {...}, ...}."""
+    nested: dict[str, dict] = {}
+    for key, value in self.run.items():
+      section, _, field = key.partition(".")
+      nested.setdefault(section, {})[field] = value
+    return nested
 
 
 # the small and gpu scales' corpus: GPT-2 tokens of FineWeb-Edu, streamed (pip install -e ".[hf]" and internet, or a
@@ -112,9 +125,8 @@ class Sweep:
     the command line's overrides (`extra`, strings as typed there), the seed and the learning rate."""
     config = load_config_file(BASE_CONFIG)
     config.model.update(run.model.to_dict())
-    for key, value in SCALES[self.scale].run.items():
-      section, field = key.split(".")
-      config[section][field] = value
+    for section, fields in SCALES[self.scale].overrides().items():
+      config[section].update(fields)
     apply_overrides(config, extra or {})
     config.train.seed, config.train.lr, config.log.progress = seed, lr, False
     return RunConfig.from_dict(config)

@@ -431,6 +431,15 @@ def test_scheduler_chooses_on_the_mean_of_the_selection_seeds_widens_then_trains
   assert run.selection_losses(tmp_path / "gpt2", 20, [1000, 1001])[0.0333] == {1000: 2.36, 1001: 2.40}
 
 
+def test_a_scales_run_settings_are_checked_against_the_typed_config_when_defined():
+  tiny = sweeps.SCALES["tiny"]
+  with pytest.raises(ConfigError, match="train.stepz .*did you mean train.steps"):
+    dataclasses.replace(tiny, run=tiny.run | {"train.stepz": 3})
+  with pytest.raises(ConfigError, match="train.steps must be int"):
+    dataclasses.replace(tiny, run=tiny.run | {"train.steps": "700"})
+  assert tiny.overrides()["data"]["seq_len"] == tiny.run["data.seq_len"] == 128
+
+
 def test_context_sweep_changes_positions_windows_and_sinks_only_and_has_seeds_for_its_family():
   sweep = build("context", "tiny")
   runs = {r.name: r for r in sweep.runs}
