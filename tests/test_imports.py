@@ -40,3 +40,24 @@ def test_the_typed_config_imports_nothing_else_and_loading_it_needs_no_jax():
       "print('gptoss_jax.model' in sys.modules, 'flax' in sys.modules)")
   typed, heavy = out.strip().splitlines()
   assert typed == "['gptoss_jax.config']" and heavy == "False False", out
+
+
+def test_the_readmes_layout_names_every_module():
+  from pathlib import Path
+  readme = (Path(REPO) / "README.md").read_text()
+  layout = readme[readme.index("## Layout"):readme.index("## Benchmarks")]
+  modules = [p for d in ("gptoss_jax", "experiments") for p in (Path(REPO) / d).rglob("*.py")
+             if p.name not in ("__init__.py", "__main__.py")]
+  missing = [str(p.relative_to(REPO)) for p in modules if p.name not in layout]
+  assert not missing, f"README's Layout does not name: {missing}"
+
+
+def test_no_function_is_over_60_lines():
+  import ast
+  from pathlib import Path
+  long = []
+  for path in [p for d in ("gptoss_jax", "experiments") for p in (Path(REPO) / d).rglob("*.py")]:
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+        long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+  assert not long, long
