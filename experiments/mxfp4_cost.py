@@ -89,31 +89,34 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("sweep_dir", help="a sweep folder whose compared trainings still hold their checkpoints")
   parser.add_argument("--results", default="", help="also copy each mxfp4.json to the same place under this folder")
   args = parser.parse_args(argv)
-  sweep_dir = Path(args.sweep_dir)
-  if not (sweep_dir / "sweep.json").is_file():
-    print(f"error: {sweep_dir} is not a sweep folder (no sweep.json; experiments.run writes it)", file=sys.stderr)
-    return 2
-  moe = [r.name for r in SweepDescription.load(sweep_dir / "sweep.json").runs if r.n_experts]
-  folders = sorted(p for name in moe for p in (sweep_dir / name).glob("seed*") if (p / "checkpoints").is_dir())
-  if not folders:
-    print(f"error: no MoE training with checkpoints in {sweep_dir}", file=sys.stderr)
-    return 2
-  from tqdm import tqdm
   try:
-    for folder in tqdm(folders, desc="MXFP4 cost", unit="training", file=sys.stderr):
-      result = measure(folder)
-      atomic_write(folder / FILE, json.dumps(result))
-      if args.results:
-        dst = Path(args.results) / folder.relative_to(sweep_dir)
-        dst.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(folder / FILE, dst / FILE)
+    measured = measure_sweep(Path(args.sweep_dir), Path(args.results) if args.results else None)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  print(f"wrote {FILE} for {measured} trainings", file=sys.stderr)
   return 0
+
+
+def measure_sweep(sweep_dir: Path, results: Path | None) -> int:
+  """measure() for every MoE compared training with checkpoints; returns how many."""
+  if not (sweep_dir / "sweep.json").is_file():
+    raise ConfigError(f"{sweep_dir} is not a sweep folder (no sweep.json; experiments.run writes it)")
+  moe = [r.name for r in SweepDescription.load(sweep_dir / "sweep.json").runs if r.n_experts]
+  folders = sorted(p for name in moe for p in (sweep_dir / name).glob("seed*") if (p / "checkpoints").is_dir())
+  if not folders:
+    raise ConfigError(f"no MoE training with checkpoints in {sweep_dir}")
+  from tqdm import tqdm
+  for folder in tqdm(folders, desc="MXFP4 cost", unit="training", file=sys.stderr):
+    atomic_write(folder / FILE, json.dumps(measure(folder)))
+    if results is not None:
+      dst = results / folder.relative_to(sweep_dir)
+      dst.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(folder / FILE, dst / FILE)
+  return len(folders)
 
 
 if __name__ == "__main__":
   from gptoss_jax import runtime
-  runtime.configure()
+  runtime.configure()  # before JAX starts its backend
   sys.exit(main())
