@@ -508,6 +508,19 @@ def test_report_of_a_sweep_evaluated_past_its_training_length(tmp_path):
   assert (tmp_path / "loss_by_position.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_pairs_mxfp4_losses_with_the_trained_ones_seed_by_seed(tmp_path):
+  _fake_sweep(tmp_path, {"dense": [2.0] * 8, "moe": [2.0] * 8}, {"moe": "dense"}, experts={"moe": (8, 2)})
+  costs = np.linspace(0.004, 0.006, 8)
+  for seed, cost in enumerate(costs):
+    (tmp_path / "moe" / f"seed{seed}" / "mxfp4.json").write_text(json.dumps(
+        {"loss": 2.0 + seed / 100, "mxfp4_loss": 2.0 + seed / 100 + cost, "moe_layers": 2, "d_model": 48, "d_expert": 40}))
+  assert report.main([str(tmp_path), "--no-baselines"]) == 0
+  text = (tmp_path / "report.md").read_text()
+  row = _table(text, "| run | trained loss |")["moe"]
+  assert float(row[1]) == pytest.approx(2.035) and int(row[2]) == 8 and float(row[3]) == pytest.approx(costs.mean())
+  assert "distinguishable: worse" in row[-1] and "d_model 48" in text and "dense" not in _table(text, "| run | trained loss |")
+
+
 def test_report_flags_a_learning_rate_at_the_edge_and_shows_router_health(tmp_path):
   _fake_sweep(tmp_path, {"dense": [2.0, 2.1], "moe": [2.2, 2.3]}, {"moe": "dense"},
               grids={"dense": {1e-3: 2.5, 3e-3: 2.3, 1e-2: 2.4}, "moe": {1e-3: 2.5, 3e-3: 2.4, 1e-2: 2.3}},
