@@ -53,9 +53,10 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
 
 
 BATCH_TOKENS = 4096  # --batch's default: this many tokens at a time
-# --seq-len's default on CPU at most: gpt-oss-20b's 24 layers took 16.0 GiB of host memory in windows of 4,096
-# (a conversion's default) and 13.9 GiB in windows of 512 (benchmarks/gpt_oss_memory.py): 16 GB machines
-CPU_WINDOW = 1024
+# --seq-len's default on CPU at most: gpt-oss-20b's 24 layers peaked at 16.0 GiB of host memory in windows of
+# 4,096 (a conversion's default), 14.4 GiB in windows of 1,024 and 13.9 GiB in windows of 512
+# (benchmarks/gpt_oss_memory.py): only the last fits a 16 GB machine beside its operating system
+CPU_WINDOW = 512
 
 
 @jax.jit
