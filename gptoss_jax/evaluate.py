@@ -129,6 +129,16 @@ def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, batch: int, byte_le
           "stream_cache": stream_cache, "by_position": buckets}
 
 
+def bucket_axis(ax, buckets: list[dict]) -> list[float]:
+  """Puts `ax`'s x axis on a log scale ticked with the buckets' first positions (bucket 0 drawn at 1/2);
+  returns the x of each bucket."""
+  xs = [max(b["from"], 0.5) for b in buckets]
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(xs, [str(b["from"]) for b in buckets])
+  ax.minorticks_off()
+  return xs
+
+
 def plot_by_position(results: dict[str, dict], path: Path, title: str = "") -> Path:
   """Loss against position (the buckets' mean, at each bucket's first position), one line per result."""
   import matplotlib
@@ -137,8 +147,7 @@ def plot_by_position(results: dict[str, dict], path: Path, title: str = "") -> P
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for label, result in results.items():
     buckets = result["by_position"]
-    ax.plot([max(b["from"], 0.5) for b in buckets], [b["loss"] for b in buckets], marker="o", label=label)
-  ax.set_xscale("log", base=2)
+    ax.plot(bucket_axis(ax, buckets), [b["loss"] for b in buckets], marker="o", label=label)
   ax.set_xlabel("position in the window (bucket start)")
   ax.set_ylabel("loss (nats/token)")
   ax.set_title(title or "loss by position")
