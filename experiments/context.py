@@ -142,15 +142,15 @@ def plot(sweep_dir: Path, description: SweepDescription, out: Path) -> list[Path
   longest = max(first["plain"], key=int)
   panels = [("plain", f"windows of {longest}"), ("yarn", f"windows of {longest}, YaRN at evaluation"),
             ("stream", f"streamed, cache of {first['stream']['stream_cache']}")]
-  colors = dict(zip(evaluations, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))  # a run's in every panel
+  colors = dict(zip(evaluations, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))  # one per run, in every panel
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
   for ax, (kind, title) in zip(axes, panels):
     for run, seeds in evaluations.items():
       results = [e[kind] if kind == "stream" else e[kind].get(longest) for e in seeds.values()]
       if not all(results):
         continue
-      ax.plot(bucket_axis(ax, results[0]["by_position"]), np.mean([[b["loss"] for b in r["by_position"]] for r in results], axis=0),
-              marker="o", label=run, color=colors[run])
+      mean = np.mean([[b["loss"] for b in r["by_position"]] for r in results], axis=0)
+      ax.plot(bucket_axis(ax, results[0]["by_position"]), mean, marker="o", label=run, color=colors[run])
     ax.axvline(first["seq_len"], color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="position (bucket start; dotted: the training length)", title=title)
     ax.grid(alpha=0.3)

@@ -146,8 +146,7 @@ def plot_by_position(results: dict[str, dict], path: Path, title: str = "") -> P
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for label, result in results.items():
-    buckets = result["by_position"]
-    ax.plot(bucket_axis(ax, buckets), [b["loss"] for b in buckets], marker="o", label=label)
+    ax.plot(bucket_axis(ax, result["by_position"]), [b["loss"] for b in result["by_position"]], marker="o", label=label)
   ax.set_xlabel("position in the window (bucket start)")
   ax.set_ylabel("loss (nats/token)")
   ax.set_title(title or "loss by position")
