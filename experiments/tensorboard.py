@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from gptoss_jax.config import ModelConfig
-from gptoss_jax.train.metrics import hparams_summaries
+from gptoss_jax.train.metrics import hparams_summaries, summary_writer
 
 MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 LAYOUT = {"losses": {"held-out loss, every run": ["Multiline", ["eval/loss"]],
@@ -29,11 +29,10 @@ LEFT_OUT = ("perf/step_time_s", "perf/mfu", "perf/peak_memory_gb", "perf/peak_me
 
 
 def write(sweep_dir: Path, description: dict, out: Path) -> Path:
-  from tensorboardX import SummaryWriter
   shutil.rmtree(out, ignore_errors=True)  # written anew: event files of an earlier export would be read too
   out.mkdir(parents=True)
   varying = sorted({field for run in description.runs for field in run.changes})
-  with SummaryWriter(str(out)) as root:
+  with summary_writer(out) as root:
     root.add_custom_scalars(LAYOUT)
   for spec in description.runs:
     for folder in sorted((sweep_dir / spec.name).glob("*")):
@@ -47,7 +46,7 @@ def write(sweep_dir: Path, description: dict, out: Path) -> Path:
       hparams |= {"total_params": spec.total_params, "active_params": spec.active_params,
                   "train_flops_per_token": spec.flops_per_token}
       group = spec.name if seeds else f"{spec.name}/{folder.name}"
-      with SummaryWriter(str(out / spec.name / folder.name)) as writer:
+      with summary_writer(out / spec.name / folder.name) as writer:
         for summary in hparams_summaries(hparams, group, ("eval/loss", "train/loss"), differs=(*varying, "lr")):
           writer.file_writer.add_summary(summary)
         for line in (folder / "metrics.jsonl").read_text().splitlines():

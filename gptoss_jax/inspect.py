@@ -17,7 +17,7 @@ from flax import nnx
 from gptoss_jax.config import ConfigError, ModelConfig
 
 from gptoss_jax.config_files import model_config_from_file, parse_override_args
-from gptoss_jax.model import Transformer
+from gptoss_jax.model import Transformer, rngs
 
 MXFP4_BYTES_PER_PARAM = 17 / 32  # 4-bit values plus one 8-bit scale per 32
 LOOKUPS = ("embed", "pos_embed.table")  # tables read by index (the token embedding only when untied)
@@ -57,7 +57,7 @@ class Weight:
 def weights(cfg: ModelConfig) -> dict[str, Weight]:
   """Every parameter of the model by path, with its size and logical axes, from abstract evaluation
   (expert weights unpacked)."""
-  model = nnx.eval_shape(lambda: Transformer(cfg.replace(moe_mxfp4=False), nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: Transformer(cfg.replace(moe_mxfp4=False), rngs()))
   out = {}
   for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     axes = tuple(v.get_metadata().get("axes") or ())

@@ -30,7 +30,7 @@ from gptoss_jax import runtime
 from gptoss_jax.config import ConfigError, RunConfig
 from gptoss_jax.config_files import overridden
 from gptoss_jax.fileio import atomic_folder
-from gptoss_jax.model import WEIGHTS, Transformer, fresh_rest
+from gptoss_jax.model import WEIGHTS, Transformer, fresh_rest, rngs
 
 
 def is_key(x) -> bool:
@@ -179,7 +179,7 @@ def _overridden(config: RunConfig, overrides: dict[str, str]) -> RunConfig:
     raise ConfigError(f"only model fields can be changed at evaluation, not {', '.join(not_model)}")
   changed = overridden(config, overrides)
   shapes = lambda cfg: [(jax.tree_util.keystr(path), a.shape) for path, a in jax.tree_util.tree_leaves_with_path(
-      nnx.state(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))))]
+      nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs()))))]
   if shapes(changed.model) != shapes(config.model):
     raise ConfigError(f"{', '.join('--config.' + k for k in overrides)} would change the weights' shapes: only "
                       "fields that keep them (positions, windows, kernels) can be changed at evaluation")
@@ -203,7 +203,7 @@ def load_model(directory: str | Path, step: int | None = None, overrides: dict[s
     raise ConfigError(f"{directory}/checkpoints has no step {step} (steps: {', '.join(map(str, available))})")
   step = available[-1] if step is None else step
   step_dir = directory / "checkpoints" / str(step)
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs()))
   try:
     if (step_dir / "weights").is_dir():  # a conversion
       graphdef, weights, rest = nnx.split(abstract, WEIGHTS, ...)

@@ -30,6 +30,26 @@ def test_dropout_is_random_in_training_and_off_in_eval():
   np.testing.assert_array_equal(model(TOKENS), model(TOKENS))
 
 
+def test_the_models_random_streams_draw_nnxs_own_keys():
+  """`rngs` (built for cheap tracing) gives the weights, the RNG state and the dropout masks that nnx.Rngs gives
+  for the same seeds: checkpoints and trainings from before it are reproduced."""
+  from gptoss_jax.model import rngs
+  cfg = ModelConfig(**SMALL, embed_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)
+  ours, theirs = Transformer(cfg, rngs(params=3, dropout=4)), Transformer(cfg, nnx.Rngs(params=3, dropout=4))
+  as_data = lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+  leaves = lambda m: [as_data(x) for x in jax.tree.leaves(nnx.state(m))]
+  assert jax.tree.structure(nnx.state(ours)) == jax.tree.structure(nnx.state(theirs))
+  for a, b in zip(leaves(ours), leaves(theirs)):
+    np.testing.assert_array_equal(a, b)
+  step = nnx.jit(lambda m, x: m(x))  # the dropout keys drawn while traced, twice: the streams advance alike
+  first, second = step(ours, TOKENS), step(ours, TOKENS)
+  np.testing.assert_array_equal(first, step(theirs, TOKENS))
+  np.testing.assert_array_equal(second, step(theirs, TOKENS))
+  assert not np.allclose(first, second)
+  for a, b in zip(leaves(Transformer(cfg, rngs())), leaves(Transformer(cfg, nnx.Rngs(0)))):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_moe_aux_outputs():
   cfg = ModelConfig(**SMALL, n_experts=4, top_k=2, d_expert=16, moe_aux_loss_weight=0.01)
   out = Transformer(cfg, nnx.Rngs(0)).forward(TOKENS)

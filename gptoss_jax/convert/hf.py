@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax.config import ConfigError, ModelConfig
-from gptoss_jax.model import WEIGHTS, Transformer, fresh_rest, mxfp4
+from gptoss_jax.model import WEIGHTS, Transformer, fresh_rest, mxfp4, rngs
 from gptoss_jax.weights import aligned_empty
 
 FAMILIES = ("gpt2", "gpt_oss", "qwen3", "qwen3_moe", "llama")
@@ -456,7 +456,7 @@ def read_weights(path: str | Path, dtype: str = "float32", keep_mxfp4: bool = Fa
     cfg = cfg.replace(moe_mxfp4=True)
   tensors = SafetensorsFolder(path)
   family = hf["model_type"]
-  _, abstract, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), WEIGHTS, ...)
+  _, abstract, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs())), WEIGHTS, ...)
   wanted = {_path_str(p): v for p, v in nnx.to_flat_state(abstract)}
   rules = list(expand(rules_for(family, cfg, packed_source, hf.get("original_layout", False)), cfg.n_layers))
   required = {h for r in rules for h in r.hf}
@@ -494,7 +494,7 @@ def load_pretrained(path: str | Path, dtype: str = "float32", keep_mxfp4: bool =
     values[name] = array
     if progress:
       progress(name)
-  graphdef, abstract, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), WEIGHTS, ...)
+  graphdef, abstract, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs())), WEIGHTS, ...)
   weights = nnx.from_flat_state([(p, v.replace(values[_path_str(p)])) for p, v in nnx.to_flat_state(abstract)])
   model = nnx.merge(graphdef, weights, fresh_rest(rest))
   model.eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -67,6 +68,19 @@ def router_health(load_LxE: np.ndarray) -> dict[str, float]:
   return health
 
 
+def summary_writer(logdir: Path, **kwargs):
+  """tensorboardX's SummaryWriter, imported without torch: where torch is installed tensorboardX imports it
+  (2 s of every training's start) only to accept torch tensors, which nothing here writes."""
+  if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+      import tensorboardX  # noqa: F401
+    finally:
+      del sys.modules["torch"]
+  from tensorboardX import SummaryWriter
+  return SummaryWriter(str(logdir), **kwargs)
+
+
 class MetricsLogger:
   """Writes on process 0 only; every other process gets a logger that does nothing. A run resumed from
   step `resume_step` first drops what an earlier process logged past it (metrics.jsonl rows, and
@@ -76,13 +90,12 @@ class MetricsLogger:
     self.enabled = enabled
     if not enabled:
       return
-    from tensorboardX import SummaryWriter
     path = workdir / "metrics.jsonl"
     if path.is_file():
       atomic_write(path, "".join(line + "\n" for line in path.read_text().splitlines()
                                  if _step_of(line) is not None and _step_of(line) <= resume_step))
     purge = resume_step + 1 if (workdir / "tb").is_dir() else None
-    self.writer = SummaryWriter(str(workdir / "tb"), purge_step=purge)
+    self.writer = summary_writer(workdir / "tb", purge_step=purge)
     self.jsonl = open(path, "a")
 
   def hparams(self, hparams: dict, group: str, metrics: tuple[str, ...] = ("eval/loss", "train/loss")) -> None:

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptoss_jax.config import ModelConfig, TrainConfig
-from gptoss_jax.model import Transformer
+from gptoss_jax.model import Transformer, rngs
 from gptoss_jax.model.moe import SelectionBias, balance_step
 from gptoss_jax.sharding import batch_sharding, state_shardings
 from gptoss_jax.train.loss import cross_entropy, total_loss
@@ -37,7 +37,7 @@ def balance_routers(rest: nnx.State, load_LxE: jax.Array, rate: float) -> nnx.St
 
 
 def _new_model(cfg: ModelConfig, seed: int) -> Transformer:
-  return Transformer(cfg, nnx.Rngs(params=seed, dropout=seed + 1))
+  return Transformer(cfg, rngs(params=seed, dropout=seed + 1))
 
 
 class Trainer:
