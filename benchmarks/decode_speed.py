@@ -39,10 +39,10 @@ def build(folder: str, layers: int) -> None:
   from flax import nnx
   from gptoss_jax.config import RunConfig
   from gptoss_jax.config_files import load_config_file
-  from gptoss_jax.model import Transformer
+  from gptoss_jax.model import Transformer, rngs
   from gptoss_jax.weights import save_model
   cfg = model_config(layers)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs())))
   rng = np.random.default_rng(0)
 
   def fill(path, v):

@@ -115,10 +115,10 @@ def compiled_memory(layers: int) -> dict:
   import jax.numpy as jnp
   from flax import nnx
   from gptoss_jax.config_files import model_config_from_file
-  from gptoss_jax.model.transformer import Transformer
+  from gptoss_jax.model import Transformer, rngs
   cfg = model_config_from_file(str(Path(__file__).parent.parent / "configs/gpt_oss.py:20b")).replace(
       n_layers=layers, moe_mxfp4=True, param_dtype="bfloat16", dtype="bfloat16")
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs())))
   forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
   tokens = jax.ShapeDtypeStruct((1, TOKENS), jnp.int32)
   m = forward.lower(state, tokens).compile().memory_analysis()
