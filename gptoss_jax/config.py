@@ -15,8 +15,9 @@ NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope", "yarn", "llama3")
 FFNS = ("gelu", "swiglu", "clamped_swiglu")
 ROUTINGS = ("topk_softmax", "softmax_topk")
-DISPATCHES = ("auto", "grouped", "ragged", "selected", "dense")
+DISPATCHES = ("auto", "grouped", "blocked", "ragged", "selected", "dense")
 ATTN_IMPLS = ("auto", "masked", "blockwise", "fused")
+PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 DTYPES = ("float32", "bfloat16", "float16")
 SOURCES = ("shakespeare", "text", "hf")
 TOKENIZERS = ("byte", "gpt2", "o200k_harmony")
@@ -91,11 +92,16 @@ class ModelConfig:
   moe_aux_loss_weight: float = dataclasses.field(default=0.01, metadata=SAME_MATH)  # load-balancing loss
   moe_z_loss_weight: float = dataclasses.field(default=0.001, metadata=SAME_MATH)  # router z-loss (ST-MoE)
   moe_bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3: 1e-3); 0 = off
-  # auto: selected for fewer (token, expert) assignments than experts (decoding), else ragged (a grouped
-  # GEMM) on GPU and TPU, grouped (the dropless expert loop, or capacity buckets) on CPU
+  # auto: selected for fewer (token, expert) assignments than experts (decoding), else blocked (expert-sorted
+  # rows in blocks, one batched GEMM) on GPU and TPU, grouped (the dropless expert loop) on CPU; capacity buckets
+  # with a capacity factor (gptoss_jax/model/moe.py)
   moe_dispatch: str = dataclasses.field(default="auto", metadata=SAME_MATH)
   moe_capacity_factor: float = 0.0  # 0: dropless
   moe_mxfp4: bool = dataclasses.field(default=False, metadata=SAME_MATH)  # how experts are stored
+  # the platform whose program the model builds (auto choices of dispatch, attention kernel and compute dtype):
+  # auto = the backend this process runs on; gpu / tpu on a CPU host traces (and runs, with XLA's fallbacks
+  # for the platform's kernels) exactly the program that platform would run
+  platform: str = dataclasses.field(default="auto", metadata=SAME_MATH)
   # embeddings and dtypes
   tie_embeddings: bool = False
   param_dtype: str = dataclasses.field(default="float32", metadata=SAME_MATH)
@@ -121,9 +127,9 @@ class ModelConfig:
     _check_choice("routing", self.routing, ROUTINGS)
     _check_choice("moe_dispatch", self.moe_dispatch, DISPATCHES)
     _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
-    if self.attn_impl == "fused" and (self.attn_sinks or self.attn_dropout):
-      raise ConfigError("attn_impl=fused (jax.nn.dot_product_attention) has no attention sinks and no attention "
-                        "dropout: use auto or blockwise")
+    _check_choice("platform", self.platform, PLATFORMS)
+    if self.attn_impl == "fused" and self.attn_dropout:
+      raise ConfigError("attn_impl=fused (cuDNN's flash attention) has no attention dropout: use auto or blockwise")
     _check_choice("param_dtype", self.param_dtype, DTYPES)
     _check_choice("dtype", self.dtype, DTYPES)
     if self.n_heads % self.n_kv_heads:

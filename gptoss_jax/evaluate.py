@@ -35,6 +35,7 @@ from gptoss_jax.config_files import parse_override_args
 from gptoss_jax.data.pipeline import split_tokens
 from gptoss_jax.data.prepare import load_meta
 from gptoss_jax.data.tokenizers import Tokenizer, get_tokenizer
+from gptoss_jax.model.platform import target
 from gptoss_jax.model.transformer import unembed_nll
 
 
@@ -64,13 +65,13 @@ def position_nll(model, windows_BxT1):
   """[B, T]: each position's next-token loss (position t predicts token t + 1), the logits never whole
   (`unembed_nll`)."""
   x_BxTxD, _, _ = model.trunk(windows_BxT1[:, :-1])
-  return unembed_nll(x_BxTxD, model.unembedding(), windows_BxT1[:, 1:])
+  return unembed_nll(x_BxTxD, model.unembedding(), windows_BxT1[:, 1:], target(model.cfg))
 
 
 @jax.jit
 def _chunk_nll(model, tokens_BxC, targets_BxC, positions_BxC, cache):
   x_BxCxD, _, cache = model.trunk(tokens_BxC, positions_BxC, cache)
-  return unembed_nll(x_BxCxD, model.unembedding(), targets_BxC), cache
+  return unembed_nll(x_BxCxD, model.unembedding(), targets_BxC, target(model.cfg)), cache
 
 
 STREAM_CHUNK = 256  # most positions per call when streaming

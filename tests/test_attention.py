@@ -149,37 +149,77 @@ def test_decoding_with_cache_matches_full_forward(rng, experts):
   np.testing.assert_allclose(jnp.concatenate(logits, axis=1), full, rtol=1e-4, atol=1e-4)
 
 
+def _flash_kernel(window):
+  """A fused kernel without sinks as flash attention is written (FlashAttention-2, algorithm 2 and its
+  backward), in plain jnp: the forward gives each row's log-sum-exp, the backward recomputes the
+  probabilities from it and D = rowsum(dO * O) from the output it is given."""
+  from gptoss_jax.model.attention import FlashKernel
+
+  def scores(q, k):  # [B, N, T, S], masked
+    B, T, N, H = q.shape
+    s = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, N // k.shape[2], axis=2)) / np.sqrt(H)
+    i, j = np.arange(T)[:, None], np.arange(k.shape[1])[None, :]
+    return jnp.where((j <= i) & ((i - j < window) if window else True), s, -np.inf)
+
+  def forward(q, k, v):
+    s = scores(q, k)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    out = jnp.einsum("bnts,bsnh->btnh", jnp.exp(s - lse[..., None]), jnp.repeat(v, q.shape[2] // v.shape[2], axis=2))
+    return out, jax.lax.stop_gradient(lse)
+
+  def backward(q, k, v, out, lse, dout):
+    N, K, H = q.shape[2], k.shape[2], q.shape[3]
+    p = jnp.exp(scores(q, k) - lse[..., None])
+    v_full = jnp.repeat(v, N // K, axis=2)
+    dv = jnp.einsum("bnts,btnh->bsnh", p, dout)
+    dp = jnp.einsum("btnh,bsnh->bnts", dout, v_full)
+    ds = p * (dp - jnp.einsum("btnh,btnh->bnt", dout, out)[..., None]) / np.sqrt(H)
+    dq = jnp.einsum("bnts,bsnh->btnh", ds, jnp.repeat(k, N // K, axis=2))
+    dk = jnp.einsum("bnts,btnh->bsnh", ds, q)
+    fold = lambda x: x.reshape(*x.shape[:2], K, N // K, H).sum(3)  # noqa: E731  GQA: a kv head's group summed
+    return dq, fold(dk), fold(dv)
+
+  return FlashKernel(forward, backward)
+
+
 @pytest.mark.parametrize("window", [0, 4, 64])
-def test_fused_kernel_matches_reference_and_blockwise_gradients(rng, window):
-  """jax.nn.dot_product_attention (XLA on CPU, cuDNN on GPU): causal, GQA and sliding windows, against the
-  per-query loop and, values and gradients, against the blockwise kernel."""
-  from gptoss_jax.model.attention import attend_fused
-  q, k, v = _qkv(rng, T=150)
-  np.testing.assert_allclose(attend_fused(q, k, v, window)[:, :11], _reference(q[:, :11], k[:, :11], v[:, :11], window),
+def test_sinks_through_a_flash_kernel_equal_the_blockwise_kernel(rng, window):
+  """flash_with_sinks (how cuDNN's flash attention runs gpt-oss's sink layers): values and gradients, sinks'
+  included, against the blockwise kernel, with GQA and sliding windows; the flash kernel it is given is
+  first checked against autodiff of its own forward."""
+  from gptoss_jax.model.attention import flash_with_sinks
+  q, k, v = map(jnp.asarray, _qkv(rng, T=150))
+  sinks = jnp.asarray(rng.normal(size=4) * 2, jnp.float32)
+  kernel = _flash_kernel(window)
+  out, lse = kernel.forward(q, k, v)
+  dout = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+  for got, want in zip(kernel.backward(q, k, v, out, lse, dout), jax.vjp(lambda *a: kernel.forward(*a)[0], q, k, v)[1](dout)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+  np.testing.assert_allclose(flash_with_sinks(kernel, q, k, v, sinks)[:, :11],
+                             _reference(*map(np.asarray, (q[:, :11], k[:, :11], v[:, :11])), window, np.asarray(sinks)),
                              rtol=1e-4, atol=1e-5)
-  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.tanh(fn(q, k, v)))
-  fused = jax.grad(loss(lambda q, k, v: attend_fused(q, k, v, window)), argnums=(0, 1, 2))(q, k, v)
-  blocks = jax.grad(loss(lambda q, k, v: attend_blocks(q, k, v, window=window, block=64)), argnums=(0, 1, 2))(q, k, v)
-  np.testing.assert_allclose(attend_fused(q, k, v, window), attend_blocks(q, k, v, window=window, block=64),
-                             rtol=1e-4, atol=1e-5)
-  for a, b in zip(fused, blocks):
+  loss = lambda fn: lambda *a: jnp.sum(jnp.tanh(fn(*a)))  # noqa: E731
+  fused = jax.value_and_grad(loss(lambda *a: flash_with_sinks(kernel, *a)), argnums=(0, 1, 2, 3))(q, k, v, sinks)
+  blocks = jax.value_and_grad(loss(lambda q, k, v, s: attend_blocks(q, k, v, window=window, sinks_N=s)),
+                              argnums=(0, 1, 2, 3))(q, k, v, sinks)
+  np.testing.assert_allclose(fused[0], blocks[0], rtol=1e-5)
+  for a, b in zip(fused[1], blocks[1]):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_model_equals_blockwise_and_auto_keeps_blockwise_for_sinks(rng, monkeypatch):
+def test_fused_model_equals_blockwise_and_auto_takes_it_in_a_gpus_program(rng):
+  """attn_impl=fused (gpt-oss's sinks included) runs, compiled for CPU, the blockwise kernel: the same
+  logits; `auto` takes it in a GPU's program, whatever the process runs on, except with attention dropout."""
   tokens = jnp.asarray(rng.integers(0, 64, (2, 130)), jnp.int32)
-  base = dict(attn_sinks=False, max_seq_len=160)
-  fused = Transformer(_oss_tiny(attn_impl="fused", **base), nnx.Rngs(0))
-  blockwise = Transformer(_oss_tiny(attn_impl="blockwise", **base), nnx.Rngs(0))
+  fused = Transformer(_oss_tiny(attn_impl="fused", max_seq_len=160), nnx.Rngs(0))
+  blockwise = Transformer(_oss_tiny(attn_impl="blockwise", max_seq_len=160), nnx.Rngs(0))
   _randomize(fused), _randomize(blockwise)
   forward = jax.jit(lambda m, t: m(t))
   np.testing.assert_allclose(forward(fused, tokens), forward(blockwise, tokens), rtol=1e-4, atol=1e-4)
-  with pytest.raises(ValueError, match="attn_impl=fused .* has no attention sinks"):
-    _oss_tiny(attn_impl="fused")
-  from gptoss_jax.model import attention
-  auto = lambda **c: Transformer(_oss_tiny(attn_impl="auto", max_seq_len=160, **c), nnx.Rngs(0)).blocks[0].attn
-  assert auto(attn_sinks=False).impl(130) == "blockwise"  # CPU: never the fused kernel
-  monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")  # the rule as a GPU process applies it
-  assert auto(attn_sinks=False).impl(130) == "fused"
-  assert auto().impl(130) == "blockwise"  # sinks: the fused kernel cannot express them
-  assert auto(attn_sinks=False, attn_dropout=0.1).impl(130) == "blockwise"  # nor attention dropout
+  with pytest.raises(ValueError, match="attn_impl=fused .* has no attention dropout"):
+    _oss_tiny(attn_impl="fused", attn_dropout=0.1)
+  auto = lambda **c: Transformer(_oss_tiny(attn_impl="auto", max_seq_len=160, **c), nnx.Rngs(0)).blocks[0].attn  # noqa: E731
+  assert auto(platform="cpu").impl(130) == "blockwise" and auto(platform="tpu").impl(130) == "blockwise"
+  assert auto(platform="gpu").impl(130) == "fused"  # with sinks
+  assert auto(platform="gpu", attn_dropout=0.1).impl(130) == "blockwise"

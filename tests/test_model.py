@@ -109,9 +109,11 @@ def test_bf16_matvec_equals_numpy(monkeypatch, kernel):
       np.testing.assert_allclose(dx, dy @ w64.T, rtol=1e-4, atol=1e-3)
       np.testing.assert_allclose(np.asarray(dw, np.float32), np.asarray(x, np.float64).T @ dy, rtol=1e-2, atol=5e-2)
       assert (cpu_kernels.BF16_TARGET in jax.jit(cpu_kernels.bf16_matvec).lower(x, w).as_text()) == kernel
-      text = jax.jit(lambda x, w: linear.project(x, w)).lower(x, w).as_text()
-      assert (cpu_kernels.BF16_TARGET in text) == kernel
-      np.testing.assert_allclose(linear.project(x, w), np.asarray(x, np.float64) @ w64, rtol=1e-5, atol=1e-4)
+      for platform in ("cpu", "gpu"):  # a GPU's program never holds the CPU kernel, whatever builds it
+        text = jax.jit(lambda x, w: linear.project(x, w, platform=platform)).lower(x, w).as_text()
+        assert (cpu_kernels.BF16_TARGET in text) == (kernel and platform == "cpu")
+        np.testing.assert_allclose(linear.project(x, w, platform=platform), np.asarray(x, np.float64) @ w64,
+                                   rtol=1e-5, atol=1e-4)
   finally:
     cpu_kernels.available.cache_clear()
     jax.clear_caches()
@@ -123,7 +125,7 @@ def test_logits_in_vocabulary_chunks_equal_one_matmul(monkeypatch):
   x = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(8, 100)), jnp.float32)
   monkeypatch.setattr(transformer, "VOCAB_CHUNK", 7)  # 15 chunks, the last one short
-  logits = transformer.unembed_logits(x, w)
+  logits = transformer.unembed_logits(x, w, "cpu")
   assert logits.shape == (2, 3, 100) and logits.dtype == jnp.float32
   np.testing.assert_allclose(logits, np.einsum("btd,dv->btv", np.asarray(x), np.asarray(w)), rtol=1e-5, atol=1e-5)
 
@@ -136,7 +138,7 @@ def test_next_token_loss_in_vocabulary_chunks_equals_log_softmax_of_the_whole_lo
   w = jnp.asarray(rng.normal(size=(8, 100)), dtype)
   targets = jnp.asarray(rng.integers(0, 100, (2, 5)), jnp.int32)
   monkeypatch.setattr(transformer, "VOCAB_CHUNK", 7)  # 15 chunks, the last one short
-  nll = transformer.unembed_nll(x, w, targets)
+  nll = transformer.unembed_nll(x, w, targets, "cpu")
   logits = np.einsum("btd,dv->btv", np.asarray(x, np.float64), np.asarray(w, np.float64))
   logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   want = logz - np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0]

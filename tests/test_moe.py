@@ -12,7 +12,8 @@ from flax import nnx
 from gptoss_jax import ModelConfig
 from gptoss_jax.model import mxfp4
 from gptoss_jax.model.ffn import MLP
-from gptoss_jax.model.moe import MoE, aux_losses, balance_step, dropless_blocks, resolved_dispatch, route
+from gptoss_jax.model.moe import (MoE, aux_losses, balance_step, block_rows, dropless_blocks, padded_rows,
+                                  resolved_dispatch, route)
 
 BASE = ModelConfig(d_model=32, n_experts=8, top_k=2, d_expert=32, ffn="clamped_swiglu", ffn_bias=True,
                    router_bias=True)
@@ -98,7 +99,7 @@ def _numpy_moe(moe, cfg, x):
   return out
 
 
-@pytest.mark.parametrize("dispatch", ["grouped", "ragged", "selected", "dense"])
+@pytest.mark.parametrize("dispatch", ["grouped", "blocked", "ragged", "selected", "dense"])
 def test_dispatch_matches_numpy(rng, dispatch):
   cfg = BASE.replace(moe_dispatch=dispatch)
   moe = _randomized(cfg)
@@ -107,9 +108,11 @@ def test_dispatch_matches_numpy(rng, dispatch):
   np.testing.assert_allclose(y.reshape(24, 32), _numpy_moe(moe, cfg, x.reshape(24, 32)), rtol=1e-4, atol=1e-4)
 
 
-def test_grouped_is_dropless_when_one_expert_takes_everything(rng):
-  """The fast capacity overflows; the exact fallback must still route every token."""
-  cfg = BASE
+@pytest.mark.parametrize("dispatch", ["grouped", "blocked"])
+def test_dropless_dispatch_routes_every_token_when_one_expert_takes_everything(rng, dispatch):
+  """One expert holds half the assignments (the rest spread), far past the blocks' bound on padding: every
+  token still goes through its experts."""
+  cfg = BASE.replace(moe_dispatch=dispatch)
   moe, ref = _randomized(cfg), _randomized(cfg.replace(moe_dispatch="dense"))
   for m in (moe, ref):
     m.router_b[...] = jnp.zeros(8).at[3].set(100.0)  # expert 3 is everyone's first choice
@@ -142,21 +145,23 @@ def test_one_expert_top1_is_the_dense_ffn(rng):
   np.testing.assert_allclose(moe(x)[0], mlp(x)[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dispatch", ["grouped", "blocked"])
 @pytest.mark.parametrize("n_experts, tokens", [(8, 10), (4, 250)])
-def test_grouped_gradients_match_dense(rng, n_experts, tokens):
-  """(4, 250): 250 rows per expert on average, so the loop runs blocks of 128, 64 and 32 rows."""
+def test_dropless_gradients_match_dense(rng, dispatch, n_experts, tokens):
+  """(4, 250): 250 rows per expert on average, so the loop runs blocks of 128, 64 and 32 rows, and `blocked`
+  blocks of 64 rows in 8 chunks (10 tokens: blocks of one row, no padding)."""
   cfg = BASE.replace(n_experts=n_experts)
   if tokens == 250:
-    assert dropless_blocks(cfg, 2 * tokens) == (128, 64, 32)
+    assert dropless_blocks(cfg, 2 * tokens) == (128, 64, 32) and block_rows(cfg, 2 * tokens) == 64
   x = jnp.asarray(rng.normal(size=(2, tokens, 32)), jnp.float32)
   grads, outs = {}, {}
-  for dispatch in ("grouped", "dense"):
-    moe = _randomized(cfg.replace(moe_dispatch=dispatch))
-    outs[dispatch] = moe(x)[0]
+  for kind in (dispatch, "dense"):
+    moe = _randomized(cfg.replace(moe_dispatch=kind))
+    outs[kind] = moe(x)[0]
     loss = lambda m: jnp.sum(jnp.sin(m(x)[0]))
-    grads[dispatch] = nnx.grad(loss)(moe)
-  np.testing.assert_allclose(outs["grouped"], outs["dense"], rtol=1e-4, atol=1e-4)
-  for (path, a), (_, b) in zip(nnx.to_flat_state(grads["grouped"]), nnx.to_flat_state(grads["dense"])):
+    grads[kind] = nnx.grad(loss)(moe)
+  np.testing.assert_allclose(outs[dispatch], outs["dense"], rtol=1e-4, atol=1e-4)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(grads[dispatch]), nnx.to_flat_state(grads["dense"])):
     scale = float(jnp.abs(b[...]).max())  # float32 sums in another order: compare at the array's scale
     np.testing.assert_allclose(a[...], b[...], rtol=1e-4, atol=1e-5 * scale, err_msg=str(path))
 
@@ -376,12 +381,27 @@ def test_auto_dispatch_gathers_the_chosen_experts_only_for_few_tokens():
   assert resolved_dispatch(packed, PACKED_SELECTED_MAX // 4 + 1) == "grouped"
 
 
-def test_auto_dispatch_has_no_routing_dependent_loop_when_several_cpu_devices_share_the_work():
-  from gptoss_jax.sharding import make_mesh
+def test_auto_dispatch_follows_the_platform_whose_program_is_built():
+  """The platform is the config's, not the process's: a CPU process builds a GPU's or TPU's choices."""
   cfg = BASE.replace(n_experts=32, top_k=4)
-  for sizes, expected in ((dict(data=2, fsdp=4), "dense"), (dict(data=1, fsdp=1), "grouped")):
-    mesh = make_mesh(sizes, jax.devices()[:sizes["data"] * sizes["fsdp"]])
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      assert resolved_dispatch(cfg, 64) == expected, sizes
-      assert resolved_dispatch(cfg, 1) == "selected"  # no loop either
-      assert resolved_dispatch(cfg.replace(moe_capacity_factor=1.0), 64) == "grouped"  # fixed capacity: no loop
+  for platform, expected in (("cpu", "grouped"), ("gpu", "blocked"), ("tpu", "blocked")):
+    assert resolved_dispatch(cfg.replace(platform=platform), 64) == expected
+    assert resolved_dispatch(cfg.replace(platform=platform), 7) == "selected"  # decoding
+    assert resolved_dispatch(cfg.replace(platform=platform, moe_mxfp4=True), 4096) == "grouped"  # one expert unpacked
+  assert resolved_dispatch(cfg, 64) == ("grouped" if jax.default_backend() == "cpu" else "blocked")  # auto
+
+
+@pytest.mark.parametrize("n_experts, top_k", [(4, 1), (8, 2), (32, 4), (64, 4)])
+def test_blocked_rows_stay_within_one_and_a_half_times_the_assignments(n_experts, top_k):
+  """The experts sweep's routings at every token count from 1 to 20,000: the blocks' static row count over
+  the assignments; and the rows always hold the worst routing (each expert's count padded to the block,
+  the padding placed where it costs most)."""
+  cfg = BASE.replace(n_experts=n_experts, top_k=top_k)
+  worst = 0.0
+  for tokens in list(range(1, 2000)) + list(range(2000, 20000, 97)):
+    b, assignments = block_rows(cfg, tokens), tokens * top_k
+    rows = padded_rows(assignments, n_experts, b)
+    worst = max(worst, rows / assignments)
+    if assignments >= n_experts:  # the most padding: every expert but one with a single assignment
+      assert rows >= (n_experts - 1) * b + -(-(assignments - n_experts + 1) // b) * b
+  assert 1.0 <= worst <= 1.5, worst

@@ -1,12 +1,15 @@
 """Attention: MHA / GQA / MQA, q/k/v/o biases, per-head q/k RMSNorm, learned sinks, sliding windows,
 and a KV cache whose sliding layers keep only their window (a ring buffer).
 
-Two kernels, equal on every input they share:
+Three kernels, equal on every input they share:
   attend         masks by positions; queries may see a cache (decoding) or the whole sequence.
   attend_blocks  self-attention over a whole sequence in blocks of queries, each block computing only
                  the keys it can see (causal, within the window): the training and prefill path.
+  attend_fused   the same through a platform's fused kernel where it has one (cuDNN's flash attention on
+                 CUDA, sinks applied from each row's log-sum-exp), else attend_blocks.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -18,6 +21,7 @@ from gptoss_jax.config import ModelConfig
 from gptoss_jax.model.ffn import init_std_out
 from gptoss_jax.model.linear import project, split
 from gptoss_jax.model.norms import RMSNorm
+from gptoss_jax.model.platform import per_lowering, target
 from gptoss_jax.model.positions import apply_rope
 
 _MASKED = -1e30
@@ -105,11 +109,90 @@ def attend_blocks(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, window: int = 0, sinks_N=N
   return out.transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
 
 
-def attend_fused(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window: int = 0) -> jax.Array:
-  """jax.nn.dot_product_attention over a whole sequence: cuDNN's fused kernel on GPU, XLA elsewhere;
-  causal, GQA (fewer key/value heads), a sliding window of `window` keys (HF semantics: i - window < j <= i)."""
-  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True,
-                                      local_window_size=(window - 1, 0) if window else None)
+class FlashKernel(NamedTuple):
+  """A fused causal attention without sinks, as flash attention computes it: forward (q, k, v) -> (out
+  [B, T, N, H], lse [B, N, T] float32, each row's log-sum-exp of the scaled scores), backward (q, k, v, out,
+  lse, dout) -> (dq, dk, dv), which recomputes the probabilities as exp(score - lse) and takes each row's
+  D = rowsum(dout * out) from `out`."""
+  forward: Callable
+  backward: Callable
+
+
+def flash_with_sinks(kernel: FlashKernel, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, sinks_N) -> jax.Array:
+  """Attention with one sink logit per head through a kernel that has none, exactly: a sink only adds
+  exp(sink) to each row's denominator, so the output is the kernel's times sigmoid(lse - sink), and the
+  backward is the kernel's own given that output and the row's log-sum-exp with the sink,
+  lse' = logaddexp(lse, sink): with them the kernel's probabilities, exp(score - lse'), and its D are those of
+  the softmax over keys and sink. The sink's gradient is -sum over rows of exp(sink - lse') * D."""
+
+  def fwd(q, k, v, sinks):
+    out, lse_BxNxT = kernel.forward(q, k, v)
+    lse_with_sink = jnp.logaddexp(lse_BxNxT, sinks.astype(jnp.float32)[:, None])
+    kept_BxTxNx1 = jnp.exp(lse_BxNxT - lse_with_sink).transpose(0, 2, 1)[..., None]  # sigmoid(lse - sink)
+    out = (out.astype(jnp.float32) * kept_BxTxNx1).astype(out.dtype)
+    return out, (q, k, v, sinks, out, lse_with_sink)
+
+  @jax.custom_vjp
+  def attend(q, k, v, sinks):
+    return fwd(q, k, v, sinks)[0]
+
+  def bwd(res, dout):
+    q, k, v, sinks, out, lse_with_sink = res
+    dq, dk, dv = kernel.backward(q, k, v, out, lse_with_sink, dout)
+    D_BxNxT = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
+    p_sink_BxNxT = jnp.exp(sinks.astype(jnp.float32)[:, None] - lse_with_sink)
+    dsinks = -jnp.sum(p_sink_BxNxT * D_BxNxT, axis=(0, 2))
+    return dq, dk, dv, dsinks.astype(sinks.dtype)
+
+  attend.defvjp(fwd, bwd)
+  return attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, sinks_N)
+
+
+def cudnn_kernel(head_dim: int, window: int) -> FlashKernel | None:
+  """cuDNN's flash attention (causal, GQA, a sliding window of `window` keys: i - window < j <= i) as a
+  FlashKernel, through the forward and backward rules `jax.nn.dot_product_attention(implementation="cudnn")`
+  itself uses, or None where this process cannot trace it (no CUDA plugin: jax asks cuDNN for its version
+  while tracing). bfloat16 and float16 only."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  try:
+    version = cudnn.check_cudnn_version()
+  except RuntimeError:
+    return None
+  rule = dict(scale=head_dim**-0.5, seed=0, dropout_rate=0.0, variadic_args=(False, False),
+              mask_type=cudnn.MaskType.CAUSAL, layout=cudnn.AttentionLayout.BTNH.value,
+              sliding_window_length=window or None)
+
+  def unused(q):  # the rules' absent bias, sequence lengths, offsets and page tables
+    return (jnp.zeros(0, q.dtype),) * 7
+
+  def forward(q, k, v):
+    (out, lse_BxNxT), _ = cudnn._dot_product_attention_fwd_rule(q, k, v, *unused(q), **rule, cudnn_version=version,
+                                                               return_residual=True)
+    return out, lse_BxNxT
+
+  def backward(q, k, v, out, lse_BxNxT, dout):
+    res = (q, k, v, *unused(q), lse_BxNxT, out)
+    return cudnn._dot_product_attention_bwd_rule(*rule.values(), True, False, res, dout)[:3]
+
+  return FlashKernel(forward, backward)
+
+
+def attend_fused(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window: int = 0, sinks_N=None) -> jax.Array:
+  """Self-attention over a whole sequence through a fused kernel where the program is lowered for a platform
+  that has one: cuDNN's flash attention on CUDA for bfloat16 / float16 (sinks applied after it,
+  `flash_with_sinks`); elsewhere (CPU, TPU, float32) the blockwise kernel, the same function."""
+  T, H = q_BxTxNxH.shape[1], q_BxTxNxH.shape[3]
+
+  def blocks(q, k, v, *sinks):
+    return attend_blocks(q, k, v, window=window, sinks_N=sinks[0] if sinks else None, block=attention_block(T))
+
+  cuda = None
+  if q_BxTxNxH.dtype in (jnp.bfloat16, jnp.float16) and (kernel := cudnn_kernel(H, window)):
+    cuda = (lambda q, k, v, *sinks: flash_with_sinks(kernel, q, k, v, sinks[0]) if sinks else
+            jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
+                                         local_window_size=(window - 1, 0) if window else None))
+  args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH) + (() if sinks_N is None else (sinks_N,))
+  return per_lowering(*args, default=blocks, cuda=cuda)
 
 
 class Attention(nnx.Module):
@@ -138,12 +221,12 @@ class Attention(nnx.Module):
     self.dropout = nnx.Dropout(cfg.attn_dropout, rngs=rngs) if cfg.attn_dropout else None
 
   def impl(self, T: int) -> str:
-    """The kernel over a whole sequence: `auto` takes the fused one on GPU where it can express the layer
-    (no sinks, no attention dropout), else the blockwise one past one block of queries."""
+    """The kernel over a whole sequence: `auto` takes the fused one in a GPU's program (the fused kernels have
+    no attention dropout), else the blockwise one past one block of queries."""
     cfg = self.cfg
     if cfg.attn_impl != "auto":
       return cfg.attn_impl
-    if jax.default_backend() == "gpu" and not cfg.attn_sinks and not self.dropout:
+    if target(cfg) == "gpu" and not self.dropout:
       return "fused"
     return "blockwise" if T > attention_block(T) else "masked"
 
@@ -153,7 +236,8 @@ class Attention(nnx.Module):
   def __call__(self, x_BxTxD, positions_BxT, rope=None, cache: KVCache | None = None):
     cfg, dt = self.cfg, x_BxTxD.dtype
     N, K = cfg.n_heads, cfg.n_kv_heads  # one matmul for q, k and v: fewer, larger GEMMs
-    qkv = project(x_BxTxD, jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1))
+    platform = target(cfg)
+    qkv = project(x_BxTxD, jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1), platform=platform)
     q, k, v = split(qkv, (N, K, K), axis=2)
     if cfg.qkv_bias:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
@@ -173,13 +257,13 @@ class Attention(nnx.Module):
                    window=min(self.window, S) if self.window else S, sinks_N=sinks, dropout=self.dropout)
       cache = cache.update(k, v, positions_BxT)
     elif self.impl(T) == "fused":
-      out = attend_fused(q, k, v, self.window)
+      out = attend_fused(q, k, v, self.window, sinks)
     elif self.impl(T) == "blockwise":
       out = attend_blocks(q, k, v, window=self.window, sinks_N=sinks, dropout=self.dropout, block=attention_block(T))
     else:
       out = attend(q, k, v, positions_BxT, positions_BxT, window=self.window, sinks_N=sinks,
                    dropout=self.dropout)
-    y = project(out, self.wo[...], n_in=2)
+    y = project(out, self.wo[...], n_in=2, platform=platform)
     if cfg.out_bias:
       y = y + self.bo[...].astype(dt)
     return y, cache

@@ -10,6 +10,7 @@ from flax import nnx
 
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model.linear import project
+from gptoss_jax.model.platform import target
 
 
 def activate(cfg: ModelConfig, h_xGxF: jax.Array) -> jax.Array:
@@ -55,10 +56,11 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, dict]:
     dt = x_BxTxD.dtype
-    h = project(x_BxTxD, self.w_in[...])
+    platform = target(self.cfg)
+    h = project(x_BxTxD, self.w_in[...], platform=platform)
     if self.cfg.ffn_bias:
       h = h + self.b_in[...].astype(dt)
-    y = project(activate(self.cfg, h), self.w_out[...])
+    y = project(activate(self.cfg, h), self.w_out[...], platform=platform)
     if self.cfg.ffn_bias:
       y = y + self.b_out[...].astype(dt)
     return y, {}

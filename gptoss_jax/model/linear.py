@@ -12,7 +12,7 @@ from gptoss_jax.model import cpu_kernels
 FEW_ROWS = cpu_kernels.MAX_ROWS  # up to this many rows a projection reads its weight as stored (decoding)
 
 
-def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+def project(x: jax.Array, w: jax.Array, n_in: int = 1, *, platform: str) -> jax.Array:
   """Contracts the last `n_in` axes of x with the first `n_in` axes of w: [..., *in] x [*in, *out] -> [..., *out].
 
   Computed as a 2-D matmul against the weight transposed to [out, in] (PyTorch's layout): XLA:CPU's
@@ -20,28 +20,28 @@ def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
   backward 2.2x faster than the equivalent einsum on CPU (benchmarks/README figures). For a few rows
   (decoding) the weight is read as stored instead: XLA:CPU would copy a transposed weight on every call;
   a bfloat16 one on CPU by `cpu_kernels.bf16_matvec`, which does not copy it to float32 first either.
+  `platform` (cpu | gpu | tpu, `gptoss_jax.model.platform.target`) is the one whose program is built.
   """
   lead, ins, outs = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
   x2 = x.reshape(-1, math.prod(ins))
   w2 = w.reshape(math.prod(ins), math.prod(outs))
-  if reads_in_place(x2.shape[0], w2):
+  if reads_in_place(x2.shape[0], w2, platform):
     return cpu_kernels.bf16_matvec(x2, w2).astype(x.dtype).reshape(*lead, *outs)
   w2 = w2.astype(x.dtype)
   if x2.shape[0] <= FEW_ROWS:
     # XLA:CPU's bf16 matrix-vector product is slower than converting both to float32 (1.05-1.4x,
     # measured side by side); it sums in float32 too
-    dt = jnp.float32 if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu" else x.dtype
+    dt = jnp.float32 if x.dtype == jnp.bfloat16 and platform == "cpu" else x.dtype
     y = jax.lax.dot_general(x2.astype(dt), w2.astype(dt), (((1,), (0,)), ((), ()))).astype(x.dtype)
   else:
     y = jax.lax.dot_general(x2, w2.T, (((1,), (1,)), ((), ())))
   return y.reshape(*lead, *outs)
 
 
-def reads_in_place(n_rows: int, w: jax.Array) -> bool:
+def reads_in_place(n_rows: int, w: jax.Array, platform: str) -> bool:
   """Whether a product of n_rows rows with w runs in the CPU kernel (a bfloat16 weight, a few rows, on
   CPU): it reads the weight once as stored, where XLA:CPU would write and read a float32 copy of it."""
-  return (n_rows <= FEW_ROWS and w.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
-          and cpu_kernels.available())
+  return n_rows <= FEW_ROWS and w.dtype == jnp.bfloat16 and platform == "cpu" and cpu_kernels.available()
 
 
 def project_batched(x_ExCxI: jax.Array, w_ExIxO: jax.Array) -> jax.Array:

@@ -1,15 +1,26 @@
-"""Mixture of experts: router, auxiliary losses, and four dispatch strategies.
+"""Mixture of experts: router, auxiliary losses, the dispatch strategies, and the layer that runs them on
+each shard of the tokens.
 
-grouped (default): sort the (token, expert) assignments by expert and compute only those; compute grows
-  with the active experts, not the total. Dropless (moe_capacity_factor = 0): each expert's rows padded
-  to a multiple of the smallest block (32, or less when the mean load is), a static bound on the number
-  of rows, the experts run one after another over their rows in blocks of up to 128 (dropless_blocks,
-  expert_loop). With a capacity factor: per-expert buckets of a
-  fixed size, one batched matmul, overflow dropped.
-ragged: jax.lax.ragged_dot over the sorted assignments (fast grouped GEMM on GPU/TPU; on CPU it
-  lowers to a dense dot over all experts).
-selected: each (token, expert) assignment through its expert's weights (packed ones by a CPU kernel):
-  reads only the chosen experts, for decoding and other small token counts.
+Every device routes and orders its own tokens: under a mesh the layer is a shard_map over the tokens, split
+over every mesh axis that divides them, the experts' weights gathered to each device as fsdp gathers any
+weight. Nothing global happens inside: no all-gather of the batch's routing, no all-reduce of routed rows, no
+collective at all, so none inside a loop whose trip count follows the routing. The router's statistics
+(load-balancing loss, z-loss, expert load) are averaged over the shards: equal to one device's over the batch.
+
+Dispatch strategies (`moe_dispatch`; what `auto` takes for each platform: resolved_dispatch):
+grouped: dropless (moe_capacity_factor = 0): the experts one after another over their expert-sorted rows in
+  blocks (expert_loop), compute following the real assignments: the CPU's grouped GEMM (its loops' trip counts
+  follow the routing, so elsewhere it is slow). With a capacity factor: per-expert buckets of a fixed size,
+  one batched matmul, overflow dropped.
+blocked: dropless: the expert-sorted rows in blocks of b rows that each belong to one expert (each expert's
+  rows padded to a multiple of b), every block through its expert's weights as one batched matmul, in a few
+  chunks of blocks (each gathering its blocks' experts' weights). Static shapes, no loop; b is at most half the
+  mean load per expert, so padding keeps the expert FLOPs within 1.5x the active ones. GPU and TPU.
+ragged: jax.lax.ragged_dot over the sorted assignments. XLA rewrites it into an ordinary dot over every expert on
+  CUDA unless the experimental cuDNN fusion flag is set, and on CPU (openxla
+  xla/hlo/transforms/expanders/ragged_dot_rewriter.cc): n_experts times the active FLOPs there. Explicit only.
+selected: each (token, expert) assignment through its expert's weights (packed ones by a CPU kernel): reads
+  only the chosen experts, for decoding and other small token counts.
 dense: every expert on every token, combined with the routing weights (the test reference).
 """
 
@@ -20,11 +31,14 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model import cpu_kernels, mxfp4
 from gptoss_jax.model.ffn import activate, ffn_init_std_out, n_in_proj
 from gptoss_jax.model.linear import project_batched
+from gptoss_jax.model.platform import target
 
 
 def route(cfg: ModelConfig, logits_NxE: jax.Array, selection_bias_E: jax.Array | None = None
@@ -46,15 +60,18 @@ def route(cfg: ModelConfig, logits_NxE: jax.Array, selection_bias_E: jax.Array |
   return weights, idx
 
 
-def aux_losses(logits_NxE: jax.Array, idx_NxK: jax.Array) -> dict[str, jax.Array]:
-  """Load-balancing loss (E * sum_e load_e * mean_prob_e; 1 when balanced) and router z-loss."""
+def aux_losses(logits_NxE: jax.Array, idx_NxK: jax.Array, axes: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+  """Load-balancing loss (E * sum_e load_e * mean_prob_e; 1 when balanced), router z-loss and each expert's
+  share of the assignments; inside a shard_map, the means are over the token shards `axes` too (shards of
+  equal size: one device's values over all the tokens)."""
   n_experts = logits_NxE.shape[-1]
   logits = logits_NxE.astype(jnp.float32)
-  load_E = jnp.bincount(idx_NxK.reshape(-1), length=n_experts) / idx_NxK.size
-  mean_prob_E = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
+  mean = lambda x: jax.lax.pmean(x, axes) if axes else x  # noqa: E731
+  load_E = mean(jnp.bincount(idx_NxK.reshape(-1), length=n_experts) / idx_NxK.size)
+  mean_prob_E = mean(jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0))
   return {
       "moe_aux_loss": n_experts * jnp.sum(jax.lax.stop_gradient(load_E) * mean_prob_E),
-      "moe_z_loss": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
+      "moe_z_loss": mean(jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))),
       "expert_load": load_E,
   }
 
@@ -72,6 +89,8 @@ def balance_step(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array
 
 ExpertFn = Callable[[jax.Array], jax.Array]  # [E, C, D] -> [E, C, D]
 RowsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # rows [R, D], start_E, count_E -> [R, D]
+# (stored expert weights, experts [C] or a slice) -> w_in [C, D, G*F], b_in [C, G*F], w_out [C, F, D], b_out [C, D]
+Take = Callable[[tuple, jax.Array | slice], tuple]
 
 
 def sort_by_expert(idx_NxK: jax.Array, n_experts: int):
@@ -96,7 +115,8 @@ def through_rows(x_NxD, w_NxK, order_A, row_A, n_rows: int, rows_fn: Callable[[j
   return jnp.einsum("nkd,nk->nd", y_NxKxD, w_NxK.astype(y_NxKxD.dtype))
 
 
-def grouped_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, capacity: int, expert_fn: ExpertFn):
+def capacity_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, capacity: int, expert_fn: ExpertFn):
+  """Each expert's first `capacity` assignments (in token order) in a bucket of its own, the rest dropped."""
   E, C, D = n_experts, capacity, x_NxD.shape[-1]
   order_A, e_sorted_A, _, rank_A = sort_by_expert(idx_NxK, E)
   slot_A = jnp.where(rank_A < C, e_sorted_A * C + rank_A, E * C)  # E * C: dropped
@@ -104,23 +124,26 @@ def grouped_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, capacity: int, exper
                       lambda rows: expert_fn(rows.reshape(E, C, D)).reshape(E * C, D))
 
 
+def padded_rows(assignments: int, n_experts: int, align: int) -> int:
+  """The most rows the assignments take with each expert's padded to a multiple of `align`: at most
+  align - 1 rows of padding per expert, and a multiple of `align`."""
+  return (assignments + n_experts * (align - 1)) // align * align
+
+
 def block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, align: int, expert_fn: RowsFn):
   """Dropless: the assignments sorted by expert into rows, each expert's padded to a multiple of `align`,
   expert e owning rows [start_E[e], start_E[e] + count_E[e]). The row count is bounded statically
-  (A + E * (align - 1), rounded up), so no token is ever dropped."""
+  (padded_rows), so no token is ever dropped."""
   A, E = idx_NxK.size, n_experts
   order_A, e_sorted_A, counts_E, rank_A = sort_by_expert(idx_NxK, E)
   padded_E = -(-counts_E // align) * align
   start_E = jnp.cumsum(padded_E) - padded_E
-  n_rows = -(-(A + E * (align - 1)) // align) * align
+  n_rows = padded_rows(A, E, align)
   return through_rows(x_NxD, w_NxK, order_A, start_E[e_sorted_A] + rank_A, n_rows,
                       lambda rows: expert_fn(rows, start_E, padded_E))
 
 
-Unpack = Callable[[tuple, jax.Array], tuple]  # (weights, e) -> w_in [D, G*F], b_in [G*F], w_out [F, D], b_out [D]
-
-
-def _each_expert(blocks: tuple[int, ...], unpack: Unpack, weights, start_E, count_E, body, carry):
+def _each_expert(blocks: tuple[int, ...], unpack: Callable, weights, start_E, count_E, body, carry):
   """body(e, row, size, expert e's weights, carry) over every block of every expert's rows, the carry
   threaded through; experts without rows are skipped, their weights never unpacked."""
   def expert(e, carry):
@@ -136,12 +159,15 @@ def _each_expert(blocks: tuple[int, ...], unpack: Unpack, weights, start_E, coun
                            carry)
 
 
-def expert_loop(activation: Callable[[jax.Array], jax.Array], blocks: tuple[int, ...], unpack: Unpack) -> RowsFn:
+def expert_loop(activation: Callable[[jax.Array], jax.Array], blocks: tuple[int, ...], take: Take) -> RowsFn:
   """The experts' FFN over expert-sorted rows as a loop: for each expert, its weights taken once, then its
   rows in blocks of blocks[0] rows and the remainder in the smaller sizes (descending, each dividing the
   one before), so compute follows the real assignments (no weight copy per block; a grouped GEMM for
   CPUs). The backward pass is the same loop, accumulating each expert's weight gradients in float32.
   Weights that are not floating point (packed MXFP4) are frozen: only the input gets a gradient."""
+
+  def unpack(weights, e):  # expert e's weights, unpacked once per expert
+    return tuple(w[0] for w in take(weights, e[None]))
 
   def rows(x_RxD, start, size):
     return jax.lax.dynamic_slice_in_dim(x_RxD, start, size)
@@ -202,36 +228,25 @@ def expert_loop(activation: Callable[[jax.Array], jax.Array], blocks: tuple[int,
 PACKED_SELECTED_MAX = 2048
 
 
-def partitioned() -> bool:
-  """Whether the computation being traced is split over several devices (a mesh in context: the Trainer's
-  steps set theirs)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return not mesh.empty and mesh.size > 1
-
-
 def resolved_dispatch(cfg: ModelConfig, n_tokens: int) -> str:
-  """`auto`: the selected experts' weights gathered when there are fewer (token, expert) assignments than
-  experts (decoding: gpt-oss-20b reads 4 of its 32 experts per token), or up to PACKED_SELECTED_MAX of
-  them for packed experts on CPU (prefill); else ragged_dot (a grouped GEMM) on GPU and TPU when
-  dropless, and the grouped paths on CPU, where ragged_dot is a dense dot over every expert. On CPU
-  split over several devices (fake ones: the tests, `experiments.run --smoke`) dropless is `dense`, every
-  expert on every token: XLA's partitioning of the dropless loop puts an all-reduce inside loops whose trip
-  counts follow the routing, and there 8 fake devices deadlocked, one of them an iteration behind (the gpu
-  scale's `e16_k2`, 5 tries of 5). Packed
-  experts never take ragged_dot, which would unpack a layer's experts at once (gpt-oss-20b: 1.6 GB in
-  bfloat16, against 50 MB for the dropless loop's one expert at a time)."""
+  """`auto`, for a shard of n_tokens tokens in the program of platform `target(cfg)`: the selected experts'
+  weights gathered when there are fewer (token, expert) assignments than experts (decoding: gpt-oss-20b reads 4
+  of its 32 experts per token), or up to PACKED_SELECTED_MAX of them for packed experts on CPU (prefill); with
+  a capacity factor, the fixed buckets; else on CPU the dropless expert loop (`grouped`), and on GPU and TPU
+  `blocked` (the loop's trip counts follow the routing, a string of small kernels there). Packed experts
+  take the loop on every platform: it unpacks one expert at a time (gpt-oss-20b: 50 MB in bfloat16, against
+  1.6 GB for a layer's experts, which `blocked`'s chunks of blocks could reach)."""
   if cfg.moe_dispatch != "auto":
     return cfg.moe_dispatch
+  platform = target(cfg)
   assignments = n_tokens * cfg.top_k
-  packed_on_cpu = cfg.moe_mxfp4 and jax.default_backend() == "cpu" and cpu_kernels.available()
+  packed_on_cpu = cfg.moe_mxfp4 and platform == "cpu" and cpu_kernels.available()
   few = assignments < cfg.n_experts or (packed_on_cpu and assignments <= PACKED_SELECTED_MAX)
   if few and not cfg.moe_capacity_factor:
     return "selected"
-  if cfg.moe_capacity_factor or cfg.moe_mxfp4:
+  if cfg.moe_capacity_factor or cfg.moe_mxfp4 or platform == "cpu":
     return "grouped"
-  if jax.default_backend() in ("gpu", "tpu"):
-    return "ragged"
-  return "dense" if partitioned() else "grouped"
+  return "blocked"
 
 
 def grouped_capacity(cfg: ModelConfig, n_tokens: int) -> int:
@@ -249,6 +264,170 @@ def dropless_blocks(cfg: ModelConfig, n_tokens: int) -> tuple[int, ...]:
   while sizes[-1] > 32:
     sizes += (sizes[-1] // 2,)
   return sizes
+
+
+BLOCK_ROWS_MAX = 512  # rows per block of `blocked` at most
+BLOCK_CHUNKS = 8  # `blocked` computes its blocks in at most this many batched matmuls (each gathers its weights)
+
+
+def block_rows(cfg: ModelConfig, n_tokens: int) -> int:
+  """Rows per block of `blocked`: the largest power of two at most half the mean load per expert, so the
+  padding (under a block per expert) keeps the rows, and the expert FLOPs, within 1.5x the assignments;
+  BLOCK_ROWS_MAX at most, 1 for loads under 2 (no padding at all)."""
+  half_load = n_tokens * cfg.top_k / cfg.n_experts / 2
+  return 1 if half_load < 1 else int(min(BLOCK_ROWS_MAX, 2 ** math.floor(math.log2(half_load))))
+
+
+def blocked_experts(weights: tuple, take: Take, activation: Callable, rows: int, x_RxD, start_E, count_E):
+  """Expert-sorted rows [R, D] -> [R, D], each expert's rows starting at start_E and padded to count_E, a
+  multiple of `rows`: every block of `rows` rows through its expert's weights, a batched matmul per chunk of
+  blocks that gathers their experts' weights (recomputed in the backward pass rather than kept)."""
+  R, D = x_RxD.shape
+  n_blocks = R // rows
+  ends_E = start_E + count_E  # block j belongs to the first expert ending past its first row
+  experts_J = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(n_blocks) * rows, side="right"), start_E.shape[0] - 1)
+
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names("expert_h"))
+  def through(weights, x_CxRxD, e_C):
+    w_in, b_in, w_out, b_out = take(weights, e_C)
+    h = checkpoint_name(jnp.einsum("crd,cdf->crf", x_CxRxD, w_in) + b_in[:, None], "expert_h")
+    return jnp.einsum("crf,cfd->crd", activation(h), w_out) + b_out[:, None]
+
+  x_JxRxD = x_RxD.reshape(n_blocks, rows, D)
+  chunk = -(-n_blocks // BLOCK_CHUNKS)
+  return jnp.concatenate([through(weights, x_JxRxD[j:j + chunk], experts_J[j:j + chunk])
+                          for j in range(0, n_blocks, chunk)]).reshape(R, D)
+
+
+def dense_dispatch(activation, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out):
+  E = w_in.shape[0]
+  h = jnp.einsum("nd,edf->nef", x_NxD, w_in) + b_in
+  y_NxExD = jnp.einsum("nef,efd->ned", activation(h), w_out) + b_out
+  N = x_NxD.shape[0]
+  combine_NxE = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], idx_NxK].add(w_NxK)
+  return jnp.einsum("ned,ne->nd", y_NxExD, combine_NxE.astype(y_NxExD.dtype))
+
+
+def ragged_dispatch(activation, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out):
+  N, K = idx_NxK.shape
+  order_A, e_sorted_A, counts_E, _ = sort_by_expert(idx_NxK, w_in.shape[0])
+  h = jax.lax.ragged_dot(x_NxD[order_A // K], w_in, counts_E.astype(jnp.int32)) + b_in[e_sorted_A]
+  ys_AxD = jax.lax.ragged_dot(activation(h), w_out, counts_E.astype(jnp.int32)) + b_out[e_sorted_A]
+  y_NxKxD = jnp.zeros_like(ys_AxD).at[order_A].set(ys_AxD).reshape(N, K, -1)
+  return jnp.einsum("nkd,nk->nd", y_NxKxD, w_NxK.astype(y_NxKxD.dtype))
+
+
+def expert_params(cfg: ModelConfig, p: dict, dtype) -> tuple[tuple, Take]:
+  """The expert weights as stored and how to take some experts' in the compute dtype: MXFP4 unpacked for
+  those experts only (gpt-oss-20b: 50 MB for one, not a layer's 1.6 GB)."""
+  E, G, F, D = cfg.n_experts, n_in_proj(cfg), cfg.d_expert, cfg.d_model
+  b_in, b_out = (p["b_in"], p["b_out"]) if cfg.ffn_bias else (jnp.zeros((E, G, F), dtype), jnp.zeros((E, D), dtype))
+  if cfg.moe_mxfp4:  # stored as the checkpoints do: [E, out, in / 32, 16]
+    def take_packed(w, e_C):
+      in_blocks, in_scales, bias_in, out_blocks, out_scales, bias_out = (x[e_C] for x in w)
+      w_in = mxfp4.dequantize(in_blocks, in_scales, dtype).reshape(-1, G * F, D).swapaxes(1, 2)
+      w_out = mxfp4.dequantize(out_blocks, out_scales, dtype).swapaxes(1, 2)  # [C, D, F] -> [C, F, D]
+      return w_in, bias_in.reshape(-1, G * F).astype(dtype), w_out, bias_out.astype(dtype)
+    return (p["w_in_blocks"], p["w_in_scales"], b_in, p["w_out_blocks"], p["w_out_scales"], b_out), take_packed
+
+  def take(w, e_C):
+    w_in, b_in, w_out, b_out = (x[e_C].astype(dtype) for x in w)
+    return w_in.reshape(-1, D, G * F), b_in.reshape(-1, G * F), w_out, b_out
+  return (p["w_in"], b_in, p["w_out"], b_out), take
+
+
+def selected(cfg: ModelConfig, p: dict, x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array) -> jax.Array:
+  """Each (token, expert) assignment through its own expert's weights: only the chosen experts are read
+  (packed ones by `cpu_kernels.mxfp4_matvec`, which never writes a dequantized weight on CPU). The cost follows
+  the assignments (an expert chosen twice is read twice), so this is for a few tokens (decoding; and
+  prefill pieces and small evaluation batches, for packed experts on CPU: see PACKED_SELECTED_MAX). In a CPU's
+  program it computes in float32: XLA:CPU multiplies bfloat16 no faster than float32 (measured)."""
+  dt = jnp.float32 if target(cfg) == "cpu" else x_NxD.dtype
+  (N, K), D, G, F = idx_NxK.shape, cfg.d_model, n_in_proj(cfg), cfg.d_expert
+  e_A = idx_NxK.reshape(-1)
+  A = e_A.shape[0]
+  x_AxD = jnp.repeat(x_NxD, K, axis=0).astype(dt)
+  if cfg.ffn_bias:
+    b_in, b_out = p["b_in"][e_A].astype(dt), p["b_out"][e_A].astype(dt)
+  else:
+    b_in, b_out = jnp.zeros((A, G, F), dt), jnp.zeros((A, D), dt)
+  if cfg.moe_mxfp4:  # stored [E, out, in / 32, 16]
+    h = cpu_kernels.mxfp4_matvec(x_AxD, e_A, p["w_in_blocks"], p["w_in_scales"]).astype(dt)
+    down = lambda a_AxF: cpu_kernels.mxfp4_matvec(a_AxF, e_A, p["w_out_blocks"], p["w_out_scales"]).astype(dt)  # noqa: E731
+  else:  # one matrix-vector product per assignment, the weight as stored ([A, in, out]), its output
+    # dimensions flattened (an einsum keeping G and F apart made XLA:CPU copy the weights, 15x slower)
+    matvec = lambda x_AxI, w_AxIxO: jax.lax.dot_general(x_AxI, w_AxIxO, (((1,), (1,)), ((0,), (0,))))  # noqa: E731
+    h = matvec(x_AxD, p["w_in"][e_A].astype(dt).reshape(A, D, G * F))
+    down = lambda a_AxF: matvec(a_AxF, p["w_out"][e_A].astype(dt))  # noqa: E731
+  y_AxD = down(activate(cfg, h.reshape(A, G, F) + b_in)) + b_out
+  return jnp.einsum("nkd,nk->nd", y_AxD.reshape(N, K, D), w_NxK.astype(dt)).astype(x_NxD.dtype)
+
+
+def dispatch(cfg: ModelConfig, p: dict, x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array) -> jax.Array:
+  """The routed tokens [N, D] through their experts, mixed by their routing weights."""
+  N, E = x_NxD.shape[0], cfg.n_experts
+  kind = resolved_dispatch(cfg, N)
+  if kind == "selected":
+    return selected(cfg, p, x_NxD, idx_NxK, w_NxK)
+  weights, take = expert_params(cfg, p, x_NxD.dtype)
+  G, F = n_in_proj(cfg), cfg.d_expert
+  activation = lambda h: activate(cfg, h.reshape(*h.shape[:-1], G, F))  # noqa: E731  [..., G*F] -> [..., F]
+  if kind == "grouped" and not cfg.moe_capacity_factor:  # dropless: the experts one after another
+    blocks = dropless_blocks(cfg, N)
+    loop = expert_loop(activation, blocks, take)
+    return block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, E, blocks[-1],
+                                 lambda rows, start_E, count_E: loop(rows, start_E, count_E, weights))
+  if kind == "blocked":
+    rows = block_rows(cfg, N)
+    return block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, E, rows, functools.partial(
+        blocked_experts, weights, take, activation, rows))
+  experts = take(weights, slice(None))
+  if kind == "dense":
+    return dense_dispatch(activation, x_NxD, idx_NxK, w_NxK, *experts)
+  if kind == "ragged":
+    return ragged_dispatch(activation, x_NxD, idx_NxK, w_NxK, *experts)
+  w_in, b_in, w_out, b_out = experts  # fixed capacity per expert, overflow dropped
+
+  def expert_fn(x_ExCxD):
+    h = project_batched(x_ExCxD, w_in) + b_in[:, None]
+    return project_batched(activation(h), w_out) + b_out[:, None]
+
+  return capacity_dispatch(x_NxD, idx_NxK, w_NxK, E, grouped_capacity(cfg, N), expert_fn)
+
+
+def moe_tokens(cfg: ModelConfig, x_NxD: jax.Array, p: dict, axes: tuple[str, ...] = ()) -> tuple[jax.Array, dict]:
+  """The layer over N tokens (one shard's, `axes` naming the mesh axes the tokens are split over): router,
+  routing, the experts (under the name scope `experts`), the router's statistics."""
+  logits_NxE = x_NxD.astype(jnp.float32) @ p["router_w"].astype(jnp.float32)
+  if cfg.router_bias:
+    logits_NxE = logits_NxE + p["router_b"].astype(jnp.float32)
+  w_NxK, idx_NxK = route(cfg, logits_NxE, p.get("selection_bias"))
+  with jax.named_scope("experts"):
+    y_NxD = dispatch(cfg, p, x_NxD, idx_NxK, w_NxK)
+  return y_NxD.astype(x_NxD.dtype), aux_losses(logits_NxE, idx_NxK, axes)
+
+
+def token_axes(mesh, n_tokens: int) -> tuple[str, ...]:
+  """The mesh axes the MoE splits its tokens over: every axis of more than one device, in the mesh's order
+  (data and fsdp first, as the batch is split), as many as divide the tokens."""
+  axes = [a for a in mesh.axis_names if mesh.shape[a] > 1]
+  while axes and n_tokens % math.prod(mesh.shape[a] for a in axes):
+    axes.pop()
+  return tuple(axes)
+
+
+def on_token_shards(fn: Callable, x_NxD: jax.Array, p: dict) -> tuple[jax.Array, dict]:
+  """fn(x_NxD, p, axes) on each device's shard of the tokens where a mesh is in context (the Trainer's steps
+  set theirs), its weights whole on every device; the tokens replicated where no axis divides them."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(x_NxD, p)
+  axes = token_axes(mesh, x_NxD.shape[0])
+  tokens = P(axes) if axes else P()
+  # check_vma off: the dropless loop's carries start invariant and become varying; the weights' gradients
+  # are summed over the shards all the same (tested equal to one device's)
+  return jax.shard_map(functools.partial(fn, axes=axes), mesh=mesh, in_specs=(tokens, P()),
+                       out_specs=(tokens, P()), check_vma=False)(x_NxD, p)
 
 
 class MoE(nnx.Module):
@@ -279,113 +458,18 @@ class MoE(nnx.Module):
       self.b_in = nnx.Param(jnp.zeros((E, G, F), pdt), axes=("expert", None, "mlp"))
       self.b_out = nnx.Param(jnp.zeros((E, D), pdt), axes=("expert", "embed"))
 
+  def arrays(self) -> dict[str, jax.Array]:
+    return {name: v[...] for name, v in vars(self).items() if isinstance(v, nnx.Variable)}
+
   def expert_weights(self, dtype) -> tuple[jax.Array, jax.Array]:
-    """w_in [E, D, G, F] and w_out [E, F, D] in the compute dtype (MXFP4 dequantized here)."""
-    if self.cfg.moe_mxfp4:
-      w_in = mxfp4.dequantize(self.w_in_blocks[...], self.w_in_scales[...], dtype)  # [E, G, F, D]
-      w_out = mxfp4.dequantize(self.w_out_blocks[...], self.w_out_scales[...], dtype)  # [E, D, F]
-      return jnp.transpose(w_in, (0, 3, 1, 2)), jnp.transpose(w_out, (0, 2, 1))
-    return self.w_in[...].astype(dtype), self.w_out[...].astype(dtype)
-
-  def loop_weights(self, dtype) -> tuple[tuple, Unpack]:
-    """The expert weights as stored and how to take expert e's in the compute dtype (MXFP4 unpacked one
-    expert at a time: gpt-oss-20b holds 50 MB of it, not a layer's 1.6 GB)."""
-    G, F, D = n_in_proj(self.cfg), self.cfg.d_expert, self.cfg.d_model
-    b_in, b_out = (self.b_in[...], self.b_out[...]) if self.cfg.ffn_bias else self.biases(dtype)
-    if self.cfg.moe_mxfp4:
-      def unpack(w, e):
-        in_blocks, in_scales, bias_in, out_blocks, out_scales, bias_out = (x[e] for x in w)
-        w_in = mxfp4.dequantize(in_blocks, in_scales, dtype).reshape(G * F, D).T
-        w_out = mxfp4.dequantize(out_blocks, out_scales, dtype).T  # [D, F] -> [F, D]
-        return w_in, bias_in.reshape(G * F).astype(dtype), w_out, bias_out.astype(dtype)
-      return (self.w_in_blocks[...], self.w_in_scales[...], b_in, self.w_out_blocks[...], self.w_out_scales[...],
-              b_out), unpack
-
-    def unpack(w, e):
-      w_in, b_in, w_out, b_out = (x[e].astype(dtype) for x in w)
-      return w_in.reshape(D, G * F), b_in.reshape(G * F), w_out, b_out
-    return (self.w_in[...], b_in, self.w_out[...], b_out), unpack
-
-  def selected(self, x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array) -> jax.Array:
-    """Each (token, expert) assignment through its own expert's weights: only the chosen experts are read
-    (packed ones by `cpu_kernels.mxfp4_matvec`, which never writes a dequantized weight on CPU). The cost follows
-    the assignments (an expert chosen twice is read twice), so this is for a few tokens (decoding; and
-    prefill pieces and small evaluation batches, for packed experts on CPU: see PACKED_SELECTED_MAX). On CPU it computes
-    in float32: XLA:CPU multiplies bfloat16 no faster than float32 (measured)."""
+    """w_in [E, D, G, F] and w_out [E, F, D] in `dtype` (MXFP4 dequantized)."""
     cfg = self.cfg
-    dt = jnp.float32 if jax.default_backend() == "cpu" else x_NxD.dtype
-    (N, K), D = idx_NxK.shape, cfg.d_model
-    e_A = idx_NxK.reshape(-1)
-    x_AxD = jnp.repeat(x_NxD, K, axis=0).astype(dt)
-    b_in, b_out = (b[e_A] for b in self.biases(dt))
-    A, G, F = e_A.shape[0], n_in_proj(cfg), cfg.d_expert
-    if cfg.moe_mxfp4:  # stored [E, out, in / 32, 16]
-      h = cpu_kernels.mxfp4_matvec(x_AxD, e_A, self.w_in_blocks[...], self.w_in_scales[...]).astype(dt)
-      down = lambda a_AxF: cpu_kernels.mxfp4_matvec(a_AxF, e_A, self.w_out_blocks[...], self.w_out_scales[...]).astype(dt)
-    else:  # one matrix-vector product per assignment, the weight as stored ([A, in, out]), its output
-      # dimensions flattened (an einsum keeping G and F apart made XLA:CPU copy the weights, 15x slower)
-      matvec = lambda x_AxI, w_AxIxO: jax.lax.dot_general(x_AxI, w_AxIxO, (((1,), (1,)), ((0,), (0,))))
-      h = matvec(x_AxD, self.w_in[...][e_A].astype(dt).reshape(A, D, G * F))
-      down = lambda a_AxF: matvec(a_AxF, self.w_out[...][e_A].astype(dt))
-    y_AxD = down(activate(cfg, h.reshape(A, G, F) + b_in)) + b_out
-    return jnp.einsum("nkd,nk->nd", y_AxD.reshape(N, K, D), w_NxK.astype(dt)).astype(x_NxD.dtype)
-
-  def biases(self, dtype):
-    if not self.cfg.ffn_bias:
-      E, G, F, D = self.cfg.n_experts, n_in_proj(self.cfg), self.cfg.d_expert, self.cfg.d_model
-      return jnp.zeros((E, G, F), dtype), jnp.zeros((E, D), dtype)
-    return self.b_in[...].astype(dtype), self.b_out[...].astype(dtype)
+    weights, take = expert_params(cfg, self.arrays(), dtype)
+    w_in, _, w_out, _ = take(weights, slice(None))
+    return w_in.reshape(cfg.n_experts, cfg.d_model, n_in_proj(cfg), cfg.d_expert), w_out
 
   def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, dict]:
-    cfg = self.cfg
     B, T, D = x_BxTxD.shape
-    dt = x_BxTxD.dtype
-    x_NxD = x_BxTxD.reshape(B * T, D)
-    logits_NxE = x_NxD.astype(jnp.float32) @ self.router_w[...].astype(jnp.float32)
-    if cfg.router_bias:
-      logits_NxE = logits_NxE + self.router_b[...].astype(jnp.float32)
-    w_NxK, idx_NxK = route(cfg, logits_NxE, self.selection_bias[...] if cfg.moe_bias_update_rate else None)
-    dispatch = resolved_dispatch(cfg, B * T)
-    if dispatch == "selected":
-      y = self.selected(x_NxD, idx_NxK, w_NxK)
-    elif dispatch == "grouped" and not cfg.moe_capacity_factor:  # dropless: experts one after another
-      weights, unpack = self.loop_weights(dt)
-      G, F, blocks = n_in_proj(cfg), cfg.d_expert, dropless_blocks(cfg, B * T)
-      loop = expert_loop(lambda h: activate(cfg, h.reshape(-1, G, F)), blocks, unpack)
-      y = block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, blocks[-1],
-                                lambda rows, start_E, count_E: loop(rows, start_E, count_E, weights))
-    elif dispatch == "dense":
-      y = dense_dispatch(cfg, x_NxD, idx_NxK, w_NxK, *self.expert_weights(dt), *self.biases(dt))
-    elif dispatch == "ragged":
-      y = ragged_dispatch(cfg, x_NxD, idx_NxK, w_NxK, *self.expert_weights(dt), *self.biases(dt))
-    else:  # fixed capacity per expert, overflow dropped
-      (w_in, w_out), (b_in, b_out) = self.expert_weights(dt), self.biases(dt)
-
-      def expert_fn(x_ExCxD):
-        h = project_batched(x_ExCxD, w_in) + b_in[:, None]
-        return project_batched(activate(cfg, h), w_out) + b_out[:, None]
-
-      y = grouped_dispatch(x_NxD, idx_NxK, w_NxK, cfg.n_experts, grouped_capacity(cfg, B * T), expert_fn)
-    return y.reshape(B, T, D).astype(dt), aux_losses(logits_NxE, idx_NxK)
-
-
-def dense_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, w_out, b_in, b_out):
-  h = jnp.einsum("nd,edgf->negf", x_NxD, w_in) + b_in
-  y_NxExD = jnp.einsum("nef,efd->ned", activate(cfg, h), w_out) + b_out
-  N = x_NxD.shape[0]
-  combine_NxE = jnp.zeros((N, cfg.n_experts), jnp.float32).at[jnp.arange(N)[:, None], idx_NxK].add(w_NxK)
-  return jnp.einsum("ned,ne->nd", y_NxExD, combine_NxE.astype(y_NxExD.dtype))
-
-
-def ragged_dispatch(cfg, x_NxD, idx_NxK, w_NxK, w_in, w_out, b_in, b_out):
-  N, K = idx_NxK.shape
-  E, D, G, F = w_in.shape
-  e_A = idx_NxK.reshape(-1)
-  order_A = jnp.argsort(e_A, stable=True)
-  e_sorted = e_A[order_A]
-  group_sizes = jnp.bincount(e_A, length=E).astype(jnp.int32)
-  xs_AxD = x_NxD[order_A // K]
-  h = jax.lax.ragged_dot(xs_AxD, w_in.reshape(E, D, G * F), group_sizes).reshape(-1, G, F)
-  ys_AxD = jax.lax.ragged_dot(activate(cfg, h + b_in[e_sorted]), w_out, group_sizes) + b_out[e_sorted]
-  y_NxKxD = jnp.zeros_like(ys_AxD).at[order_A].set(ys_AxD).reshape(N, K, D)
-  return jnp.einsum("nkd,nk->nd", y_NxKxD, w_NxK.astype(y_NxKxD.dtype))
+    p = self.arrays()
+    y_NxD, aux = on_token_shards(functools.partial(moe_tokens, self.cfg), x_BxTxD.reshape(B * T, D), p)
+    return y_NxD.reshape(B, T, D), aux

@@ -14,6 +14,7 @@ from gptoss_jax.model.linear import project, reads_in_place
 from gptoss_jax.model import mxfp4
 from gptoss_jax.model.moe import MoE, SelectionBias
 from gptoss_jax.model.norms import make_norm
+from gptoss_jax.model.platform import target
 from gptoss_jax.model.positions import LearnedPositions, rope_cos_sin
 
 
@@ -27,24 +28,24 @@ def fresh_rest(rest: nnx.State) -> nnx.State:
   return jax.tree.map(lambda v: jax.random.key(0) if is_key(v) else jnp.zeros(v.shape, v.dtype), rest)
 
 
-def unembed_logits(x_BxTxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
+def unembed_logits(x_BxTxD: jax.Array, unembed_DxV: jax.Array, platform: str) -> jax.Array:
   """Float32 logits, one chunk of the vocabulary at a time: where bf16 matmuls run in float32 (XLA:CPU),
   only a chunk of the unembedding is ever converted (gpt-oss: 0.4 GB instead of 2.3 GB). Whole where the
   CPU kernel reads it as stored (decoding): a chunk would be a copy."""
   V = unembed_DxV.shape[1]
-  chunk = V if reads_in_place(math.prod(x_BxTxD.shape[:-1]), unembed_DxV) else VOCAB_CHUNK
-  return jnp.concatenate([project(x_BxTxD, unembed_DxV[:, i:i + chunk]).astype(jnp.float32)
+  chunk = V if reads_in_place(math.prod(x_BxTxD.shape[:-1]), unembed_DxV, platform) else VOCAB_CHUNK
+  return jnp.concatenate([project(x_BxTxD, unembed_DxV[:, i:i + chunk], platform=platform).astype(jnp.float32)
                           for i in range(0, V, chunk)], axis=-1)
 
 
-def unembed_nll(x_BxTxD: jax.Array, unembed_DxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+def unembed_nll(x_BxTxD: jax.Array, unembed_DxV: jax.Array, targets_BxT: jax.Array, platform: str) -> jax.Array:
   """Each position's next-token loss, -log softmax(x @ unembed)[target] in float32, without the whole
   logits: the log-normaliser is combined from one vocabulary chunk's at a time (gpt-oss, 512 positions: a
   67 MB chunk instead of 0.4 GB of logits and as much again for their exponentials), and the target's logit
   is the product with its own column."""
   V = unembed_DxV.shape[1]
-  logz_BxTxC = jnp.stack([jax.nn.logsumexp(project(x_BxTxD, unembed_DxV[:, i:i + VOCAB_CHUNK]).astype(jnp.float32),
-                                           axis=-1) for i in range(0, V, VOCAB_CHUNK)], axis=-1)
+  logz_BxTxC = jnp.stack([jax.nn.logsumexp(project(x_BxTxD, unembed_DxV[:, i:i + VOCAB_CHUNK], platform=platform)
+                                           .astype(jnp.float32), axis=-1) for i in range(0, V, VOCAB_CHUNK)], axis=-1)
   w_DxBxT = jnp.take(unembed_DxV, targets_BxT, axis=1).astype(jnp.float32)
   target_BxT = jnp.einsum("btd,dbt->bt", x_BxTxD.astype(jnp.float32), w_DxBxT)
   return jax.nn.logsumexp(logz_BxTxC, axis=-1) - target_BxT
@@ -95,7 +96,7 @@ class Transformer(nnx.Module):
               remat: bool = False) -> ModelOutput:
     """remat: recompute each block's activations in the backward pass instead of storing them."""
     x, aux, new_cache = self.trunk(tokens_BxT, positions_BxT, cache, remat)
-    return ModelOutput(unembed_logits(x, self.unembedding()), aux, new_cache)
+    return ModelOutput(unembed_logits(x, self.unembedding(), target(self.cfg)), aux, new_cache)
 
   def unembedding(self) -> jax.Array:
     """[d_model, vocab]: the unembedding, or the embedding's transpose when tied."""

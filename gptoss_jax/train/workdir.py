@@ -11,10 +11,10 @@ from pathlib import Path
 from gptoss_jax.config import ConfigError, RunConfig
 from gptoss_jax.fileio import atomic_write
 
-# fields a resumed run may change: how long, how often, where and how much memory; every other field
+# fields a resumed run may change: how long, how often, where (the mesh, the platform) and how much memory; every other field
 # (model, data, seed, optimizer, batch) decides what is trained, and a resume that changes it is refused
 RESUMABLE = ("train.steps", "train.stop_at", "train.eval_every", "train.eval_batches", "train.remat",
-             "checkpoint.every", "checkpoint.keep", "checkpoint.async_save", "log.*", "mesh.*", "distributed.*")
+             "model.platform", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save", "log.*", "mesh.*", "distributed.*")
 
 
 class RunLock:
