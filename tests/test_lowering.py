@@ -1,7 +1,8 @@
-"""The fast paths lower for GPU and TPU, shown on a CPU-only install: the real sharded train step of a
-dense and a MoE preset on an 8-device mesh using every axis (data, fsdp, tensor, expert), and the decode
-step, exported with jax.export for platforms=["cuda"] and ["tpu"]. An op or a sharding that does not
-lower there fails here."""
+"""The programs GPUs and TPUs will run, built on a CPU-only install with each platform's own choices
+(`model.platform`), lowered and exported for cuda and tpu: the sweeps' training steps at their real shapes
+on 1 and 8 devices, gpt-oss-20b's decode step and prefill piece. Their expert matmuls are counted as each
+platform's XLA compiles them (gptoss_jax.hlo) against the active expert FLOPs; the cuDNN attention they carry
+is looked for where a GPU host would trace it."""
 
 import functools
 import math
@@ -13,91 +14,147 @@ import pytest
 from flax import nnx
 
 from conftest import REPO
+from gptoss_jax import hlo
 from gptoss_jax.config import ModelConfig, RunConfig
 from gptoss_jax.config_files import apply_overrides, load_config_file
-from gptoss_jax.generate import decode_step
-from gptoss_jax.model import Transformer
+from gptoss_jax.generate import PREFILL_CHUNKS, decode_step, extend
+from gptoss_jax.model import Transformer, cpu_kernels
+from gptoss_jax.model.ffn import n_in_proj
 from gptoss_jax.sharding import make_mesh
 from gptoss_jax.train.step import Trainer
 
-PLATFORMS = ["cuda", "tpu"]
+PLATFORMS = {"cuda": "gpu", "tpu": "tpu"}  # lowering platform -> the model's platform
+CUDNN_CALLS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
 
 
-def _trainer(spec: str, mesh: dict, **model) -> Trainer:
-  config = load_config_file(f"{REPO}/{spec}")
-  apply_overrides(config, {"train.batch_size": "8", "data.seq_len": "64", **{f"model.{k}": str(v) for k, v in model.items()}})
-  config = RunConfig.from_dict(config)
-  return Trainer(config.model, config.train, make_mesh(mesh, jax.devices()[:8]))
+@pytest.fixture
+def gpu_host(monkeypatch):
+  """What a process on an H100 with cuDNN 9.10 traces: jax asks cuDNN for its version and the GPU for its
+  compute capability while tracing its cuDNN attention, which a CPU-only install cannot answer."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: capability <= "9.0")
+  monkeypatch.setattr(cudnn, "is_cuda_compute_capability_equal", lambda capability: capability == "9.0")
 
 
-@pytest.mark.parametrize("platform", PLATFORMS)
-@pytest.mark.parametrize("spec, model", [
-    ("configs/gpt2.py:tiny", {}),
-    ("configs/gpt2.py:tiny", {"attn_impl": "fused", "attn_dropout": 0.0}),  # what auto picks on GPU
-    ("configs/gpt_oss.py:tiny", {"moe_dispatch": "ragged"}),  # the GPU / TPU dispatch
-    ("configs/gpt_oss.py:tiny", {}),  # the dropless expert loop, the CPU default
-])
-def test_sharded_train_step_lowers(platform, spec, model):
-  trainer = _trainer(spec, dict(data=2, fsdp=2, tensor=1, expert=2) if "gpt_oss" in spec else
-                     dict(data=2, fsdp=2, tensor=2, expert=1), **model)
-  state = trainer.abstract_state()
-  batch = jax.ShapeDtypeStruct((8, 65), jnp.int32, sharding=trainer.batch_sharding)
-  exported = jax.export.export(trainer.train_step, platforms=[platform])(state, batch)
-  assert exported.platforms == (platform,)
-  assert exported.nr_devices == 8
-  text = exported.mlir_module()
-  assert "sdy.sharding" in text or "mhlo.sharding" in text  # the parameters stay sharded
+def active_expert_flops(cfg: ModelConfig, tokens: int, training: bool) -> float:
+  """2 FLOPs per weight of each assignment's expert (top_k per token), in and out; 3x for a training step."""
+  per_assignment = 2 * (cfg.d_model * n_in_proj(cfg) * cfg.d_expert + cfg.d_expert * cfg.d_model)
+  return (3 if training else 1) * tokens * cfg.top_k * per_assignment * cfg.n_layers
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["bf16", "mxfp4"])
-@pytest.mark.parametrize("platform", PLATFORMS)
-def test_decode_step_lowers(platform, packed):
-  """generate's own decode step (one token through the KV cache, then sampled) of the gpt-oss preset in
-  bfloat16, its experts plain or packed (on CPU the few-row products take the CPU kernels: none of them may
-  reach another platform)."""
-  from gptoss_jax.model import cpu_kernels
-  config = load_config_file(f"{REPO}/configs/gpt_oss.py:tiny")
-  cfg = ModelConfig.from_dict(config.model).replace(moe_mxfp4=packed, param_dtype="bfloat16", dtype="bfloat16")
-  model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
-  cache = jax.eval_shape(lambda: model.init_cache(1, 128))
-  scalar = jax.ShapeDtypeStruct((), jnp.int32)
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  step = jax.jit(decode_step, static_argnames=("temperature", "top_p"))
-  exported = jax.export.export(step, platforms=[platform])(model, scalar, scalar, cache, key, temperature=0.8, top_p=0.95)
-  assert exported.platforms == (platform,)
-  assert exported.out_avals[0].shape == ()  # the sampled token
-  assert cpu_kernels.MXFP4_TARGET not in exported.mlir_module() and cpu_kernels.BF16_TARGET not in exported.mlir_module()
-
-
-@pytest.mark.parametrize("scale, devices", [("small", 1), ("gpu", 8)])
-def test_each_scales_largest_run_lowers_for_cuda_at_its_real_batch_and_length(scale, devices):
-  """The sweeps' real shapes (the scale's batch and sequence length, bfloat16, GPT-2's padded vocabulary) of
-  the run with the most parameters across the three sweeps, on the scale's mesh: one GPU per training at
-  `small`, a node of 8 at `gpu`."""
+def largest_runs(scale: str):
+  """The dense and the MoE run with the most parameters across the sweeps of a scale, as configured there,
+  cut to 2 of their layers (every layer is lowered alike: the widths, batch and length are the run's)."""
   from experiments import sweeps
   runs = [(sweeps.total(r.model), name, r) for name in sweeps.SWEEPS for r in sweeps.build(name, scale).runs]
-  _, name, run = max(runs, key=lambda x: x[0])
-  config = sweeps.Sweep(name, scale, (run,)).config(run, 0, sweeps.SCALES[scale].lrs[0])
-  trainer = Trainer(config.model, config.train, make_mesh(config.mesh, jax.devices()[:devices]))
+  for moe in (False, True):
+    _, name, run = max((x for x in runs if x[2].model.is_moe == moe), key=lambda x: x[0])
+    config = sweeps.Sweep(name, scale, (run,)).config(run, 0, sweeps.SCALES[scale].lrs[0])
+    yield run.name, config.replace(model=config.model.replace(n_layers=2))
+
+
+def lowered_train_step(config: RunConfig, platform: str, devices: int):
+  mesh = dict(data=devices, fsdp=1, tensor=1, expert=1)
+  trainer = Trainer(config.model.replace(platform=PLATFORMS[platform]), config.train, make_mesh(mesh, jax.devices()[:devices]))
   batch = jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len + 1), jnp.int32,
                                sharding=trainer.batch_sharding)
-  exported = jax.export.export(trainer.train_step, platforms=["cuda"])(trainer.abstract_state(), batch)
-  assert exported.platforms == ("cuda",) and exported.nr_devices == devices
-  assert exported.in_avals[-1].shape == (config.train.batch_size, config.data.seq_len + 1)
-  assert run.model.is_moe and config.model.dtype == "bfloat16" and config.model.vocab_size == 50304
+  return trainer.train_step.trace(trainer.abstract_state(), batch).lower(lowering_platforms=(platform,))
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("scale", ["small", "gpu"])
+def test_each_scales_largest_training_step_for_gpu_and_tpu(gpu_host, scale, platform, devices, capsys):
+  """At the scale's widths, batch, sequence length, bfloat16 and padded vocabulary: the MoE's expert matmuls within
+  1.5x of the active expert FLOPs on every device, none of them in a loop; on CUDA the attention of every
+  layer (sinks included) through cuDNN's flash attention, forward and backward, and no score matrix."""
+  for name, config in largest_runs(scale):
+    cfg, tokens = config.model, config.train.batch_size * config.data.seq_len
+    text = lowered_train_step(config, platform, devices).as_text(debug_info=True)
+    if cfg.is_moe:
+      counted = hlo.scope_flops(text, "experts", platform, devices)
+      ratio = counted / active_expert_flops(cfg, tokens // devices, training=True)
+      with capsys.disabled():
+        print(f"\n{scale} {name} on {devices} {platform} device(s): expert FLOPs per device {counted:.3e}, "
+              f"{ratio:.3f}x the active ones")
+      assert 1.0 <= ratio <= 1.5, (name, ratio)
+    if platform == "cuda":
+      calls = re.findall(r"custom_call @(__cudnn\$\w+)\(", text)
+      fused = 0 if cfg.attn_dropout else cfg.n_layers  # cuDNN's flash attention has no dropout
+      assert {c: calls.count(c) for c in CUDNN_CALLS} == {c: fused for c in CUDNN_CALLS}, name
+      T = config.data.seq_len
+      assert not re.search(rf"tensor<(\d+x)*{T}x{T}xf32>", text), name  # no [.., T, T] scores
+
+
+def test_cudas_ragged_dot_counts_as_a_dense_dot_over_every_expert():
+  """What the counter says of jax.lax.ragged_dot (today's GPU dispatch before this work): every group's FLOPs
+  on CUDA and CPU (XLA's RaggedDotRewriter), the rows' own with the cuDNN fusion flag; not counted for TPU."""
+  x = jax.ShapeDtypeStruct((64, 16), jnp.float32)
+  w = jax.ShapeDtypeStruct((4, 16, 8), jnp.float32)
+  sizes = jax.ShapeDtypeStruct((4,), jnp.int32)
+  lowered = lambda p: jax.jit(jax.lax.ragged_dot).trace(x, w, sizes).lower(lowering_platforms=(p,))  # noqa: E731
+  rows_only = 2 * 64 * 16 * 8
+  assert [m.flops for m in hlo.matmuls(lowered("cuda").as_text(), "cuda")] == [4 * rows_only]
+  assert [m.flops for m in hlo.matmuls(lowered("cpu").as_text(), "cpu")] == [4 * rows_only]
+  assert [m.flops for m in hlo.matmuls(lowered("cuda").as_text(), "cuda", ragged_dot_fusion=True)] == [rows_only]
+  assert [m.flops for m in hlo.matmuls(lowered("tpu").as_text(), "tpu")] == [None]
+
+
+@pytest.mark.parametrize("dispatch, ratio", [("blocked", (1.0, 1.5)), ("ragged", (8.0, 8.1)), ("dense", (4.0, 4.1))])
+def test_expert_flops_per_dispatch_as_cuda_compiles_them(dispatch, ratio):
+  """gpt_oss:tiny's layer (8 experts, top-2) in a cuda training step on 8 devices: the blocked dispatch within
+  1.5x of the active FLOPs, ragged_dot 8x (every expert), dense 4x (every expert, E / top_k)."""
+  config = load_config_file(f"{REPO}/configs/gpt_oss.py:tiny")
+  apply_overrides(config, {"model.n_layers": "1", "model.moe_dispatch": dispatch})
+  config = RunConfig.from_dict(config)
+  text = lowered_train_step(config, "cuda", 8).as_text(debug_info=True)
+  tokens = config.train.batch_size * config.data.seq_len // 8
+  got = hlo.scope_flops(text, "experts", "cuda", 8) / active_expert_flops(config.model, tokens, training=True)
+  assert ratio[0] <= got <= ratio[1], got
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("program", ["decode", "prefill"])
+def test_gpt_oss_20b_decode_and_prefill_for_gpu_and_tpu(program, platform, devices, capsys):
+  """gpt-oss-20b's widths (2 of its layers, bfloat16 experts) traced with each accelerator's choices and
+  exported: the decode step reads only each token's experts, a prefill piece of 256 tokens goes through the
+  blocked dispatch (split over the devices), both within 1.5x of the active expert FLOPs; no CPU kernel in
+  either."""
+  cfg = ModelConfig.from_dict(load_config_file(f"{REPO}/configs/gpt_oss.py:20b").model).replace(
+      n_layers=2, param_dtype="bfloat16", dtype="bfloat16", max_seq_len=4096, platform=PLATFORMS[platform])
+  model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  cache = jax.eval_shape(lambda: model.init_cache(1, 1024))
+  scalar, key = jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: jax.random.key(0))
+  if program == "decode":
+    fn, args, tokens = functools.partial(decode_step, temperature=0.8, top_p=0.95), (model, scalar, scalar, cache, key), 1
+  else:
+    tokens = PREFILL_CHUNKS[0]
+    fn, args = extend, (model, jax.ShapeDtypeStruct((1, tokens), jnp.int32), scalar, cache)
+  mesh = make_mesh(dict(data=devices), jax.devices()[:devices])
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
+  text = lowered.as_text(debug_info=True)
+  assert cpu_kernels.MXFP4_TARGET not in text and cpu_kernels.BF16_TARGET not in text
+  counted = hlo.scope_flops(text, "experts", platform, devices)
+  ratio = counted / active_expert_flops(cfg, tokens // devices if tokens % devices == 0 else tokens, training=False)
+  with capsys.disabled():
+    print(f"\ngpt-oss-20b {program} ({tokens} token(s)) on {devices} {platform} device(s): expert FLOPs per device "
+          f"{counted:.3e}, {ratio:.3f}x the active ones")
+  assert 1.0 <= ratio <= 1.5
+  exported = jax.export.export(jax.jit(fn), platforms=[platform])(*args)
+  assert exported.platforms == (platform,)
 
 
 @pytest.mark.parametrize("program", ["decode", "prefill", "evaluate"])
-def test_packed_experts_are_unpacked_one_expert_at_a_time_on_gpu(program, monkeypatch):
-  """gpt-oss-20b's widths (2 of its layers), experts packed, traced as a GPU traces generate's decode step
-  and prefill piece and evaluate's forward (every platform choice made for `gpu`), exported for cuda: no
-  floating-point tensor holds a whole layer's experts (n_experts x d_model x d_expert or more), which
-  would not fit beside the weights on a 16 GB card."""
+def test_packed_experts_are_unpacked_one_expert_at_a_time_on_gpu(program):
+  """gpt-oss-20b's widths (2 of its layers), experts packed, in a GPU's program (generate's decode step and
+  prefill piece, evaluate's forward) exported for cuda: no floating-point tensor holds a whole layer's
+  experts (n_experts x d_model x d_expert or more), which would not fit beside the weights on a 16 GB card."""
   from gptoss_jax.evaluate import position_nll
-  from gptoss_jax.generate import PREFILL_CHUNKS, extend
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   cfg = ModelConfig.from_dict(load_config_file(f"{REPO}/configs/gpt_oss.py:20b").model).replace(
-      n_layers=2, moe_mxfp4=True, param_dtype="bfloat16", dtype="bfloat16", max_seq_len=4096)
+      n_layers=2, moe_mxfp4=True, param_dtype="bfloat16", dtype="bfloat16", max_seq_len=4096, platform="gpu")
   model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
   cache = jax.eval_shape(lambda: model.init_cache(1, 1024))
   scalar, key = jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: jax.random.key(0))
@@ -114,3 +171,20 @@ def test_packed_experts_are_unpacked_one_expert_at_a_time_on_gpu(program, monkey
   shapes = [tuple(int(d) for d in dims.split("x")[:-1])
             for dims, _ in re.findall(r"tensor<((?:\d+x)+)(bf16|f16|f32)>", text)]
   assert shapes and not [s for s in shapes if s[0] == cfg.n_experts and math.prod(s) >= whole_layer]
+
+
+def test_a_gpus_training_step_exports_with_its_cudnn_attention(gpu_host):
+  """jax.export of gpt_oss:tiny's GPU training step (bfloat16, sinks, sliding windows) on a mesh using every
+  axis: serializable once cuDNN's custom calls are allowed (they carry no compatibility guarantee)."""
+  config = load_config_file(f"{REPO}/configs/gpt_oss.py:tiny")
+  apply_overrides(config, {"train.batch_size": "8", "data.seq_len": "64", "model.dtype": "bfloat16",
+                           "model.platform": "gpu"})
+  config = RunConfig.from_dict(config)
+  trainer = Trainer(config.model, config.train, make_mesh(dict(data=2, fsdp=2, tensor=1, expert=2), jax.devices()[:8]))
+  batch = jax.ShapeDtypeStruct((8, 65), jnp.int32, sharding=trainer.batch_sharding)
+  allowed = [jax.export.DisabledSafetyCheck.custom_call(c) for c in CUDNN_CALLS]
+  exported = jax.export.export(trainer.train_step, platforms=["cuda"], disabled_checks=allowed)(
+      trainer.abstract_state(), batch)
+  assert exported.platforms == ("cuda",) and exported.nr_devices == 8
+  text = exported.mlir_module()
+  assert all(c in text for c in CUDNN_CALLS) and "sdy.manual_computation" in text

@@ -149,10 +149,10 @@ def test_one_expert_top1_is_the_dense_ffn(rng):
 @pytest.mark.parametrize("n_experts, tokens", [(8, 10), (4, 250)])
 def test_dropless_gradients_match_dense(rng, dispatch, n_experts, tokens):
   """(4, 250): 250 rows per expert on average, so the loop runs blocks of 128, 64 and 32 rows, and `blocked`
-  blocks of 64 rows in 8 chunks (10 tokens: blocks of one row, no padding)."""
+  blocks of 32 rows in 8 chunks (10 tokens: blocks of one row, no padding)."""
   cfg = BASE.replace(n_experts=n_experts)
   if tokens == 250:
-    assert dropless_blocks(cfg, 2 * tokens) == (128, 64, 32) and block_rows(cfg, 2 * tokens) == 64
+    assert dropless_blocks(cfg, 2 * tokens) == (128, 64, 32) and block_rows(cfg, 2 * tokens) == 32
   x = jnp.asarray(rng.normal(size=(2, tokens, 32)), jnp.float32)
   grads, outs = {}, {}
   for kind in (dispatch, "dense"):
@@ -392,7 +392,7 @@ def test_auto_dispatch_follows_the_platform_whose_program_is_built():
 
 
 @pytest.mark.parametrize("n_experts, top_k", [(4, 1), (8, 2), (32, 4), (64, 4)])
-def test_blocked_rows_stay_within_one_and_a_half_times_the_assignments(n_experts, top_k):
+def test_blocked_rows_stay_within_a_quarter_more_than_the_assignments(n_experts, top_k):
   """The experts sweep's routings at every token count from 1 to 20,000: the blocks' static row count over
   the assignments; and the rows always hold the worst routing (each expert's count padded to the block,
   the padding placed where it costs most)."""
@@ -404,4 +404,4 @@ def test_blocked_rows_stay_within_one_and_a_half_times_the_assignments(n_experts
     worst = max(worst, rows / assignments)
     if assignments >= n_experts:  # the most padding: every expert but one with a single assignment
       assert rows >= (n_experts - 1) * b + -(-(assignments - n_experts + 1) // b) * b
-  assert 1.0 <= worst <= 1.5, worst
+  assert 1.0 <= worst <= 1.25, worst

@@ -9,6 +9,7 @@ Three kernels, equal on every input they share:
                  CUDA, sinks applied from each row's log-sum-exp), else attend_blocks.
 """
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -16,12 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model.ffn import init_std_out
 from gptoss_jax.model.linear import project, split
 from gptoss_jax.model.norms import RMSNorm
 from gptoss_jax.model.platform import per_lowering, target
+from gptoss_jax.sharding import BATCH_AXES
 from gptoss_jax.model.positions import apply_rope
 
 _MASKED = -1e30
@@ -177,10 +180,29 @@ def cudnn_kernel(head_dim: int, window: int) -> FlashKernel | None:
   return FlashKernel(forward, backward)
 
 
+def on_shards(fn, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *sinks_N) -> jax.Array:
+  """fn(q, k, v, *sinks) on each device's sequences and heads where a mesh is in context: the batch split over
+  the batch axes, the heads over `tensor`, as far as they divide. A kernel then sees one device's shapes (cuDNN's
+  attention partitioned by XLA would be a Python callback, CustomSPMDPartitioning, that no exported program
+  can hold)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *sinks_N)
+  batch = [a for a in BATCH_AXES if mesh.shape[a] > 1]
+  while batch and q_BxTxNxH.shape[0] % math.prod(mesh.shape[a] for a in batch):
+    batch.pop()
+  t = mesh.shape["tensor"]
+  heads = "tensor" if t > 1 and not q_BxTxNxH.shape[2] % t and not k_BxSxKxH.shape[2] % t else None
+  spec = P(tuple(batch) or None, None, heads, None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 3 + (P(heads),) * len(sinks_N), out_specs=spec,
+                       check_vma=False)(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *sinks_N)
+
+
 def attend_fused(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window: int = 0, sinks_N=None) -> jax.Array:
   """Self-attention over a whole sequence through a fused kernel where the program is lowered for a platform
   that has one: cuDNN's flash attention on CUDA for bfloat16 / float16 (sinks applied after it,
-  `flash_with_sinks`); elsewhere (CPU, TPU, float32) the blockwise kernel, the same function."""
+  `flash_with_sinks`); elsewhere (CPU, TPU, float32) the blockwise kernel, the same function. Per device's
+  shard of the batch and heads (`on_shards`)."""
   T, H = q_BxTxNxH.shape[1], q_BxTxNxH.shape[3]
 
   def blocks(q, k, v, *sinks):
@@ -192,7 +214,7 @@ def attend_fused(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window: int = 0, sinks_N=None)
             jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
                                          local_window_size=(window - 1, 0) if window else None))
   args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH) + (() if sinks_N is None else (sinks_N,))
-  return per_lowering(*args, default=blocks, cuda=cuda)
+  return on_shards(lambda *a: per_lowering(*a, default=blocks, cuda=cuda), *args)
 
 
 class Attention(nnx.Module):

@@ -14,8 +14,8 @@ grouped: dropless (moe_capacity_factor = 0): the experts one after another over 
   one batched matmul, overflow dropped.
 blocked: dropless: the expert-sorted rows in blocks of b rows that each belong to one expert (each expert's
   rows padded to a multiple of b), every block through its expert's weights as one batched matmul, in a few
-  chunks of blocks (each gathering its blocks' experts' weights). Static shapes, no loop; b is at most half the
-  mean load per expert, so padding keeps the expert FLOPs within 1.5x the active ones. GPU and TPU.
+  chunks of blocks (each gathering its blocks' experts' weights). Static shapes, no loop; b is at most a
+  quarter of the mean load per expert, so padding keeps the expert FLOPs within 1.25x the active ones. GPU, TPU.
 ragged: jax.lax.ragged_dot over the sorted assignments. XLA rewrites it into an ordinary dot over every expert on
   CUDA unless the experimental cuDNN fusion flag is set, and on CPU (openxla
   xla/hlo/transforms/expanders/ragged_dot_rewriter.cc): n_experts times the active FLOPs there. Explicit only.
@@ -271,11 +271,11 @@ BLOCK_CHUNKS = 8  # `blocked` computes its blocks in at most this many batched m
 
 
 def block_rows(cfg: ModelConfig, n_tokens: int) -> int:
-  """Rows per block of `blocked`: the largest power of two at most half the mean load per expert, so the
-  padding (under a block per expert) keeps the rows, and the expert FLOPs, within 1.5x the assignments;
-  BLOCK_ROWS_MAX at most, 1 for loads under 2 (no padding at all)."""
-  half_load = n_tokens * cfg.top_k / cfg.n_experts / 2
-  return 1 if half_load < 1 else int(min(BLOCK_ROWS_MAX, 2 ** math.floor(math.log2(half_load))))
+  """Rows per block of `blocked`: the largest power of two at most a quarter of the mean load per expert, so
+  the padding (under a block per expert, and every block computed) keeps the rows, and the expert FLOPs,
+  within 1.25x the assignments; BLOCK_ROWS_MAX at most, 1 for loads under 4 (no padding at all)."""
+  quarter_load = n_tokens * cfg.top_k / cfg.n_experts / 4
+  return 1 if quarter_load < 1 else int(min(BLOCK_ROWS_MAX, 2 ** math.floor(math.log2(quarter_load))))
 
 
 def blocked_experts(weights: tuple, take: Take, activation: Callable, rows: int, x_RxD, start_E, count_E):
@@ -285,7 +285,8 @@ def blocked_experts(weights: tuple, take: Take, activation: Callable, rows: int,
   R, D = x_RxD.shape
   n_blocks = R // rows
   ends_E = start_E + count_E  # block j belongs to the first expert ending past its first row
-  experts_J = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(n_blocks) * rows, side="right"), start_E.shape[0] - 1)
+  experts_J = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(n_blocks) * rows, side="right",
+                                                    method="compare_all"), start_E.shape[0] - 1)
 
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names("expert_h"))
   def through(weights, x_CxRxD, e_C):
@@ -470,6 +471,6 @@ class MoE(nnx.Module):
 
   def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, dict]:
     B, T, D = x_BxTxD.shape
-    p = self.arrays()
-    y_NxD, aux = on_token_shards(functools.partial(moe_tokens, self.cfg), x_BxTxD.reshape(B * T, D), p)
+    with jax.named_scope("moe"):
+      y_NxD, aux = on_token_shards(functools.partial(moe_tokens, self.cfg), x_BxTxD.reshape(B * T, D), self.arrays())
     return y_NxD.reshape(B, T, D), aux
