@@ -38,8 +38,9 @@ WIDEN = 2  # default: grid values added beyond an edge before the run goes on (a
 # --smoke: every run at its real widths, depths and vocabulary, for 2 steps of a short batch on 8 fake CPU devices,
 # from a local corpus (Shakespeare, in the scale's tokenizer), through checkpoint, test split and report. The
 # training state is sharded over the 8 devices (fsdp), not replicated: 8 replicas of the gpu scale's e64_k4 (1.1B
-# parameters, 18 GB of float32 state and Adam moments each) would need ~140 GB of host memory. Overrides given
-# on the command line win over these.
+# parameters, 18 GB of float32 state and Adam moments each) would need ~140 GB of host memory. Each run is built
+# for the scale's platform (Scale.platform: the GPU's MoE dispatch and attention kernel, with XLA's formulation
+# of its kernels on the CPU). Overrides given on the command line win over these.
 SMOKE = {"mesh.data": "1", "mesh.fsdp": "-1", "train.steps": "2", "train.batch_size": "8", "data.seq_len": "32",
          "train.warmup_steps": "1", "train.eval_every": "2", "train.eval_batches": "1", "checkpoint.every": "2",
          "log.every": "1", "data.source": "shakespeare", "data.path": "", "data.max_tokens": "0",
@@ -391,7 +392,8 @@ def _parser() -> argparse.ArgumentParser:
 def _plan(args: argparse.Namespace, rest: list[str]) -> tuple[Sweep, dict[str, str], SweepDescription]:
   """The command line checked: the sweep (its --runs), the overrides and the sweep's description."""
   sweep = build(args.sweep, args.scale)
-  extra = (SMOKE if args.smoke else {}) | parse_override_args(rest)
+  smoke = SMOKE | {"model.platform": SCALES[args.scale].platform}  # the accelerator's program, run on the CPU
+  extra = (smoke if args.smoke else {}) | parse_override_args(rest)
   if "train.lr" in extra or "train.seed" in extra:
     raise ConfigError("train.lr and train.seed are set per training by the runner (use --lrs and --seeds)")
   if args.runs:

@@ -43,6 +43,7 @@ class Scale:
   # the learning rate is chosen on the mean validation loss of these seeds, never compared ones
   selection_seeds: tuple[int, ...] = (1000, 1001)
   min_tokens_per_active_param: float = 0.0  # checked for every run (tested)
+  platform: str = "cpu"  # what the scale is meant to run on: --smoke traces that platform's program on the CPU
   # every MoE run adds DeepSeek-V3's aux-loss-free balancing to the default balancing loss and z-loss:
   # with the loss alone, some tiny runs ended with one expert at 2-2.5x its share (of 4 at collapse)
   moe_bias_update_rate: float = 1e-3
@@ -88,7 +89,7 @@ SCALES = {
                        "data.seq_len": 512, "train.steps": 21000, "train.batch_size": 64, "train.warmup_steps": 700,
                        "train.eval_every": 1000, "train.eval_batches": 64, "checkpoint.every": 2000,
                        "checkpoint.keep": 1, "log.every": 100},
-        lrs=(5e-4, 1e-3, 2e-3, 4e-3), seeds=3, min_tokens_per_active_param=20.0),
+        lrs=(5e-4, 1e-3, 2e-3, 4e-3), seeds=3, min_tokens_per_active_param=20.0, platform="gpu"),
     # realistic: GPT-2 124M's shape, at least 20 tokens per active parameter (2.8B per run); a GPU node, days
     "gpu": Scale(
         model=dict(vocab_size=50304, max_seq_len=1024, d_model=768, n_layers=12, n_heads=12, head_dim=64,
@@ -99,7 +100,7 @@ SCALES = {
                        "data.seq_len": 1024, "train.steps": 21100, "train.batch_size": 128, "train.warmup_steps": 700,
                        "train.eval_every": 1000, "train.eval_batches": 64, "checkpoint.every": 2000,
                        "checkpoint.keep": 1, "log.every": 100},
-        lrs=(3e-4, 6e-4, 1.2e-3, 2.4e-3), seeds=3, min_tokens_per_active_param=20.0),
+        lrs=(3e-4, 6e-4, 1.2e-3, 2.4e-3), seeds=3, min_tokens_per_active_param=20.0, platform="gpu"),
 }
 
 

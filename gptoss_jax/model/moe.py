@@ -285,8 +285,9 @@ def blocked_experts(weights: tuple, take: Take, activation: Callable, rows: int,
   R, D = x_RxD.shape
   n_blocks = R // rows
   ends_E = start_E + count_E  # block j belongs to the first expert ending past its first row
-  experts_J = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(n_blocks) * rows, side="right",
-                                                    method="compare_all"), start_E.shape[0] - 1)
+  first_rows_J = jnp.arange(n_blocks) * rows
+  experts_J = jnp.searchsorted(ends_E, first_rows_J, side="right", method="compare_all")  # no loop
+  experts_J = jnp.minimum(experts_J, start_E.shape[0] - 1)  # blocks past every expert's rows: zeros
 
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names("expert_h"))
   def through(weights, x_CxRxD, e_C):
