@@ -13,6 +13,9 @@ How each op is counted:
   ragged_dot is left uncounted (`flops` None) rather than guessed.
 - Outside any shard_map a program's shapes are global: its FLOPs are divided by the devices (the best any
   partitioning can do); inside one (`sdy.manual_computation`) they are one device's already.
+- Inside a `stablehlo.while` whose condition compares its counter with a constant (lax.scan, lax.map), an op
+  runs that many times; a loop bounded by a computed value (the dropless expert loop) leaves its ops'
+  count unknown.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ class Matmul:
   flops: float | None  # on one device, as the platform's XLA computes it (None: not known, see the module)
   names: tuple[str, ...]  # the op's name-scope paths (jit(f)/.../experts/dot_general)
   manual: bool  # inside a shard_map: its shapes are one device's
-  in_loop: bool  # inside a while loop: executed a number of times the text does not say
+  trips: int | None  # times it runs: the product of its loops' trip counts (flops include it); None where a
+  # loop's count is not a constant of the program (a fori_loop over a traced bound: the routing decides)
   result: tuple[int, ...]
 
   def under(self, scope: str) -> bool:
@@ -99,7 +103,7 @@ def _functions(text: str) -> dict[str, list[str]]:
 def matmuls(text: str, platform: str, devices: int = 1, ragged_dot_fusion: bool = False) -> list[Matmul]:
   """Every matmul of a program's StableHLO text lowered for `platform` (cpu | cuda | rocm | tpu) over
   `devices` devices, once per call of the function holding it (a called function's matmuls take the call's
-  name scopes, shard_map and loop)."""
+  name scopes, shard_map and loops)."""
   locs = {m.group(1): m.group(2) for line in text.splitlines() if (m := _LOC.match(line))}
   functions, found = _functions(text), []
 
@@ -107,37 +111,49 @@ def matmuls(text: str, platform: str, devices: int = 1, ragged_dot_fusion: bool 
     loc = _OP_LOC.search(line)
     return _names(locs, loc.group(1)) if loc else set()
 
-  def walk(function: str, outer: frozenset, manual: bool, in_loop: bool):
-    regions, depth = [], 0  # regions: [kind, depth at its op, entered]
+  def walk(function: str, outer: frozenset, manual: bool, trips: int | None):
+    regions, depth = [], 0  # [kind, depth at its op, entered, trips (while), in its condition (while)]
+    constants = {}
     for line in functions[function]:
       if "sdy.manual_computation(" in line:
-        regions.append(["manual", depth, False])
+        regions.append(["manual", depth, False, 1, False])
       elif "stablehlo.while" in line:
-        regions.append(["while", depth, False])
-      inside = (manual or any(k == "manual" for k, _, _ in regions), in_loop or any(k == "while" for k, _, _ in regions))
+        regions.append(["while", depth, False, None, True])
+      if regions and regions[-1][4]:  # a while's condition: `counter < constant` gives its trip count
+        if match := re.search(r"(%\w+) = stablehlo\.constant dense<(\d+)> : tensor<i32>", line):
+          constants[match.group(1)] = int(match.group(2))
+        if match := re.search(r"stablehlo\.compare\s+LT, %iterArg\w*, (%\w+)", line):
+          regions[-1][3] = constants.get(match.group(1))
+        if "} do {" in line:
+          regions[-1][4] = False
+      inside_manual = manual or any(r[0] == "manual" for r in regions)
+      inside_trips = trips
+      for r in regions:
+        inside_trips = None if inside_trips is None or r[3] is None else inside_trips * r[3]
       if call := re.search(r"\bcall @([\w.$-]+)\(", line):
-        walk(call.group(1), outer | names(line), *inside)
+        walk(call.group(1), outer | names(line), inside_manual, inside_trips)
       op = ("dot_general" if "stablehlo.dot_general" in line else "ragged_dot" if "chlo.ragged_dot" in line else None)
       if op:
         flops, out = _flops(line, op, platform, ragged_dot_fusion)
-        found.append(Matmul(op, None if flops is None else flops if inside[0] else flops / devices,
-                            tuple(sorted(outer | names(line))), *inside, out))
+        if flops is not None:
+          flops = (flops if inside_manual else flops / devices) * (inside_trips or 1)
+        found.append(Matmul(op, flops, tuple(sorted(outer | names(line))), inside_manual, inside_trips, out))
       depth += line.count("{") - line.count("}")
       for region in regions:
         region[2] = region[2] or depth > region[1]
       while regions and regions[-1][2] and depth <= regions[-1][1]:
         regions.pop()
 
-  walk("main", frozenset(), False, False)
+  walk("main", frozenset(), False, 1)
   return found
 
 
 def scope_flops(text: str, scope: str, platform: str, devices: int = 1, ragged_dot_fusion: bool = False) -> float:
   """One device's FLOPs of the matmuls traced under name scope `scope`; an error where some cannot be counted
-  from the text (inside a loop, or a platform whose XLA is not open source)."""
+  from the text (in a loop whose trip count the routing decides, or a platform whose XLA is not open source)."""
   ops = [m for m in matmuls(text, platform, devices, ragged_dot_fusion) if m.under(scope)]
-  unknown = [m for m in ops if m.flops is None or m.in_loop]
+  unknown = [m for m in ops if m.flops is None or m.trips is None]
   if unknown:
     raise ValueError(f"{len(unknown)} matmul(s) under {scope!r} cannot be counted from the text "
-                     f"({unknown[0].op}, {'in a loop' if unknown[0].in_loop else platform})")
+                     f"({unknown[0].op}, {'in a loop' if unknown[0].trips is None else platform})")
   return sum(m.flops for m in ops)

@@ -67,12 +67,17 @@ def lowered_train_step(config: RunConfig, platform: str, devices: int):
 @pytest.mark.parametrize("scale", ["small", "gpu"])
 def test_each_scales_largest_training_step_for_gpu_and_tpu(gpu_host, scale, platform, devices, capsys):
   """At the scale's widths, batch, sequence length, bfloat16 and padded vocabulary: the MoE's expert matmuls within
-  1.5x of the active expert FLOPs on every device, none of them in a loop; on CUDA the attention of every
-  layer (sinks included) through cuDNN's flash attention, forward and backward, and no score matrix."""
+  1.5x of the active expert FLOPs on every device, none of them in a loop, no tensor of [experts, tokens, ..];
+  on CUDA the attention of every layer (sinks included) through cuDNN's flash attention, forward and backward,
+  and no score matrix."""
   for name, config in largest_runs(scale):
     cfg, tokens = config.model, config.train.batch_size * config.data.seq_len
     text = lowered_train_step(config, platform, devices).as_text(debug_info=True)
     if cfg.is_moe:
+      per_device = {tokens // devices, tokens * cfg.top_k // devices}
+      shapes = {tuple(int(d) for d in t.split("x")[:-1]) for t in re.findall(r"tensor<((?:\d+x)+)\w+>", text)}
+      pairs = {(s[i], s[i + 1]) for s in shapes if len(s) > 2 for i in range(len(s) - 1)}  # adjacent dimensions
+      assert not [p for p in pairs if cfg.n_experts in p and per_device & set(p)], name  # (router logits: 2-D)
       counted = hlo.scope_flops(text, "experts", platform, devices)
       ratio = counted / active_expert_flops(cfg, tokens // devices, training=True)
       with capsys.disabled():
@@ -99,6 +104,19 @@ def test_cudas_ragged_dot_counts_as_a_dense_dot_over_every_expert():
   assert [m.flops for m in hlo.matmuls(lowered("cpu").as_text(), "cpu")] == [4 * rows_only]
   assert [m.flops for m in hlo.matmuls(lowered("cuda").as_text(), "cuda", ragged_dot_fusion=True)] == [rows_only]
   assert [m.flops for m in hlo.matmuls(lowered("tpu").as_text(), "tpu")] == [None]
+
+
+def test_loops_count_their_trips_where_the_program_fixes_them():
+  """A scan of 5 matmuls counts 5 of them; a loop bounded by a computed value cannot be counted."""
+  w = jax.ShapeDtypeStruct((16, 8), jnp.float32)
+  scan = lambda x, w: jax.lax.scan(lambda c, x: (c + x @ w, None), jnp.zeros((4, 8)), x)[0]  # noqa: E731
+  text = jax.jit(scan).trace(jax.ShapeDtypeStruct((5, 4, 16), jnp.float32), w).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert [(m.flops, m.trips) for m in hlo.matmuls(text, "cuda")] == [(5 * 2 * 4 * 16 * 8, 5)]
+  dynamic = lambda n, x, w: jax.lax.fori_loop(0, n, lambda i, c: c + x @ w, jnp.zeros((4, 8)))  # noqa: E731
+  text = jax.jit(dynamic).trace(jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((4, 16), jnp.float32),
+                                w).lower(lowering_platforms=("cuda",)).as_text()
+  assert [m.trips for m in hlo.matmuls(text, "cuda")] == [None]
 
 
 @pytest.mark.parametrize("dispatch, ratio", [("blocked", (1.0, 1.5)), ("ragged", (8.0, 8.1)), ("dense", (4.0, 4.1))])

@@ -149,7 +149,7 @@ def test_one_expert_top1_is_the_dense_ffn(rng):
 @pytest.mark.parametrize("n_experts, tokens", [(8, 10), (4, 250)])
 def test_dropless_gradients_match_dense(rng, dispatch, n_experts, tokens):
   """(4, 250): 250 rows per expert on average, so the loop runs blocks of 128, 64 and 32 rows, and `blocked`
-  blocks of 32 rows in 8 chunks (10 tokens: blocks of one row, no padding)."""
+  blocks of 32 rows, in chunks of 4 blocks with a shorter last one (10 tokens: blocks of one row, no padding)."""
   cfg = BASE.replace(n_experts=n_experts)
   if tokens == 250:
     assert dropless_blocks(cfg, 2 * tokens) == (128, 64, 32) and block_rows(cfg, 2 * tokens) == 32

@@ -13,9 +13,10 @@ grouped: dropless (moe_capacity_factor = 0): the experts one after another over 
   follow the routing, so elsewhere it is slow). With a capacity factor: per-expert buckets of a fixed size,
   one batched matmul, overflow dropped.
 blocked: dropless: the expert-sorted rows in blocks of b rows that each belong to one expert (each expert's
-  rows padded to a multiple of b), every block through its expert's weights as one batched matmul, in a few
-  chunks of blocks (each gathering its blocks' experts' weights). Static shapes, no loop; b is at most a
-  quarter of the mean load per expert, so padding keeps the expert FLOPs within 1.25x the active ones. GPU, TPU.
+  rows padded to a multiple of b), every block through its expert's weights in batched matmuls over chunks of
+  as many blocks as experts (each gathering its blocks' experts' weights), a scan of a fixed count: static
+  shapes, no loop on the routing; b is at most a quarter of the mean load per expert, so padding keeps the
+  expert FLOPs within 1.25x the active ones. GPU and TPU.
 ragged: jax.lax.ragged_dot over the sorted assignments. XLA rewrites it into an ordinary dot over every expert on
   CUDA unless the experimental cuDNN fusion flag is set, and on CPU (openxla
   xla/hlo/transforms/expanders/ragged_dot_rewriter.cc): n_experts times the active FLOPs there. Explicit only.
@@ -31,7 +32,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from gptoss_jax.config import ModelConfig
@@ -159,6 +159,23 @@ def _each_expert(blocks: tuple[int, ...], unpack: Callable, weights, start_E, co
                            carry)
 
 
+def ffn_backward(activation: Callable, w: tuple, x, h, dy) -> tuple[jax.Array, tuple]:
+  """The expert FFN's backward over rows x [.., R, D] (one expert's, or a batch of blocks' each with its own
+  weights [.., D, G*F], ...): dx, and the weights' gradients in float32 summed over the rows."""
+  w_in, _, w_out, _ = w
+  a, activation_vjp = jax.vjp(activation, h)
+  dh = activation_vjp(jnp.einsum("...rd,...fd->...rf", dy, w_out))[0]
+  dx = jnp.einsum("...rf,...df->...rd", dh, w_in)
+  f32 = jnp.float32
+  return dx, (jnp.einsum("...rd,...rf->...df", x, dh, preferred_element_type=f32), jnp.sum(dh, -2, f32),
+              jnp.einsum("...rf,...rd->...fd", a, dy, preferred_element_type=f32), jnp.sum(dy, -2, f32))
+
+
+def trained(weights: tuple) -> bool:
+  """Whether expert weights get gradients: packed MXFP4 ones (integers) are frozen."""
+  return all(jnp.issubdtype(w.dtype, jnp.floating) for w in weights)
+
+
 def expert_loop(activation: Callable[[jax.Array], jax.Array], blocks: tuple[int, ...], take: Take) -> RowsFn:
   """The experts' FFN over expert-sorted rows as a loop: for each expert, its weights taken once, then its
   rows in blocks of blocks[0] rows and the remainder in the smaller sizes (descending, each dividing the
@@ -196,23 +213,19 @@ def expert_loop(activation: Callable[[jax.Array], jax.Array], blocks: tuple[int,
 
   def run_bwd(res, dy_RxD):
     x_RxD, start_E, count_E, weights, h_RxGF = res
-    trained = all(jnp.issubdtype(w.dtype, jnp.floating) for w in weights)
-    f32 = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+    train = trained(weights)
 
     def body(e, i, size, w, carry):
-      (dx_RxD, dweights), (w_in, _, w_out, _) = carry, w
-      x, dy = rows(x_RxD, i, size), rows(dy_RxD, i, size)
-      a, activation_vjp = jax.vjp(activation, rows(h_RxGF, i, size))
-      dh = activation_vjp(dy @ w_out.T)[0]
-      dx_RxD = jax.lax.dynamic_update_slice_in_dim(dx_RxD, dh @ w_in.T, i, 0)
-      if trained:  # accumulated in place, in float32
-        grads = (f32(x.T, dh), jnp.sum(dh, 0, jnp.float32), f32(a.T, dy), jnp.sum(dy, 0, jnp.float32))
+      dx_RxD, dweights = carry
+      dx, grads = ffn_backward(activation, w, rows(x_RxD, i, size), rows(h_RxGF, i, size), rows(dy_RxD, i, size))
+      dx_RxD = jax.lax.dynamic_update_slice_in_dim(dx_RxD, dx, i, 0)
+      if train:  # accumulated in place, in float32
         dweights = tuple(dw.at[e].add(g.reshape(dw.shape[1:])) for dw, g in zip(dweights, grads))
       return dx_RxD, dweights
 
-    dweights0 = tuple(jnp.zeros(w.shape, jnp.float32) for w in weights) if trained else None
+    dweights0 = tuple(jnp.zeros(w.shape, jnp.float32) for w in weights) if train else None
     dx_RxD, dweights = each_expert(weights, start_E, count_E, body, (jnp.zeros_like(x_RxD), dweights0))
-    if trained:
+    if train:
       dweights = tuple(dw.astype(w.dtype) for dw, w in zip(dweights, weights))
     return dx_RxD, None, None, dweights
 
@@ -267,7 +280,6 @@ def dropless_blocks(cfg: ModelConfig, n_tokens: int) -> tuple[int, ...]:
 
 
 BLOCK_ROWS_MAX = 512  # rows per block of `blocked` at most
-BLOCK_CHUNKS = 8  # `blocked` computes its blocks in at most this many batched matmuls (each gathers its weights)
 
 
 def block_rows(cfg: ModelConfig, n_tokens: int) -> int:
@@ -280,25 +292,62 @@ def block_rows(cfg: ModelConfig, n_tokens: int) -> int:
 
 def blocked_experts(weights: tuple, take: Take, activation: Callable, rows: int, x_RxD, start_E, count_E):
   """Expert-sorted rows [R, D] -> [R, D], each expert's rows starting at start_E and padded to count_E, a
-  multiple of `rows`: every block of `rows` rows through its expert's weights, a batched matmul per chunk of
-  blocks that gathers their experts' weights (recomputed in the backward pass rather than kept)."""
+  multiple of `rows`: every block of `rows` rows through its expert's weights, as batched matmuls over chunks
+  of as many blocks as there are experts, one chunk after another (a scan of a fixed count: each chunk gathers
+  at most a layer's worth of expert weights, whatever the load). The backward pass gathers them again rather
+  than keeping them, and adds each chunk's weight gradients in place into one float32 buffer per weight."""
   R, D = x_RxD.shape
-  n_blocks = R // rows
+  n_blocks, n_experts = R // rows, start_E.shape[0]
   ends_E = start_E + count_E  # block j belongs to the first expert ending past its first row
-  first_rows_J = jnp.arange(n_blocks) * rows
-  experts_J = jnp.searchsorted(ends_E, first_rows_J, side="right", method="compare_all")  # no loop
-  experts_J = jnp.minimum(experts_J, start_E.shape[0] - 1)  # blocks past every expert's rows: zeros
+  experts_J = jnp.searchsorted(ends_E, jnp.arange(n_blocks) * rows, side="right", method="compare_all")  # no loop
+  experts_J = jnp.minimum(experts_J, n_experts - 1)  # blocks past every expert's rows: zeros
+  chunk = min(n_experts, n_blocks)
+  whole = n_blocks // chunk * chunk  # blocks in whole chunks; the rest is one shorter chunk
 
-  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names("expert_h"))
-  def through(weights, x_CxRxD, e_C):
-    w_in, b_in, w_out, b_out = take(weights, e_C)
-    h = checkpoint_name(jnp.einsum("crd,cdf->crf", x_CxRxD, w_in) + b_in[:, None], "expert_h")
-    return jnp.einsum("crf,cfd->crd", activation(h), w_out) + b_out[:, None]
+  def chunked(fn, carry, *arrays_J):
+    """fn(carry, *chunk) -> (carry, out) over the whole chunks in a scan, then over the rest; outs joined."""
+    split = lambda a: a[:whole].reshape(whole // chunk, chunk, *a.shape[1:])  # noqa: E731
+    carry, outs = jax.lax.scan(lambda c, xs: fn(c, *xs), carry, tuple(split(a) for a in arrays_J))
+    outs = jax.tree.map(lambda o: o.reshape(whole, *o.shape[2:]), outs)
+    if whole < n_blocks:
+      carry, rest = fn(carry, *(a[whole:] for a in arrays_J))
+      outs = jax.tree.map(lambda o, r: jnp.concatenate([o, r]), outs, rest)
+    return carry, outs
 
-  x_JxRxD = x_RxD.reshape(n_blocks, rows, D)
-  chunk = -(-n_blocks // BLOCK_CHUNKS)
-  return jnp.concatenate([through(weights, x_JxRxD[j:j + chunk], experts_J[j:j + chunk])
-                          for j in range(0, n_blocks, chunk)]).reshape(R, D)
+  def forward(weights, x_JxRxD, experts_J):
+    """y [J, rows, D] and the pre-activations [J, rows, G*F]."""
+    def one(_, x_CxRxD, e_C):
+      w_in, b_in, w_out, b_out = take(weights, e_C)
+      h = jnp.einsum("crd,cdf->crf", x_CxRxD, w_in) + b_in[:, None]
+      return None, (jnp.einsum("crf,cfd->crd", activation(h), w_out) + b_out[:, None], h)
+    return chunked(one, None, x_JxRxD, experts_J)[1]
+
+  @jax.custom_vjp
+  def run(weights, x_JxRxD, experts_J):
+    return forward(weights, x_JxRxD, experts_J)[0]
+
+  def run_fwd(weights, x_JxRxD, experts_J):
+    y, h = forward(weights, x_JxRxD, experts_J)
+    return y, (weights, x_JxRxD, experts_J, h)
+
+  def run_bwd(res, dy_JxRxD):
+    weights, x_JxRxD, experts_J, h_JxRxGF = res
+    train = trained(weights)
+
+    def one(dweights, x, h, dy, e_C):
+      dx, grads = ffn_backward(activation, take(weights, e_C), x, h, dy)
+      if train:
+        dweights = tuple(dw.at[e_C].add(g.reshape(-1, *dw.shape[1:])) for dw, g in zip(dweights, grads))
+      return dweights, dx
+
+    dweights0 = tuple(jnp.zeros(w.shape, jnp.float32) for w in weights) if train else None
+    dweights, dx = chunked(one, dweights0, x_JxRxD, h_JxRxGF, dy_JxRxD, experts_J)
+    if train:
+      dweights = tuple(dw.astype(w.dtype) for dw, w in zip(dweights, weights))
+    return dweights, dx, None
+
+  run.defvjp(run_fwd, run_bwd)
+  return run(weights, x_RxD.reshape(n_blocks, rows, D), experts_J).reshape(R, D)
 
 
 def dense_dispatch(activation, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out):
@@ -432,6 +481,9 @@ def on_token_shards(fn: Callable, x_NxD: jax.Array, p: dict) -> tuple[jax.Array,
                        out_specs=(tokens, P()), check_vma=False)(x_NxD, p)
 
 
+EXPERT_WEIGHTS = ("w_in", "b_in", "w_out", "b_out")  # unpacked: floating point, trained
+
+
 class MoE(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -472,6 +524,9 @@ class MoE(nnx.Module):
 
   def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, dict]:
     B, T, D = x_BxTxD.shape
+    # the experts' weights in the compute dtype before they are gathered to every device (bfloat16: half the
+    # gather and its gradient's reduction; their matmuls' gradients are that dtype's anyway); the router's stay
+    p = {k: v.astype(x_BxTxD.dtype) if k in EXPERT_WEIGHTS else v for k, v in self.arrays().items()}
     with jax.named_scope("moe"):
-      y_NxD, aux = on_token_shards(functools.partial(moe_tokens, self.cfg), x_BxTxD.reshape(B * T, D), self.arrays())
+      y_NxD, aux = on_token_shards(functools.partial(moe_tokens, self.cfg), x_BxTxD.reshape(B * T, D), p)
     return y_NxD.reshape(B, T, D), aux
