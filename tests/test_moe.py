@@ -12,8 +12,8 @@ from flax import nnx
 from gptoss_jax import ModelConfig
 from gptoss_jax.model import mxfp4
 from gptoss_jax.model.ffn import MLP
-from gptoss_jax.model.moe import (MoE, aux_losses, balance_step, block_rows, dropless_blocks, padded_rows,
-                                  resolved_dispatch, route)
+from gptoss_jax.model.experts import block_rows, dropless_blocks, padded_rows
+from gptoss_jax.model.moe import MoE, aux_losses, balance_step, resolved_dispatch, route
 
 BASE = ModelConfig(d_model=32, n_experts=8, top_k=2, d_expert=32, ffn="clamped_swiglu", ffn_bias=True,
                    router_bias=True)

@@ -1,4 +1,4 @@
-"""The model, one file per idea: norms, positions, attention, ffn, moe, mxfp4, transformer, rngs."""
+"""The model, one file per idea: norms, positions, attention, ffn, moe, mxfp4, transformer, rngs, platform."""
 
 from gptoss_jax.model.attention import KVCache
 from gptoss_jax.model.rngs import rngs
