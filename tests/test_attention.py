@@ -208,9 +208,27 @@ def test_sinks_through_a_flash_kernel_equal_the_blockwise_kernel(rng, window):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [0, 128])
+def test_splash_attention_with_sinks_equals_the_blockwise_kernel(rng, window):
+  """TPU's fused kernel (JAX's Pallas splash attention, run by its interpreter here): values and gradients,
+  sinks' included, against the blockwise kernel; GQA, causal and a window of 128."""
+  from gptoss_jax.model.attention import splash_kernel
+  q, k, v = map(jnp.asarray, _qkv(rng, B=1, T=256, H=64))
+  sinks = jnp.asarray(rng.normal(size=4) * 2, jnp.float32)
+  splash = splash_kernel(256, 4, 2, 64, window, interpret=True)
+  loss = lambda fn: lambda *a: jnp.sum(jnp.tanh(fn(*a)))  # noqa: E731
+  got = jax.value_and_grad(loss(splash), argnums=(0, 1, 2, 3))(q, k, v, sinks)
+  want = jax.value_and_grad(loss(lambda q, k, v, s: attend_blocks(q, k, v, window=window, sinks_N=s)),
+                            argnums=(0, 1, 2, 3))(q, k, v, sinks)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, b in zip(got[1], want[1]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_fused_model_equals_blockwise_and_auto_takes_it_in_a_gpus_program(rng):
   """attn_impl=fused (gpt-oss's sinks included) runs, compiled for CPU, the blockwise kernel: the same
-  logits; `auto` takes it in a GPU's program, whatever the process runs on, except with attention dropout."""
+  logits; `auto` takes it in a GPU's and a TPU's program, whatever the process runs on, except with attention
+  dropout."""
   tokens = jnp.asarray(rng.integers(0, 64, (2, 130)), jnp.int32)
   fused = Transformer(_oss_tiny(attn_impl="fused", max_seq_len=160), nnx.Rngs(0))
   blockwise = Transformer(_oss_tiny(attn_impl="blockwise", max_seq_len=160), nnx.Rngs(0))
@@ -220,6 +238,6 @@ def test_fused_model_equals_blockwise_and_auto_takes_it_in_a_gpus_program(rng):
   with pytest.raises(ValueError, match="attn_impl=fused .* has no attention dropout"):
     _oss_tiny(attn_impl="fused", attn_dropout=0.1)
   auto = lambda **c: Transformer(_oss_tiny(attn_impl="auto", max_seq_len=160, **c), nnx.Rngs(0)).blocks[0].attn  # noqa: E731
-  assert auto(platform="cpu").impl(130) == "blockwise" and auto(platform="tpu").impl(130) == "blockwise"
-  assert auto(platform="gpu").impl(130) == "fused"  # with sinks
+  assert auto(platform="cpu").impl(130) == "blockwise"
+  assert auto(platform="gpu").impl(130) == "fused" and auto(platform="tpu").impl(130) == "fused"  # with sinks
   assert auto(platform="gpu", attn_dropout=0.1).impl(130) == "blockwise"

@@ -68,8 +68,8 @@ def lowered_train_step(config: RunConfig, platform: str, devices: int):
 def test_each_scales_largest_training_step_for_gpu_and_tpu(gpu_host, scale, platform, devices, capsys):
   """At the scale's widths, batch, sequence length, bfloat16 and padded vocabulary: the MoE's expert matmuls within
   1.5x of the active expert FLOPs on every device, none of them in a loop, no tensor of [experts, tokens, ..];
-  on CUDA the attention of every layer (sinks included) through cuDNN's flash attention, forward and backward,
-  and no score matrix."""
+  the attention of every layer (sinks included) through the platform's fused kernel, forward and backward
+  (cuDNN's flash attention on CUDA, splash attention on TPU), and no score matrix."""
   for name, config in largest_runs(scale):
     cfg, tokens = config.model, config.train.batch_size * config.data.seq_len
     text = lowered_train_step(config, platform, devices).as_text(debug_info=True)
@@ -84,11 +84,14 @@ def test_each_scales_largest_training_step_for_gpu_and_tpu(gpu_host, scale, plat
         print(f"\n{scale} {name} on {devices} {platform} device(s): expert FLOPs per device {counted:.3e}, "
               f"{ratio:.3f}x the active ones")
       assert 1.0 <= ratio <= 1.5, (name, ratio)
+    fused = 0 if cfg.attn_dropout else cfg.n_layers  # the fused kernels have no dropout
     if platform == "cuda":
       calls = re.findall(r"custom_call @(__cudnn\$\w+)\(", text)
-      fused = 0 if cfg.attn_dropout else cfg.n_layers  # cuDNN's flash attention has no dropout
       assert {c: calls.count(c) for c in CUDNN_CALLS} == {c: fused for c in CUDNN_CALLS}, name
-      T = config.data.seq_len
+    elif fused:  # splash: its forward kernel and its backward's (one function for every layer)
+      assert len(re.findall(r"custom_call @tpu_custom_call\(", text)) >= 2, name
+    T = config.data.seq_len
+    if fused:
       assert not re.search(rf"tensor<(\d+x)*{T}x{T}xf32>", text), name  # no [.., T, T] scores
 
 

@@ -6,7 +6,7 @@ Three kernels, equal on every input they share:
   attend_blocks  self-attention over a whole sequence in blocks of queries, each block computing only
                  the keys it can see (causal, within the window): the training and prefill path.
   attend_fused   the same through a platform's fused kernel where it has one (cuDNN's flash attention on
-                 CUDA, sinks applied from each row's log-sum-exp), else attend_blocks.
+                 CUDA, sinks applied from each row's log-sum-exp; splash attention on TPU), else attend_blocks.
 """
 
 import math
@@ -180,6 +180,41 @@ def cudnn_kernel(head_dim: int, window: int) -> FlashKernel | None:
   return FlashKernel(forward, backward)
 
 
+SPLASH_BLOCK = 128  # splash attention's default blocks of queries and keys: sequences a multiple of it
+
+
+@jax.custom_vjp
+def _float32_gradient(x_f32):
+  """x, its gradient cast to float32 (splash attention returns its sinks' gradient in the output's dtype)."""
+  return x_f32
+
+
+_float32_gradient.defvjp(lambda x: (x, None), lambda _, g: (g.astype(jnp.float32),))
+
+
+def splash_kernel(seq_len: int, n_heads: int, n_kv_heads: int, head_dim: int, window: int, interpret: bool = False):
+  """JAX's Pallas splash attention for TPU as attend_blocks' function of (q, k, v, *sinks) [B, T, N, H]:
+  causal or a sliding window of `window` keys, sinks per query head (its own backward computes theirs), GQA as
+  one multi-query kernel per key/value head. `interpret` runs the kernel's program on any backend (tests)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+  T, N, K, H = seq_len, n_heads, n_kv_heads, head_dim
+  G = N // K
+  mask = masks.LocalMask((T, T), (window - 1, 0), 0) if window else masks.CausalMask((T, T))
+  kernel = splash.make_splash_mqa(masks.MultiHeadMask([mask] * G), head_shards=1, q_seq_shards=1, interpret=interpret)
+
+  def attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *sinks_N):
+    B = q_BxTxNxH.shape[0]
+    q = (q_BxTxNxH * H**-0.5).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    k, v = k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3)  # [B, K, T, H]
+    sinks = _float32_gradient(sinks_N[0].astype(jnp.float32)).reshape(K, G) if sinks_N else None
+    per_kv_head = jax.vmap(lambda q, k, v, s: kernel(q, k, v, sinks=s), in_axes=(0, 0, 0, None if sinks is None else 0))
+    out = jax.vmap(per_kv_head, in_axes=(0, 0, 0, None))(q, k, v, sinks)  # [B, K, G, T, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(v_BxTxKxH.dtype)
+
+  return attend
+
+
 def on_shards(fn, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *sinks_N) -> jax.Array:
   """fn(q, k, v, *sinks) on each device's sequences and heads where a mesh is in context: the batch split over
   the batch axes, the heads over `tensor`, as far as they divide. A kernel then sees one device's shapes (cuDNN's
@@ -201,9 +236,11 @@ def on_shards(fn, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *sinks_N) -> jax.Array:
 def attend_fused(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window: int = 0, sinks_N=None) -> jax.Array:
   """Self-attention over a whole sequence through a fused kernel where the program is lowered for a platform
   that has one: cuDNN's flash attention on CUDA for bfloat16 / float16 (sinks applied after it,
-  `flash_with_sinks`); elsewhere (CPU, TPU, float32) the blockwise kernel, the same function. Per device's
-  shard of the batch and heads (`on_shards`)."""
-  T, H = q_BxTxNxH.shape[1], q_BxTxNxH.shape[3]
+  `flash_with_sinks`), splash attention on TPU for sequences a multiple of SPLASH_BLOCK; elsewhere (CPU,
+  float32 on CUDA) the blockwise kernel, the same function. Per device's shard of the batch and heads
+  (`on_shards`)."""
+  T, N, H = q_BxTxNxH.shape[1:]
+  K = k_BxTxKxH.shape[2]
 
   def blocks(q, k, v, *sinks):
     return attend_blocks(q, k, v, window=window, sinks_N=sinks[0] if sinks else None, block=attention_block(T))
@@ -213,8 +250,9 @@ def attend_fused(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window: int = 0, sinks_N=None)
     cuda = (lambda q, k, v, *sinks: flash_with_sinks(kernel, q, k, v, sinks[0]) if sinks else
             jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
                                          local_window_size=(window - 1, 0) if window else None))
+  tpu = splash_kernel(T, N, K, H, window) if T % SPLASH_BLOCK == 0 else None
   args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH) + (() if sinks_N is None else (sinks_N,))
-  return on_shards(lambda *a: per_lowering(*a, default=blocks, cuda=cuda), *args)
+  return on_shards(lambda *a: per_lowering(*a, default=blocks, cuda=cuda, tpu=tpu), *args)
 
 
 class Attention(nnx.Module):
@@ -243,12 +281,12 @@ class Attention(nnx.Module):
     self.dropout = nnx.Dropout(cfg.attn_dropout, rngs=rngs) if cfg.attn_dropout else None
 
   def impl(self, T: int) -> str:
-    """The kernel over a whole sequence: `auto` takes the fused one in a GPU's program (the fused kernels have
-    no attention dropout), else the blockwise one past one block of queries."""
+    """The kernel over a whole sequence: `auto` takes the fused one in a GPU's or TPU's program (the fused
+    kernels have no attention dropout), else the blockwise one past one block of queries."""
     cfg = self.cfg
     if cfg.attn_impl != "auto":
       return cfg.attn_impl
-    if target(cfg) == "gpu" and not self.dropout:
+    if target(cfg) in ("gpu", "tpu") and not self.dropout:
       return "fused"
     return "blockwise" if T > attention_block(T) else "masked"
 
