@@ -239,8 +239,7 @@ def attend_fused(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window: int = 0, sinks_N=None)
   `flash_with_sinks`), splash attention on TPU for sequences a multiple of SPLASH_BLOCK; elsewhere (CPU,
   float32 on CUDA) the blockwise kernel, the same function. Per device's shard of the batch and heads
   (`on_shards`)."""
-  T, N, H = q_BxTxNxH.shape[1:]
-  K = k_BxTxKxH.shape[2]
+  T, H = q_BxTxNxH.shape[1], q_BxTxNxH.shape[3]
 
   def blocks(q, k, v, *sinks):
     return attend_blocks(q, k, v, window=window, sinks_N=sinks[0] if sinks else None, block=attention_block(T))
@@ -250,7 +249,11 @@ def attend_fused(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window: int = 0, sinks_N=None)
     cuda = (lambda q, k, v, *sinks: flash_with_sinks(kernel, q, k, v, sinks[0]) if sinks else
             jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
                                          local_window_size=(window - 1, 0) if window else None))
-  tpu = splash_kernel(T, N, K, H, window) if T % SPLASH_BLOCK == 0 else None
+
+  def tpu(q, k, *rest):  # built for one device's heads: on_shards may split them
+    return splash_kernel(T, q.shape[2], k.shape[2], H, window)(q, k, *rest)
+
+  tpu = tpu if T % SPLASH_BLOCK == 0 else None
   args = (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH) + (() if sinks_N is None else (sinks_N,))
   return on_shards(lambda *a: per_lowering(*a, default=blocks, cuda=cuda, tpu=tpu), *args)
 
