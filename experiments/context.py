@@ -72,6 +72,15 @@ def _measures(evals: dict[int, dict]) -> dict[str, float]:
           | {"streamed": evals["stream"]["loss"]})
 
 
+def families(runs) -> dict[str, int]:
+  """comparisons()' two Holm families and their tests, from the sweep's runs (each with a baseline: every
+  length and streamed; each rotary run: YaRN at every length past the training one)."""
+  compared = sum(1 for r in runs if r.baseline)
+  rotary = sum(1 for r in runs if r.model.position == "rope")
+  return {f"context: against the baseline at {len(MULTIPLES)} lengths and streamed": compared * (len(MULTIPLES) + 1),
+          "context: YaRN against none, each longer length": rotary * (len(MULTIPLES) - 1)}
+
+
 def comparisons(evaluations: dict[str, dict[int, dict]], description: SweepDescription):
   """(each run against its baseline at every length and streamed: one Holm family; each rotary run's YaRN
   against itself without YaRN at every longer length: another), corrected."""

@@ -40,6 +40,8 @@ class SweepDescription:
   selection_seeds: tuple[int, ...] = (1000,)  # the learning rate is chosen on these seeds' mean validation loss
   overrides: dict = dataclasses.field(default_factory=dict)  # command-line overrides, as typed there
   min_tokens_per_active_param: float = 0.0
+  # runs whose comparison the overrides changed, let through by --allow-changed-runs (sweeps.broken_by)
+  changed_runs: tuple[str, ...] = ()
 
   def run(self, name: str) -> RunSpec | None:
     return next((r for r in self.runs if r.name == name), None)
@@ -60,7 +62,7 @@ class SweepDescription:
       d["selection_seeds"] = [d.pop("selection_seed")]
     d.pop("selection_seed", None)
     runs = tuple(RunSpec(**{**r, "changes": tuple(r.get("changes", ()))}) for r in d.pop("runs", ()))
-    tuples = {k: tuple(d[k]) for k in ("lrs", "selection_seeds") if k in d}
+    tuples = {k: tuple(d[k]) for k in ("lrs", "selection_seeds", "changed_runs") if k in d}
     return cls(d.pop("sweep", ""), d.pop("scale", ""), runs, **{**d, **tuples})
 
   def save(self, path: Path) -> None:

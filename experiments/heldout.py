@@ -37,7 +37,7 @@ def batch_losses(folder: Path) -> dict:
 
   batches = eval_batches(dataset_dir(config.data), config.data.seq_len, config.train.batch_size,
                          config.train.eval_batches, split="test")
-  return {"split": "test", "step": steps(folder)[-1],
+  return {"split": "test", "step": steps(folder)[-1], "windows": sum(len(b) for b in batches),
           "batch_losses": [float(loss(model, jnp.asarray(b))) for b in batches]}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -23,12 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-from experiments import cost
+from experiments import cost, power
 from experiments.description import RunSpec, SweepDescription
 from experiments.folders import (EVALUATION_FILE, SMALL_FILES, Choice, choose_lr, finished, grid_trainings,  # noqa: F401
                                  last_step, lr_dir, metrics, run_dir, selection_losses, three_digits)
 from experiments.paired import ALPHA, seeds_needed, sign_flip_floor
-from experiments.sweeps import SCALES, SWEEPS, Run, Sweep, build
+from experiments.sweeps import SCALES, SWEEPS, Run, Sweep, broken_by, build
+from gptoss_jax import runtime
 from gptoss_jax.config import ConfigError
 from gptoss_jax.config_files import parse_override_args
 from gptoss_jax.inspect import stats
@@ -46,8 +48,13 @@ SMOKE = {"mesh.data": "1", "mesh.fsdp": "-1", "train.steps": "2", "train.batch_s
          "log.every": "1", "data.source": "shakespeare", "data.path": "", "data.max_tokens": "0",
          "data.val_fraction": "0.03", "data.test_fraction": "0.03", "train.microbatches": "1"}
 # 8 fake devices; on a loaded host (a 2-core machine running a sweep) one device's thread can reach a collective
-# more than XLA:CPU's default 40 s after the others, which then abort the process: wait up to 10 minutes
-SMOKE_DEVICES = "--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600"
+# more than XLA:CPU's default 40 s after the others, which then abort the process: wait up to 10 minutes. And XLA:CPU's
+# concurrency-optimized scheduler, which single-device CPU runs turn off (runtime.configure): on 8 fake devices it
+# keeps each one's temporaries smaller (the gpu scale's e16_k2: 0.93 GiB a device, against 2.41 without it)
+SMOKE_DEVICES = ("--xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600 "
+                 f"{runtime.SCHEDULER_FLAG}=true")
+
+
 def command(sweep: Sweep, run: Run, seed: int, lr: float, folder: Path, extra: dict[str, str]) -> list[str]:
   """The training command for one training: its typed config written to FOLDER/run.json and passed as
   the config file (nothing goes through override strings)."""
@@ -370,7 +377,8 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n\n")[0])
   parser.add_argument("sweep", help=" | ".join(SWEEPS))
   parser.add_argument("--scale", default="tiny", help=" | ".join(SCALES))
-  parser.add_argument("--seeds", type=int, default=0, help="compared seeds per run (default: the scale's)")
+  parser.add_argument("--seeds", type=int, default=0, help="compared seeds per run (default: the fewest with which "
+                      "every Holm family of the report can conclude, at least the scale's)")
   parser.add_argument("--lrs", default="", help="learning-rate grid, comma-separated (default: the scale's); "
                                                 "one value: no tuning")
   parser.add_argument("--widen", type=int, default=WIDEN, help="values added beyond a grid edge that holds "
@@ -381,10 +389,14 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--runs", default="", help="only these runs (comma-separated names)")
   parser.add_argument("--results", default="", help="keep each finished training's small files (config.json, "
                       "metrics.jsonl, heldout.json) here, to commit; a later call takes the finished ones back")
+  parser.add_argument("--allow-changed-runs", action="store_true", help="run a sweep whose model overrides "
+                      "change what its runs compare (refused otherwise; recorded in sweep.json)")
   parser.add_argument("--dry-run", action="store_true", help="print the runs, train nothing")
   parser.add_argument("--smoke", action="store_true", help="every run at its real shapes for 2 steps on 8 fake CPU "
                                                            "devices, from a local corpus (checks a sweep before paying)")
   parser.add_argument("--device", default="", help=f"print the cost on this accelerator ({' | '.join(cost.DEVICES)})")
+  parser.add_argument("--seed-sd", type=float, default=0.0, help="paired seed sd of the final loss (nats) for the "
+                      "detectable difference the dry-run prints (default: the tiny sweep's)")
   parser.add_argument("--mfu", type=float, default=cost.DEFAULT_MFU, help="the share of peak FLOP/s assumed for --device")
   return parser
 
@@ -396,6 +408,10 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> tuple[Sweep, dict[str, s
   extra = (smoke if args.smoke else {}) | parse_override_args(rest)
   if "train.lr" in extra or "train.seed" in extra:
     raise ConfigError("train.lr and train.seed are set per training by the runner (use --lrs and --seeds)")
+  broken = broken_by(sweep, extra)
+  if broken and not args.allow_changed_runs:
+    raise ConfigError(f"the overrides change what runs of the {sweep.name} sweep compare: {'; '.join(broken)} "
+                      "(--allow-changed-runs runs them so, and records it in sweep.json)")
   if args.runs:
     names = args.runs.split(",")
     unknown = sorted(set(names) - {r.name for r in sweep.runs})
@@ -404,7 +420,7 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> tuple[Sweep, dict[str, s
     sweep = dataclasses.replace(sweep, runs=tuple(r for r in sweep.runs if r.name in names))
   if args.smoke:  # one learning rate (no tuning) and one seed
     args.lrs, args.widen = args.lrs or str(SCALES[args.scale].lrs[len(SCALES[args.scale].lrs) // 2]), 0
-  seeds = 1 if args.smoke else args.seeds or sweep.seeds or SCALES[args.scale].seeds
+  seeds = 1 if args.smoke else args.seeds or sweep.seeds
   if seeds < 2 and not args.smoke:
     raise ConfigError(f"--seeds must be >= 2 (paired statistics need two), got {seeds}")
   lrs = parse_lrs(args.lrs) if args.lrs else SCALES[args.scale].lrs
@@ -413,9 +429,24 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> tuple[Sweep, dict[str, s
   if args.jobs < 1 or args.devices_per_job < 1:
     raise ConfigError(f"--jobs and --devices-per-job must be >= 1, got {args.jobs} and {args.devices_per_job}")
   slots(args.jobs, args.devices_per_job, visible_gpus())
+  if args.seed_sd < 0:
+    raise ConfigError(f"--seed-sd must be >= 0, got {args.seed_sd}")
   if not 0 < args.mfu <= 1:
     raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
-  return sweep, extra, describe(sweep, extra, seeds, lrs)  # describing also checks every override
+  description = describe(sweep, extra, seeds, lrs)  # describing also checks every override
+  return sweep, extra, dataclasses.replace(description, changed_runs=tuple(broken))
+
+
+def _power_note(sweep: Sweep, seeds: int, seed_sd: float) -> None:
+  """The report's Holm families at these seeds (stdout), and a note (stderr) for each that cannot conclude."""
+  families = power.families(sweep.runs, sweep.evaluation)
+  source = "--seed-sd" if seed_sd else f"the tiny {sweep.name} sweep's median" if sweep.name in power.SEED_SD else "none"
+  print(power.table(sweep.runs, sweep.evaluation, seeds, seed_sd or power.SEED_SD.get(sweep.name, math.nan), source))
+  for name, m in families.items():
+    if sign_flip_floor(seeds, m) > ALPHA:
+      print(f"note: with {seeds} seeds the sign-flip test cannot pass Holm over the {m} tests of '{name}' (smallest "
+            f"adjusted p {sign_flip_floor(seeds, m):.3f}): nothing there can be called distinguishable; "
+            f"--seeds {seeds_needed(m)} can", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,12 +465,8 @@ def main(argv: list[str] | None = None) -> int:
   if short:
     print(f"note: {', '.join(short)} train on fewer than the scale's {description.min_tokens_per_active_param:g} "
           "tokens per active parameter", file=sys.stderr)
-  compared = sum(1 for r in sweep.runs if r.baseline)
-  floor = sign_flip_floor(description.seeds, compared)
-  if compared and floor > ALPHA:
-    print(f"note: with {description.seeds} seeds the sign-flip test cannot pass Holm over {compared} comparisons "
-          f"(smallest adjusted p {floor:.3f}): nothing can be called "
-          f"distinguishable; --seeds {seeds_needed(compared)} can", file=sys.stderr)
+  if not args.smoke:
+    _power_note(sweep, description.seeds, args.seed_sd)
   if args.dry_run:
     return 0
   for sig in (signal.SIGTERM, signal.SIGHUP):  # what a rented machine sends: stop as Ctrl-C does

@@ -19,6 +19,7 @@ from functools import cache
 
 import numpy as np
 
+from experiments import power
 from gptoss_jax.config import ModelConfig, RunConfig
 
 from gptoss_jax.config_files import apply_overrides, load_config_file
@@ -39,7 +40,9 @@ class Scale:
   expert_counts: dict[int, int]  # experts sweep: n_experts -> top_k
   run: dict  # every run's data / train / checkpoint / log settings, {"section.field": value} (checked)
   lrs: tuple[float, ...]  # the learning-rate grid each run is tuned on (spaced 2x)
-  seeds: int = 8  # compared seeds 0..seeds-1
+  # compared seeds 0..n-1: at least this many, and by default the fewest with which every Holm family of the
+  # sweep's report can reach a verdict (power.default_seeds)
+  seeds: int = 2
   # the learning rate is chosen on the mean validation loss of these seeds, never compared ones
   selection_seeds: tuple[int, ...] = (1000, 1001)
   min_tokens_per_active_param: float = 0.0  # checked for every run (tested)
@@ -77,7 +80,7 @@ SCALES = {
         run={"data.seq_len": 128, "data.val_fraction": 0.03, "data.test_fraction": 0.03, "train.steps": 700,
              "train.batch_size": 16, "train.warmup_steps": 35, "train.eval_every": 175, "train.eval_batches": 0,
              "checkpoint.every": 350, "checkpoint.keep": 1, "log.every": 25},
-        lrs=(1.5e-3, 3e-3, 6e-3, 1.2e-2), min_tokens_per_active_param=10.0, moe_bias_update_rate=3e-3),
+        lrs=(1.5e-3, 3e-3, 6e-3, 1.2e-2), seeds=8, min_tokens_per_active_param=10.0, moe_bias_update_rate=3e-3),
     # one GPU: at least 20 tokens per active parameter for every run (tested), under one epoch of a shared
     # 800M-token prefix of the stream
     "small": Scale(
@@ -89,7 +92,7 @@ SCALES = {
                        "data.seq_len": 512, "train.steps": 21000, "train.batch_size": 64, "train.warmup_steps": 700,
                        "train.eval_every": 1000, "train.eval_batches": 64, "checkpoint.every": 2000,
                        "checkpoint.keep": 1, "log.every": 100},
-        lrs=(5e-4, 1e-3, 2e-3, 4e-3), seeds=3, min_tokens_per_active_param=20.0, platform="gpu"),
+        lrs=(5e-4, 1e-3, 2e-3, 4e-3), min_tokens_per_active_param=20.0, platform="gpu"),
     # realistic: GPT-2 124M's shape, at least 20 tokens per active parameter (2.8B per run); a GPU node, days
     "gpu": Scale(
         model=dict(vocab_size=50304, max_seq_len=1024, d_model=768, n_layers=12, n_heads=12, head_dim=64,
@@ -100,7 +103,7 @@ SCALES = {
                        "data.seq_len": 1024, "train.steps": 21100, "train.batch_size": 128, "train.warmup_steps": 700,
                        "train.eval_every": 1000, "train.eval_batches": 64, "checkpoint.every": 2000,
                        "checkpoint.keep": 1, "log.every": 100},
-        lrs=(3e-4, 6e-4, 1.2e-3, 2.4e-3), seeds=3, min_tokens_per_active_param=20.0, platform="gpu"),
+        lrs=(3e-4, 6e-4, 1.2e-3, 2.4e-3), min_tokens_per_active_param=20.0, platform="gpu"),
 }
 
 
@@ -119,7 +122,7 @@ class Sweep:
   scale: str
   runs: tuple[Run, ...]
   evaluation: str = ""  # SWEEPS' Kind.evaluation
-  seeds: int = 0  # compared seeds by default (0: the scale's)
+  seeds: int = 0  # compared seeds by default (power.default_seeds)
 
   def config(self, run: Run, seed: int, lr: float, extra: dict[str, str] | None = None) -> RunConfig:
     """One training's whole config, typed: the base preset with the run's model, the scale's settings,
@@ -131,6 +134,36 @@ class Sweep:
     apply_overrides(config, extra or {})
     config.train.seed, config.train.lr, config.log.progress = seed, lr, False
     return RunConfig.from_dict(config)
+
+
+def broken_by(sweep: Sweep, extra: dict[str, str]) -> list[str]:
+  """What the command line's model overrides (`extra`, applied to every run) undo of the sweep's design, one
+  phrase per run: a run whose fields set apart from its baseline change (the change erased or another
+  added), or whose total or active parameters move against its baseline's by more than BUDGET_TOLERANCE."""
+  model_keys = {k for k in extra if k.startswith("model.")}
+  if not model_keys:
+    return []
+  designed = {r.name: sweep.config(r, 0, 1e-3, {k: v for k, v in extra.items() if k not in model_keys}).model
+              for r in sweep.runs}
+  given = {r.name: sweep.config(r, 0, 1e-3, extra).model for r in sweep.runs}
+
+  def apart(models, run) -> tuple[str, ...]:
+    a, b = models[run.name], models[run.baseline]
+    return tuple(k for k in a.to_dict() if getattr(a, k) != getattr(b, k))
+
+  broken = []
+  for run in (r for r in sweep.runs if r.baseline in designed):
+    if apart(given, run) != apart(designed, run):
+      broken.append(f"{run.name} (apart from {run.baseline}: {', '.join(apart(designed, run)) or 'nothing'} -> "
+                    f"{', '.join(apart(given, run)) or 'nothing'})")
+      continue
+    for measure in (total, active):
+      ratio = lambda models: measure(models[run.name]) / measure(models[run.baseline])  # noqa: E731
+      if abs(ratio(given) / ratio(designed) - 1) > BUDGET_TOLERANCE:
+        broken.append(f"{run.name} ({measure.__name__} parameters against {run.baseline}: {ratio(designed):.3f}x -> "
+                      f"{ratio(given):.3f}x)")
+        break
+  return broken
 
 
 def total(cfg: ModelConfig) -> int:
@@ -356,11 +389,10 @@ def context(scale: Scale) -> list[Run]:
 class Kind:
   runs: Callable[[Scale], list[Run]]
   evaluation: str = ""  # a module run on each compared training's final checkpoint (`python -m MODULE FOLDER`)
-  seeds: int = 0  # compared seeds when more than the scale's are needed (the family of tests is larger)
 
 
 SWEEPS: dict[str, Kind] = {"ladder": Kind(ladder), "width_depth": Kind(width_depth), "experts": Kind(experts),
-                           "swiglu": Kind(swiglu), "context": Kind(context, "experiments.context", seeds=10)}
+                           "swiglu": Kind(swiglu), "context": Kind(context, "experiments.context")}
 
 
 def build(name: str, scale: str) -> Sweep:
@@ -369,4 +401,5 @@ def build(name: str, scale: str) -> Sweep:
   if scale not in SCALES:
     raise ValueError(f"unknown scale {scale!r} (scales: {', '.join(SCALES)})")
   kind = SWEEPS[name]
-  return Sweep(name, scale, tuple(kind.runs(SCALES[scale])), kind.evaluation, max(kind.seeds, SCALES[scale].seeds))
+  runs = tuple(kind.runs(SCALES[scale]))
+  return Sweep(name, scale, runs, kind.evaluation, power.default_seeds(runs, kind.evaluation, SCALES[scale].seeds))

@@ -229,6 +229,18 @@ def test_eval_batches_are_fixed_and_come_from_their_split(text_dataset):
   np.testing.assert_array_equal(split_tokens(text_dataset, "test"), test)
 
 
+def test_eval_batches_read_no_window_twice(text_dataset):
+  """A split shorter than the evaluation asks for: as many batches as its windows fill, each window once, in
+  order (before: the split read again from its start, its windows counted twice in the standard error)."""
+  source = windows(text_dataset, "val", 16)
+  full = len(source) // 4
+  batches = eval_batches(text_dataset, 16, 4, full + 3)
+  assert len(batches) == full and len(eval_batches(text_dataset, 16, 4, 2)) == 2
+  np.testing.assert_array_equal(np.concatenate(batches), np.stack([source[i] for i in range(4 * full)]))
+  with pytest.raises(ConfigError, match="fewer than one batch"):
+    eval_batches(text_dataset, 16, len(source) + 1, 1)
+
+
 def test_bad_sources(tmp_path):
   with pytest.raises(ConfigError, match="matches no files"):
     prepare(tmp_path / "out", "text", "byte", path=str(tmp_path / "nothing*.txt"), progress=False)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from experiments import paired, report, run, sweeps
+from experiments import paired, power, report, run, sweeps
 from experiments.description import RunSpec, SweepDescription
 from experiments.sweeps import SCALES, active, build, solve, total
 from conftest import REPO
@@ -348,11 +348,28 @@ def test_the_sign_flip_floor_is_what_holm_makes_of_seeds_that_all_agree(n, m):
   assert (sign_flip_floor(n, m) <= 0.05) == (n >= seeds_needed(m))
 
 
+def test_an_override_that_changes_what_runs_compare_is_refused_unless_allowed(capsys):
+  """Learned positions for every run of the context sweep erase `learned`'s change; on the ladder they erase
+  `rope`'s and move the MoE rung's total against its baseline's by 3%. One line, exit 2; a width for every
+  run keeps every comparison; --allow-changed-runs lets it through, recorded in the sweep's description."""
+  assert run.main(["context", "--dry-run", "--config.model.position=learned"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "learned (apart from rope: position -> nothing)" in err
+  assert run.main(["ladder", "--dry-run", "--config.model.position=learned"]) == 2
+  err = capsys.readouterr().err
+  assert "rope (apart from no_dropout: d_ff, position -> d_ff)" in err and "moe (total parameters against gqa" in err
+  assert run.main(["ladder", "--dry-run", "--config.model.d_model=64"]) == 0
+  args, rest = run._parser().parse_known_args(["context", "--allow-changed-runs", "--config.model.position=learned"])
+  assert run._plan(args, rest)[2].changed_runs == ("learned (apart from rope: position -> nothing)",)
+
+
 def test_the_runner_says_when_its_seeds_cannot_pass_the_sign_flip_test(capsys):
-  assert run.main(["ladder", "--scale", "tiny", "--dry-run"]) == 0  # 10 comparisons, 8 seeds
-  assert "--seeds 9 can" in capsys.readouterr().err
-  assert run.main(["ladder", "--scale", "tiny", "--seeds", "9", "--dry-run"]) == 0
-  assert "sign-flip" not in capsys.readouterr().err
+  assert run.main(["ladder", "--scale", "small", "--seeds", "3", "--dry-run"]) == 0  # 10 comparisons
+  out = capsys.readouterr()
+  assert "--seeds 9 can" in out.err and "cannot conclude" in out.out
+  assert run.main(["ladder", "--scale", "small", "--dry-run"]) == 0  # the default: 9
+  out = capsys.readouterr()
+  assert "sign-flip" not in out.err and "Holm families at 9 seeds" in out.out and "cannot conclude" not in out.out
 
 
 def test_finished_trainings_the_results_lack_are_kept_when_the_runner_starts(tmp_path):
@@ -453,8 +470,67 @@ def test_context_sweep_changes_positions_windows_and_sinks_only_and_has_seeds_fo
   assert runs["window_sinks"].model == runs["window"].model.replace(attn_sinks=True)
   assert runs["window"].model.sliding_layers == (True, False, True, False)  # alternate layers
   assert sweep.evaluation == "experiments.context" and build("ladder", "tiny").evaluation == ""
-  # 5 comparisons at 4 lengths and streamed: the exact sign-flip test must survive Holm over 25 tests
-  assert paired.sign_flip_floor(sweep.seeds, 25) < 0.05 <= paired.sign_flip_floor(sweep.seeds - 1, 25)
+
+
+def _context_evaluations(runs, seeds: int) -> dict:
+  """What experiments.context writes for each seed of each run (losses made up), as context.load returns it."""
+  from experiments.context import MULTIPLES
+  T = SCALES["tiny"].run["data.seq_len"]
+  rng = np.random.default_rng(0)
+  one = lambda: {"loss": 2 + rng.random()}  # noqa: E731
+  return {r.name: {s: {"plain": {str(k * T): one() for k in MULTIPLES}, "stream": one(),
+                       "yarn": {str(k * T): one() for k in MULTIPLES[1:]} if r.model.position == "rope" else {}}
+                   for s in range(seeds)} for r in runs}
+
+
+@pytest.mark.parametrize("added", [False, True])
+def test_default_seeds_let_every_family_the_report_corrects_reach_a_verdict(added):
+  """The runner's families are the report's own (the context sweep's comparisons on evaluations of every run
+  and seed, counted as the report makes them); the default seeds are the fewest that can pass Holm in the
+  largest (a plain loop), and a run added to the sweep (30 tests: 10 seeds no longer can) raises them."""
+  from experiments import context
+  sweep = build("context", "tiny")
+  runs = sweep.runs + ((sweeps.Run("window_quarter_sinks", sweep.runs[3].model, ("attn_sinks",), "sinks"),)
+                       if added else ())
+  description = SweepDescription("context", "tiny", tuple(RunSpec(r.name, baseline=r.baseline) for r in runs), seeds=2)
+  between, yarn = context.comparisons(_context_evaluations(runs, 2), description)
+  compared = sum(1 for r in runs if r.baseline)
+  assert list(power.families(runs, sweep.evaluation).values()) == [compared, len(between), len(yarn)]
+  largest = max(compared, len(between), len(yarn))
+  seeds = power.default_seeds(runs, sweep.evaluation, SCALES["tiny"].seeds)
+  assert seeds == max(SCALES["tiny"].seeds, next(n for n in range(1, 30) if largest * 2 / 2 ** n <= 0.05))
+  assert (len(between), seeds) == ((30, 11) if added else (25, 10)) and seeds == (sweep.seeds if not added else 11)
+
+
+@pytest.mark.parametrize("scale", ["small", "gpu"])
+def test_small_and_gpu_sweeps_default_to_seeds_that_can_conclude(scale):
+  for name in sweeps.SWEEPS:
+    sweep = build(name, scale)
+    for m in power.families(sweep.runs, sweep.evaluation).values():
+      assert paired.sign_flip_floor(sweep.seeds, m) <= 0.05
+
+
+@pytest.mark.parametrize("name", list(power.SEED_SD))
+def test_the_assumed_seed_noise_is_the_committed_tiny_sweeps(name):
+  """power.SEED_SD: the median over a committed tiny sweep's comparisons of the sd of its paired differences."""
+  _, results = report.load(Path(REPO) / "experiments" / "results" / f"{name}-tiny")
+  by_name = {r.name: r for r in results}
+  sds = [np.std([r.finals[s] - by_name[r.spec.baseline].finals[s] for s in r.finals], ddof=1)
+         for r in results if r.spec.baseline]
+  assert power.SEED_SD[name] == pytest.approx(np.median(sds), abs=5e-5)
+
+
+def test_detectable_difference_against_closed_forms():
+  """Where the sign-flip test is not binding (12 seeds, one test) the detectable difference is the t-test's at
+  80% power (scipy's noncentral t); where seeds only just allow a verdict (9 seeds, 10 tests: every seed must
+  agree) it is where all n agree with probability 0.8: sd * Phi^-1(0.8^(1/n))."""
+  detectable, sd = power.detectable, 0.03
+  n, crit = 12, scipy_stats.t.ppf(1 - 0.025, 11)
+  t_power = lambda delta: scipy_stats.nct.sf(crit, 11, delta / sd * np.sqrt(n))  # noqa: E731
+  t_only = next(d for d in np.arange(0.001, 0.1, 0.0001) if t_power(d) >= 0.8)
+  assert detectable(n, 1, sd) == pytest.approx(t_only, rel=0.06)
+  assert detectable(9, 10, sd) == pytest.approx(sd * scipy_stats.norm.ppf(0.8 ** (1 / 9)), rel=0.05)
+  assert detectable(8, 10, sd) == np.inf  # 8 seeds cannot pass Holm over 10 tests
 
 
 def test_scheduler_runs_the_sweeps_evaluation_after_each_compared_training(tmp_path):

@@ -155,6 +155,25 @@ def test_per_device_activation_memory_shrinks_with_the_data_shards(text_dataset)
   assert eight.temp_size_in_bytes <= one.temp_size_in_bytes / 8 + 2 * one.argument_size_in_bytes
 
 
+def test_fsdp_gathers_one_layers_experts_at_a_time(text_dataset):
+  """A GPU's MoE training step on 8 fsdp shards (XLA's memory analysis of its compiled CPU program): each
+  layer's experts are gathered whole when that layer runs, forward and again backward, so each layer adds
+  to a device's temporaries much less than its experts whole in float32. (Before: every layer's experts
+  gathered at the step's start and kept to the backward pass, every layer's float32 gradient buffers zeroed
+  there too: about three times that per layer.)"""
+  E, D, F = 16, 64, 512
+  one_layer = E * (D * 2 * F + F * D) * 4  # SwiGLU's two input projections and the output one, float32
+
+  def temps(layers):
+    config = run_config(MOE, text_dataset, **{"model.n_layers": layers, "model.platform": "gpu",
+                                              "model.n_experts": E, "model.d_model": D, "model.d_expert": F})
+    return _compiled_moe_step(config, dict(fsdp=8)).memory_analysis().temp_size_in_bytes
+
+  per_layer = (temps(4) - temps(2)) / 2
+  print(f"temporaries per layer {per_layer / 2**20:.2f} MiB, one layer's experts in float32 {one_layer / 2**20:.2f} MiB")
+  assert per_layer < one_layer / 2
+
+
 def test_resume_is_exact(text_dataset, tmp_path):
   """6 steps straight == 3 steps, stop, resume, 3 more: losses and parameters (dropout on: RNG resumes too)."""
   dropout = {"model.embed_dropout": 0.1, "model.resid_dropout": 0.1, "model.attn_dropout": 0.1}
@@ -343,6 +362,8 @@ def test_logs_tensorboard_and_jsonl(text_dataset, tmp_path):
           "moe/usage_entropy/layer03", "moe/dead_experts/layer01", "eval/loss", "perf/peak_memory_gib"} <= set(last)
   assert last["train/tokens"] == 3 * 8 * 32  # tokens seen: steps x batch x sequence
   assert json.loads((tmp_path / "config.json").read_text())["model"]["n_experts"] == 8
+  heldout = json.loads((tmp_path / "heldout.json").read_text())  # the test split: 2 batches of 8 windows
+  assert heldout["windows"] == 2 * 8 == 8 * len(heldout["batch_losses"])
   assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
   tags = set()
   for event in _read_events(tmp_path / "tb"):

@@ -61,15 +61,14 @@ def train_dataset(folder, seq_len: int, local_batch: int, seed: int, process_ind
 
 def eval_batches(folder, seq_len: int, local_batch: int, n_batches: int, process_index: int = 0,
                  process_count: int = 1, split: str = "val") -> list[np.ndarray]:
-  """The same held-out batches of a split (`val` or `test`) every time, in order: n_batches of them
-  (repeating the split if it is short), or with n_batches = 0 the whole split once (what does not fill a
-  last global batch left out)."""
+  """The same held-out batches of a split (`val` or `test`) every time, in order, no window twice: n_batches
+  of them, or as many as the split fills if it holds fewer (n_batches = 0: all of them; what does not fill a
+  last global batch is left out). A split read twice over would count its windows twice in the loss's
+  standard error, understating the test set's own noise."""
   source = windows(folder, split, seq_len)
-  if n_batches == 0:
-    n_batches = len(source) // (local_batch * process_count)
-    if n_batches == 0:
-      raise ConfigError(f"the {split} split of {folder} holds {len(source)} windows of {seq_len} tokens, fewer "
-                        f"than one batch of {local_batch * process_count}")
-  ds = grain.MapDataset.source(source).repeat()
-  ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
-  return [ds[i] for i in range(n_batches)]
+  full = len(source) // (local_batch * process_count)
+  if full == 0:
+    raise ConfigError(f"the {split} split of {folder} holds {len(source)} windows of {seq_len} tokens, fewer "
+                      f"than one batch of {local_batch * process_count}")
+  ds = grain.MapDataset.source(source)[process_index::process_count].batch(local_batch, drop_remainder=True)
+  return [ds[i] for i in range(min(n_batches, full) if n_batches else full)]

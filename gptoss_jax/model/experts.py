@@ -149,7 +149,7 @@ def expert_loop(activation: Callable[[jax.Array], jax.Array], blocks: tuple[int,
         dweights = tuple(dw.at[e].add(g.reshape(dw.shape[1:])) for dw, g in zip(dweights, grads))
       return dx_RxD, dweights
 
-    dweights0 = tuple(jnp.zeros(w.shape, jnp.float32) for w in weights) if train else None
+    dweights0 = after(tuple(jnp.zeros(w.shape, jnp.float32) for w in weights), dy_RxD) if train else None
     dx_RxD, dweights = each_expert(weights, start_E, count_E, body, (jnp.zeros_like(x_RxD), dweights0))
     if train:
       dweights = tuple(dw.astype(w.dtype) for dw, w in zip(dweights, weights))
@@ -182,27 +182,33 @@ def block_rows(cfg: ModelConfig, n_tokens: int) -> int:
   return 1 if quarter_load < 1 else int(min(BLOCK_ROWS_MAX, 2 ** math.floor(math.log2(quarter_load))))
 
 
-def blocked_experts(weights: tuple, take: Take, activation: Callable, rows: int, x_RxD, start_E, count_E):
+def blocked_experts(stored, whole: Callable, take: Take, activation: Callable, rows: int, x_RxD, start_E, count_E):
   """Expert-sorted rows [R, D] -> [R, D], each expert's rows starting at start_E and padded to count_E, a
   multiple of `rows`: every block of `rows` rows through its expert's weights, as batched matmuls over chunks
-  of as many blocks as there are experts, one chunk after another (a scan of a fixed count: each chunk gathers
-  at most a layer's worth of expert weights, whatever the load). The backward pass gathers them again rather
-  than keeping them, and adds each chunk's weight gradients in place into one float32 buffer per weight."""
+  of as many blocks as there are experts, one chunk after another (a scan of a fixed count: each chunk takes
+  at most a layer's worth of expert weights, whatever the load). The backward pass takes them again rather
+  than keeping them, and adds each chunk's weight gradients in place into one float32 buffer per weight.
+
+  `stored`: the weights as this device holds them (a shard, under fsdp); whole(stored, when) -> the layer's
+  (w_in, b_in, w_out, b_out) for `take`, gathered (once `when` is computed) and cast. The backward pass calls
+  `whole` again once its gradient has arrived, so a layer's gathered weights are never kept from the forward
+  pass to the backward (fsdp's point: one layer's whole weights on a device at a time), and sends the
+  gradients back through whole's transpose (a reduce-scatter: each device gets its shard's)."""
   R, D = x_RxD.shape
   n_blocks, n_experts = R // rows, start_E.shape[0]
   ends_E = start_E + count_E  # block j belongs to the first expert ending past its first row
   experts_J = jnp.searchsorted(ends_E, jnp.arange(n_blocks) * rows, side="right", method="compare_all")  # no loop
   experts_J = jnp.minimum(experts_J, n_experts - 1)  # blocks past every expert's rows: zeros
   chunk = min(n_experts, n_blocks)
-  whole = n_blocks // chunk * chunk  # blocks in whole chunks; the rest is one shorter chunk
+  in_chunks = n_blocks // chunk * chunk  # blocks in whole chunks; the rest is one shorter chunk
 
   def chunked(fn, carry, *arrays_J):
     """fn(carry, *chunk) -> (carry, out) over the whole chunks in a scan, then over the rest; outs joined."""
-    split = lambda a: a[:whole].reshape(whole // chunk, chunk, *a.shape[1:])  # noqa: E731
+    split = lambda a: a[:in_chunks].reshape(in_chunks // chunk, chunk, *a.shape[1:])  # noqa: E731
     carry, outs = jax.lax.scan(lambda c, xs: fn(c, *xs), carry, tuple(split(a) for a in arrays_J))
-    outs = jax.tree.map(lambda o: o.reshape(whole, *o.shape[2:]), outs)
-    if whole < n_blocks:
-      carry, rest = fn(carry, *(a[whole:] for a in arrays_J))
+    outs = jax.tree.map(lambda o: o.reshape(in_chunks, *o.shape[2:]), outs)
+    if in_chunks < n_blocks:
+      carry, rest = fn(carry, *(a[in_chunks:] for a in arrays_J))
       outs = jax.tree.map(lambda o, r: jnp.concatenate([o, r]), outs, rest)
     return carry, outs
 
@@ -215,15 +221,16 @@ def blocked_experts(weights: tuple, take: Take, activation: Callable, rows: int,
     return chunked(one, None, x_JxRxD, experts_J)[1]
 
   @jax.custom_vjp
-  def run(weights, x_JxRxD, experts_J):
-    return forward(weights, x_JxRxD, experts_J)[0]
+  def run(stored, x_JxRxD, experts_J):
+    return forward(whole(stored, x_JxRxD), x_JxRxD, experts_J)[0]
 
-  def run_fwd(weights, x_JxRxD, experts_J):
-    y, h = forward(weights, x_JxRxD, experts_J)
-    return y, (weights, x_JxRxD, experts_J, h)
+  def run_fwd(stored, x_JxRxD, experts_J):
+    y, h = forward(whole(stored, x_JxRxD), x_JxRxD, experts_J)
+    return y, (stored, x_JxRxD, experts_J, h)
 
   def run_bwd(res, dy_JxRxD):
-    weights, x_JxRxD, experts_J, h_JxRxGF = res
+    stored, x_JxRxD, experts_J, h_JxRxGF = res
+    weights, whole_vjp = jax.vjp(lambda stored: whole(stored, dy_JxRxD), stored)
     train = trained(weights)
 
     def one(dweights, x, h, dy, e_C):
@@ -232,14 +239,24 @@ def blocked_experts(weights: tuple, take: Take, activation: Callable, rows: int,
         dweights = tuple(dw.at[e_C].add(g.reshape(-1, *dw.shape[1:])) for dw, g in zip(dweights, grads))
       return dweights, dx
 
-    dweights0 = tuple(jnp.zeros(w.shape, jnp.float32) for w in weights) if train else None
+    dweights0 = after(tuple(jnp.zeros(w.shape, jnp.float32) for w in weights), dy_JxRxD) if train else None
     dweights, dx = chunked(one, dweights0, x_JxRxD, h_JxRxGF, dy_JxRxD, experts_J)
-    if train:
-      dweights = tuple(dw.astype(w.dtype) for dw, w in zip(dweights, weights))
-    return dweights, dx, None
+    dstored = whole_vjp(tuple(dw.astype(w.dtype) for dw, w in zip(dweights, weights)))[0] if train else None
+    return dstored, dx, None
 
   run.defvjp(run_fwd, run_bwd)
-  return run(weights, x_RxD.reshape(n_blocks, rows, D), experts_J).reshape(R, D)
+  return run(stored, x_RxD.reshape(n_blocks, rows, D), experts_J).reshape(R, D)
+
+
+def after(tree, x: jax.Array):
+  """tree, computed only once x is: each array plus 0 * x's first element. A layer's whole weights (or
+  its gradient buffers) must come to be when the layer runs: left free, XLA hoists every layer's gathering
+  and zeroing to the start of the step (all of them alive at once), and merges the backward pass's gathering
+  with the forward pass's (one copy kept from one pass to the other). XLA:CPU drops optimization barriers
+  before those passes run; an arithmetic dependency it keeps everywhere (a float times 0 is not folded:
+  NaN * 0 is NaN)."""
+  zero = x.reshape(-1)[0] * 0
+  return jax.tree.map(lambda w: w + zero.astype(w.dtype), tree)
 
 
 def dense_dispatch(activation, x_NxD, idx_NxK, w_NxK, w_in, b_in, w_out, b_out):

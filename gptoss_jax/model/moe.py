@@ -36,11 +36,15 @@ from jax.sharding import PartitionSpec as P
 
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model import cpu_kernels, mxfp4
-from gptoss_jax.model.experts import (Take, block_rows, block_sparse_dispatch, blocked_experts, capacity_dispatch,
-                                     dense_dispatch, dropless_blocks, expert_loop, ragged_dispatch)
+from gptoss_jax.model.experts import (Take, after, block_rows, block_sparse_dispatch, blocked_experts,
+                                     capacity_dispatch, dense_dispatch, dropless_blocks, expert_loop,
+                                     ragged_dispatch)
 from gptoss_jax.model.ffn import activate, ffn_init_std_out, n_in_proj
 from gptoss_jax.model.linear import project_batched
 from gptoss_jax.model.platform import target
+from gptoss_jax.sharding import logical_to_spec
+
+Gather = Callable[[dict, jax.Array], dict]  # (some of a layer's weights as a device holds them, when) -> whole
 
 
 def route(cfg: ModelConfig, logits_NxE: jax.Array, selection_bias_E: jax.Array | None = None
@@ -169,24 +173,30 @@ def selected(cfg: ModelConfig, p: dict, x_NxD: jax.Array, idx_NxK: jax.Array, w_
   return jnp.einsum("nkd,nk->nd", y_AxD.reshape(N, K, D), w_NxK.astype(dt)).astype(x_NxD.dtype)
 
 
-def dispatch(cfg: ModelConfig, p: dict, x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array) -> jax.Array:
-  """The routed tokens [N, D] through their experts, mixed by their routing weights."""
+def dispatch(cfg: ModelConfig, p: dict, x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array,
+             gather: Gather = lambda p, when: p) -> jax.Array:
+  """The routed tokens [N, D] through their experts, mixed by their routing weights; p as this device holds
+  it, gather(p, when) the layer's whole weights."""
   N, E = x_NxD.shape[0], cfg.n_experts
   kind = resolved_dispatch(cfg, N)
+  G, F = n_in_proj(cfg), cfg.d_expert
+  activation = lambda h: activate(cfg, h.reshape(*h.shape[:-1], G, F))  # noqa: E731  [..., G*F] -> [..., F]
+  if kind == "blocked":  # gathers the weights itself, in its forward pass and again in its backward pass
+    rows = block_rows(cfg, N)
+    stored = {k: v for k, v in p.items() if k in EXPERT_WEIGHTS}
+    whole = lambda stored, when: expert_params(cfg, gather(stored, when), x_NxD.dtype)[0]  # noqa: E731
+    take = expert_params(cfg, p, x_NxD.dtype)[1]
+    return block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, E, rows, functools.partial(
+        blocked_experts, stored, whole, take, activation, rows))
+  p = gather(p, x_NxD)
   if kind == "selected":
     return selected(cfg, p, x_NxD, idx_NxK, w_NxK)
   weights, take = expert_params(cfg, p, x_NxD.dtype)
-  G, F = n_in_proj(cfg), cfg.d_expert
-  activation = lambda h: activate(cfg, h.reshape(*h.shape[:-1], G, F))  # noqa: E731  [..., G*F] -> [..., F]
   if kind == "grouped" and not cfg.moe_capacity_factor:  # dropless: the experts one after another
     blocks = dropless_blocks(cfg, N)
     loop = expert_loop(activation, blocks, take)
     return block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, E, blocks[-1],
                                  lambda rows, start_E, count_E: loop(rows, start_E, count_E, weights))
-  if kind == "blocked":
-    rows = block_rows(cfg, N)
-    return block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, E, rows, functools.partial(
-        blocked_experts, weights, take, activation, rows))
   experts = take(weights, slice(None))
   if kind == "dense":
     return dense_dispatch(activation, x_NxD, idx_NxK, w_NxK, *experts)
@@ -201,15 +211,18 @@ def dispatch(cfg: ModelConfig, p: dict, x_NxD: jax.Array, idx_NxK: jax.Array, w_
   return capacity_dispatch(x_NxD, idx_NxK, w_NxK, E, grouped_capacity(cfg, N), expert_fn)
 
 
-def moe_tokens(cfg: ModelConfig, x_NxD: jax.Array, p: dict, axes: tuple[str, ...] = ()) -> tuple[jax.Array, dict]:
-  """The layer over N tokens (one shard's, `axes` naming the mesh axes the tokens are split over): router,
-  routing, the experts (under the name scope `experts`), the router's statistics."""
-  logits_NxE = x_NxD.astype(jnp.float32) @ p["router_w"].astype(jnp.float32)
+def moe_tokens(cfg: ModelConfig, x_NxD: jax.Array, p: dict, axes: tuple[str, ...] = (),
+               gather: Gather = lambda p, when: p) -> tuple[jax.Array, dict]:
+  """The layer over N tokens (one shard's, `axes` naming the mesh axes the tokens are split over, gather
+  taking its weights whole): router, routing, the experts (under the name scope `experts`), the router's
+  statistics."""
+  router = gather({k: v for k, v in p.items() if k not in EXPERT_WEIGHTS}, x_NxD)
+  logits_NxE = x_NxD.astype(jnp.float32) @ router["router_w"].astype(jnp.float32)
   if cfg.router_bias:
-    logits_NxE = logits_NxE + p["router_b"].astype(jnp.float32)
-  w_NxK, idx_NxK = route(cfg, logits_NxE, p.get("selection_bias"))
+    logits_NxE = logits_NxE + router["router_b"].astype(jnp.float32)
+  w_NxK, idx_NxK = route(cfg, logits_NxE, router.get("selection_bias"))
   with jax.named_scope("experts"):
-    y_NxD = dispatch(cfg, p, x_NxD, idx_NxK, w_NxK)
+    y_NxD = dispatch(cfg, p, x_NxD, idx_NxK, w_NxK, gather)
   return y_NxD.astype(x_NxD.dtype), aux_losses(logits_NxE, idx_NxK, axes)
 
 
@@ -222,17 +235,31 @@ def token_axes(mesh, n_tokens: int) -> tuple[str, ...]:
   return tuple(axes)
 
 
-def on_token_shards(fn: Callable, x_NxD: jax.Array, p: dict) -> tuple[jax.Array, dict]:
-  """fn(x_NxD, p, axes) on each device's shard of the tokens where a mesh is in context (the Trainer's steps
-  set theirs), its weights whole on every device; the tokens replicated where no axis divides them."""
+def on_token_shards(fn: Callable, x_NxD: jax.Array, p: dict, axes_p: dict | None = None) -> tuple[jax.Array, dict]:
+  """fn(x_NxD, p, axes, gather) on each device's shard of the tokens where a mesh is in context (the Trainer's
+  steps set theirs); the tokens replicated where no axis divides them. The weights come in as they are
+  sharded (by their logical axes `axes_p`, as the training state is) and fn gathers them whole with
+  gather(some of p, when), as fsdp does, once `when` is computed (the layer's input: not hoisted to the step's
+  start with every other layer's). The gather's transpose is a reduce-scatter, so each device's weight
+  gradients arrive sharded (passed in whole, XLA would gather them before the layer, keep them for the
+  backward pass, and all-reduce their whole gradients)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn(x_NxD, p)
   axes = token_axes(mesh, x_NxD.shape[0])
   tokens = P(axes) if axes else P()
+  specs = {k: logical_to_spec((axes_p or {}).get(k), v.shape, mesh) for k, v in p.items()}
+
+  def gather(some: dict, when: jax.Array) -> dict:
+    def whole(k, w):
+      for dim, axis in enumerate(specs[k]):
+        w = w if axis is None else jax.lax.all_gather(w, axis, axis=dim, tiled=True)
+      return w
+    return {k: whole(k, w) for k, w in after(some, when).items()}
+
   # check_vma off: the dropless loop's carries start invariant and become varying; the weights' gradients
   # are summed over the shards all the same (tested equal to one device's)
-  return jax.shard_map(functools.partial(fn, axes=axes), mesh=mesh, in_specs=(tokens, P()),
+  return jax.shard_map(functools.partial(fn, axes=axes, gather=gather), mesh=mesh, in_specs=(tokens, specs),
                        out_specs=(tokens, P()), check_vma=False)(x_NxD, p)
 
 
@@ -282,6 +309,7 @@ class MoE(nnx.Module):
     # the experts' weights in the compute dtype before they are gathered to every device (bfloat16: half the
     # gather and its gradient's reduction; their matmuls' gradients are that dtype's anyway); the router's stay
     p = {k: v.astype(x_BxTxD.dtype) if k in EXPERT_WEIGHTS else v for k, v in self.arrays().items()}
+    axes_p = {name: v.get_metadata().get("axes") for name, v in vars(self).items() if isinstance(v, nnx.Variable)}
     with jax.named_scope("moe"):
-      y_NxD, aux = on_token_shards(functools.partial(moe_tokens, self.cfg), x_BxTxD.reshape(B * T, D), p)
+      y_NxD, aux = on_token_shards(functools.partial(moe_tokens, self.cfg), x_BxTxD.reshape(B * T, D), p, axes_p)
     return y_NxD.reshape(B, T, D), aux

@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from gptoss_jax import runtime
 from gptoss_jax.config import ConfigError, DataConfig, DistributedConfig, ModelConfig, RunConfig
 from gptoss_jax.data.pipeline import eval_batches, train_dataset
 from gptoss_jax.data.prepare import dataset_dir, ensure_dataset, load_meta
@@ -107,6 +108,11 @@ def train(config: RunConfig, workdir: str | Path) -> dict:
     held_out = {split: [trainer.global_batch(b) for b in eval_batches(
         data, config.data.seq_len, local_batch, config.train.eval_batches, jax.process_index(), jax.process_count(),
         split)] for split in ("val", "test")}
+    for split, read in held_out.items():
+      if is_main and len(read) < config.train.eval_batches:
+        print(f"note: the {split} split fills {len(read)} batches of {config.train.batch_size} windows, fewer than "
+              f"train.eval_batches = {config.train.eval_batches}: each evaluation reads those (no window twice)",
+              file=sys.stderr)
     try:
       loop = Loop(config, cfg, trainer, checkpoints, logger, held_out, workdir, began - (elapsed_before or 0.0))
       last = loop.run(state, batches, resumed=elapsed_before is not None)
@@ -180,6 +186,9 @@ class Loop:
           last |= self.evaluate(done, state, "test")
         if save:
           self.check_finite("held-out loss", last["eval/loss"], done)
+          # on CPU the save copies the state within host memory: first hand back the steps' freed temporaries,
+          # which runtime.reuse_step_memory keeps (8 fake devices' of the gpu scale's e16_k2: 7 GB)
+          runtime.release_free_memory()
           self.checkpoints.save(done, state, {"data": batches.get_state(), "step": done,
                                               "elapsed_s": time.perf_counter() - self.began})
           self.last_saved = done
@@ -210,8 +219,9 @@ class Loop:
 
   def evaluate(self, step: int, state, split: str = "val") -> dict:
     """Logs the mean loss over the split's held-out batches as `eval/loss` (val) or `test/loss`, with its
-    standard error over batches (the estimate's own noise); the test split's per-batch losses also go to
-    DIR/heldout.json, so comparisons can measure that noise in their paired differences."""
+    standard error over batches (the estimate's own noise; no window is in two batches); the test split's
+    per-batch losses and its number of windows also go to DIR/heldout.json, so comparisons can measure that
+    noise in their paired differences."""
     per_batch = np.array([self.trainer.eval_step(state.params, state.rest, b) for b in self.held_out[split]])
     se = float(np.std(per_batch, ddof=1) / np.sqrt(len(per_batch))) if len(per_batch) > 1 else float("nan")
     prefix = "eval" if split == "val" else split
@@ -219,7 +229,8 @@ class Loop:
     self.logger.write(step, scalars)
     if split == "test" and self.is_main:
       atomic_write(self.workdir / "heldout.json", json.dumps(
-          {"split": split, "step": step, "batch_losses": [float(x) for x in per_batch]}))
+          {"split": split, "step": step, "windows": len(per_batch) * self.t.batch_size,
+           "batch_losses": [float(x) for x in per_batch]}))
     return scalars
 
 
