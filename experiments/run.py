@@ -298,9 +298,11 @@ def keep_unkept(sweep_dir: Path, results: Path, description: SweepDescription) -
 
 
 def launch(cmd: list[str], folder: Path, env: dict[str, str], cpus: frozenset[int]) -> subprocess.Popen:
-  """One training in the background, its output appended to FOLDER/train.log, pinned to its CPUs."""
+  """One training in the background, its output appended to FOLDER/train.log, pinned to its CPUs, in a
+  session of its own: a Ctrl-C in the terminal, or a signal to the runner's process group, reaches the runner
+  alone, which then asks each training to stop exactly once (_stop)."""
   with open(folder / "train.log", "a") as log:
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                             preexec_fn=lambda: os.sched_setaffinity(0, cpus))
 
 
@@ -494,8 +496,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stop(processes: list[subprocess.Popen]) -> None:
+  """One SIGTERM to each training: it saves a checkpoint at the end of its step and exits. SIGTERM, never
+  SIGINT: a training that got a signal of its own as well (a scheduler signalling every process) takes a
+  second SIGINT as a person's "stop now", without the checkpoint."""
   for process in processes:
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGTERM)
   for process in processes:
     process.wait()
 

@@ -740,20 +740,26 @@ def test_each_training_gets_its_own_gpus_and_shares_memory_only_when_it_shares_a
   assert run.visible_gpus() == ["3", "5"]
 
 
-def test_sigterm_stops_the_runner_and_its_trainings_with_checkpoints(tmp_path, text_dataset):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_runners_process_group_stops_every_training_with_its_checkpoint(tmp_path, text_dataset, sig):
+  """Ctrl-C in the terminal (SIGINT) or a scheduler's SIGTERM to the whole process group, while the trainings
+  write a checkpoint every step: each training gets one stop request (before, it got the signal and then the
+  runner's SIGINT, a second Ctrl-C: it stopped at once, without its checkpoint), saves and exits; the same
+  command resumes them."""
   sweep_dir = tmp_path / "sweep"
   cmd = [sys.executable, "-m", "experiments.run", "ladder", "--runs", "no_dropout", "--seeds", "2", "--lrs", "1e-3",
          "--jobs", "2", "--workdir", str(sweep_dir), "--config.train.steps=100000", "--config.train.eval_every=100000",
-         "--config.log.every=1", "--config.checkpoint.every=100000", "--config.train.batch_size=4",
+         "--config.log.every=1", "--config.checkpoint.every=1", "--config.train.batch_size=4",
          "--config.data.seq_len=32", f"--config.data.dir={text_dataset}", "--config.train.eval_batches=1",
          "--config.train.warmup_steps=1"]
   env = os.environ | {"XLA_FLAGS": ""}
-  runner = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  runner = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal or a scheduler gives it
   deadline = time.time() + 240
   while min((run.last_step(sweep_dir / "no_dropout" / f"seed{s}") for s in (0, 1)), default=0) < 2:
     assert time.time() < deadline and runner.poll() is None, runner.communicate()
     time.sleep(0.2)
-  runner.send_signal(signal.SIGTERM)  # as a rented machine's shutdown does
+  os.killpg(runner.pid, sig)
   _, err = runner.communicate(timeout=120)
   assert runner.returncode == 130 and "run the same command again to resume" in err
   for seed in (0, 1):

@@ -2,9 +2,12 @@
 each shard of the tokens.
 
 Every device routes and orders its own tokens: under a mesh the layer is a shard_map over the tokens, split
-over every mesh axis that divides them, the experts' weights gathered to each device as fsdp gathers any
-weight. Nothing global happens inside: no all-gather of the batch's routing, no all-reduce of routed rows, no
-collective at all, so none inside a loop whose trip count follows the routing. The router's statistics
+over every mesh axis that divides them. The weights enter as they are sharded and the layer gathers them
+itself when it runs (all-gather; its transpose, a reduce-scatter, hands each device its shard's gradient),
+and the blocked dispatch gathers them again in its backward pass rather than keeping a layer's whole experts
+from one pass to the other: one layer's at a time on a device. Nothing global happens inside: no all-gather of
+the batch's routing, no all-reduce of routed rows, no collective inside a loop whose trip count follows the
+routing. The router's statistics
 (load-balancing loss, z-loss, expert load) are averaged over the shards: equal to one device's over the batch.
 
 Dispatch strategies (`moe_dispatch`; what `auto` takes for each platform: resolved_dispatch):
