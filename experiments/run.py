@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -218,6 +219,11 @@ class Slot:
   """Where one training runs: its CPUs and the environment that gives it its own accelerator(s)."""
   cpus: frozenset[int]
   env: dict[str, str]
+
+
+def tpu_host() -> bool:
+  """Whether this host has TPU chips (their device files) or the TPU runtime installed."""
+  return any(Path("/dev").glob("accel*")) or importlib.util.find_spec("libtpu") is not None
 
 
 def slots(jobs: int, devices_per_job: int, gpus: list[str]) -> list[Slot]:
@@ -431,6 +437,9 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> tuple[Sweep, dict[str, s
   if args.jobs < 1 or args.devices_per_job < 1:
     raise ConfigError(f"--jobs and --devices-per-job must be >= 1, got {args.jobs} and {args.devices_per_job}")
   slots(args.jobs, args.devices_per_job, visible_gpus())
+  if args.jobs > 1 and not args.smoke and tpu_host() and "TPU_VISIBLE_CHIPS" not in os.environ:
+    raise ConfigError(f"--jobs {args.jobs} on a TPU host: every training would take all of its chips; run one at "
+                      "a time (--jobs 1), or split the chips yourself (TPU_VISIBLE_CHIPS, one runner per split)")
   if args.seed_sd < 0:
     raise ConfigError(f"--seed-sd must be >= 0, got {args.seed_sd}")
   if not 0 < args.mfu <= 1:

@@ -740,6 +740,15 @@ def test_each_training_gets_its_own_gpus_and_shares_memory_only_when_it_shares_a
   assert run.visible_gpus() == ["3", "5"]
 
 
+def test_a_tpu_host_runs_one_training_at_a_time(monkeypatch, capsys):
+  monkeypatch.setattr(run, "tpu_host", lambda: True)
+  assert run.main(["ladder", "--jobs", "2", "--dry-run"]) == 2
+  assert "TPU host" in capsys.readouterr().err
+  assert run.main(["ladder", "--jobs", "1", "--dry-run"]) == 0
+  monkeypatch.setenv("TPU_VISIBLE_CHIPS", "0,1")  # the chips split by hand: the user's call
+  assert run.main(["ladder", "--jobs", "2", "--dry-run"]) == 0
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_to_the_runners_process_group_stops_every_training_with_its_checkpoint(tmp_path, text_dataset, sig):
   """Ctrl-C in the terminal (SIGINT) or a scheduler's SIGTERM to the whole process group, while the trainings
