@@ -119,6 +119,20 @@ def cost_table(sweep: Sweep, description: SweepDescription, extra: dict[str, str
   return "\n".join(lines)
 
 
+STATE_BYTES_PER_PARAM = 12  # what a checkpoint holds per parameter: float32 weights and Adam's two moments
+
+
+def disk_line(sweep: Sweep, description: SweepDescription, extra: dict[str, str]) -> str:
+  """The disk the sweep's checkpoints take once every training has finished (each keeps its newest
+  checkpoint.keep, optimizer state included)."""
+  n, total = trainings_per_run(description), 0
+  for run, spec in zip(sweep.runs, description.runs):
+    total += n * sweep.config(run, 0, description.lrs[0], extra).checkpoint.keep * spec.total_params
+  total *= STATE_BYTES_PER_PARAM
+  return (f"disk: {total / 1e9:,.1f} GB of checkpoints when every training has finished ({n} trainings a run, each "
+          f"keeping checkpoint.keep of {STATE_BYTES_PER_PARAM} bytes a parameter: float32 weights and Adam moments)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
   run: Run
@@ -472,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
   print(table(description))
   if costs:
     print(costs)
+  print(disk_line(sweep, description, extra))
   short = [r.name for r in description.runs if r.tokens < description.min_tokens_per_active_param * r.active_params]
   if short:
     print(f"note: {', '.join(short)} train on fewer than the scale's {description.min_tokens_per_active_param:g} "

@@ -677,6 +677,10 @@ def test_mini_sweep_end_to_end_resumes_and_skips(tmp_path, text_dataset):
   assert kept["seen_tokens"] == 4 * 4 * 32 and set(kept["seen"]) == {str(n) for n in range(1, 9)}
   events = list((folder / "seed0" / "tb").glob("events.out.tfevents.*"))
   assert any(b"hparams" in e.read_bytes() for e in events)
+  # the dry-run's disk estimate per checkpoint against a real one's files (the only one: 4 steps)
+  on_disk = sum(f.stat().st_size for f in (folder / "seed0" / "checkpoints").rglob("*") if f.is_file())
+  params = SweepDescription.load(sweep_dir / "sweep.json").run("no_dropout").total_params
+  assert 0.9 < on_disk / (run.STATE_BYTES_PER_PARAM * params) < 1.3
 
 
 def test_tensorboard_export_has_what_a_comparison_needs(tmp_path):
