@@ -495,7 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     _power_note(sweep, description.seeds, args.seed_sd)
   if args.dry_run:
     return 0
-  for sig in (signal.SIGTERM, signal.SIGHUP):  # what a rented machine sends: stop as Ctrl-C does
+  # what a rented machine sends, and Ctrl-C: SIGINT set too, since a process started in the background (a
+  # script's `&`, pytest-xdist's workers) inherits SIGINT ignored and Python then keeps it so
+  for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
     signal.signal(sig, _interrupt)
   try:
     failed = execute(sweep, sweep_dir, description, extra, args.jobs, args.widen,

@@ -13,6 +13,7 @@ from typing import Any
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope", "yarn", "llama3")
+ROTARY = ("rope", "yarn", "llama3")  # the positions that rotate queries and keys (is_rotary); the rest do not
 FFNS = ("gelu", "swiglu", "clamped_swiglu")
 ROUTINGS = ("topk_softmax", "softmax_topk")
 DISPATCHES = ("auto", "grouped", "blocked", "ragged", "selected", "dense")
@@ -134,7 +135,7 @@ class ModelConfig:
     _check_choice("dtype", self.dtype, DTYPES)
     if self.n_heads % self.n_kv_heads:
       raise ConfigError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
-    if self.position != "learned" and self.head_dim % 2:
+    if self.is_rotary and self.head_dim % 2:
       raise ConfigError(f"head_dim must be even for rotary positions, got {self.head_dim}")
     if self.sliding_window < 0:
       raise ConfigError(f"sliding_window must be >= 1 (or 0 for none), got {self.sliding_window}")
@@ -186,6 +187,10 @@ class ModelConfig:
     return self.ffn != "gelu"
 
   @property
+  def is_rotary(self) -> bool:
+    return self.position in ROTARY
+
+  @property
   def yarn_mscale(self) -> float:
     if self.yarn_attention_factor:
       return self.yarn_attention_factor
@@ -198,7 +203,7 @@ class ModelConfig:
     unused = {"d_ff"} if self.is_moe else set(MOE_FIELDS)
     if self.routing != "softmax_topk" or self.top_k == 1:  # top_k = 1 is Switch's gate in both routings
       unused.add("norm_topk_prob")
-    if self.position == "learned":
+    if not self.is_rotary:
       unused.add("rope_theta")
     if self.position not in ("yarn", "llama3"):
       unused |= {"rope_factor", "rope_original_max_len"}

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptoss_jax.config import ConfigError
+from gptoss_jax.config import ROTARY, ConfigError
 
 from gptoss_jax.config_files import parse_override_args
 from gptoss_jax.data.pipeline import split_tokens
@@ -214,6 +214,10 @@ def parse_lengths(text: str) -> list[int]:
 def scaling_overrides(config, overrides: dict[str, str]) -> dict[str, str]:
   """Switching a rotary model to YaRN or Llama 3 scaling at evaluation: the original length it scales from is
   the training length unless given (the field's default is gpt-oss's 4,096)."""
+  wanted = overrides.get("model.position", config.model.position)
+  if wanted in ROTARY and not config.model.is_rotary:
+    raise ConfigError(f"--config.model.position={wanted} on a checkpoint trained with {config.model.position} "
+                      "positions: it would rotate queries and keys as the model never saw")
   switched = overrides.get("model.position") in ("yarn", "llama3") and config.model.position == "rope"
   if switched and "model.rope_original_max_len" not in overrides:
     print(f"note: {overrides['model.position']} from the training length, rope_original_max_len = "

@@ -121,6 +121,9 @@ def test_learned_positions_are_refused_past_their_table(tmp_path, text_dataset):
   assert len(out.stderr.strip().splitlines()) == 1
   out = _cli("--ckpt", folder, "--dataset", text_dataset, "--seq-len", 32, "--stream", "--cache", 8, "--json")
   assert out.returncode == 0 and json.loads(out.stdout)["stream_cache"] == 8, out.stderr
+  out = _cli("--ckpt", folder, "--dataset", text_dataset, "--config.model.position=yarn")  # no rotation to scale
+  assert out.returncode == 2 and "trained with learned positions" in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1
 
 
 def test_the_context_sweeps_evaluation_of_a_training(tmp_path, text_dataset):

@@ -114,6 +114,16 @@ def test_dataset_folder_key_covers_every_field_that_changes_the_tokens():
   assert dataset_dir(DataConfig(source="hf", path="x/y", seq_len=64)) == dataset_dir(base)  # windows, not tokens
 
 
+def test_a_row_without_text_is_one_line_naming_it():
+  """A jsonl row whose text is null (or a number): one ConfigError naming the row and the field, not an
+  AttributeError deep in the tokenizer. (row_text is what the `hf` source yields through.)"""
+  from gptoss_jax.data.sources import row_text
+  assert row_text({"text": "abc"}, "text", 0, "corpus") == "abc"
+  for bad in ({"text": None}, {"text": 3}, {}):
+    with pytest.raises(ConfigError, match=r"^row 7 of 'corpus': data.hf_field 'text' holds \w+, not text$"):
+      row_text(bad, "text", 7, "corpus")
+
+
 def test_hf_source_streams_a_local_folder_with_a_budget(tmp_path):
   pytest.importorskip("datasets")
   docs = [f"row {i}: " + TEXT * (1 + i % 4) for i in range(50)]

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from gptoss_jax.config import ModelConfig
+from gptoss_jax.config import ConfigError, ModelConfig
 from gptoss_jax.convert.hf import CheckpointError, config_from_hf, expand, rules_for
 from gptoss_jax.convert.tokenizer import tokenizer_json
 from gptoss_jax.fileio import atomic_folder
@@ -23,7 +23,7 @@ ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "gpt_oss": "GptOssForCausalLM", "qwe
 
 
 def infer_family(cfg: ModelConfig) -> str:
-  if cfg.position == "learned" or cfg.norm == "layernorm" or cfg.ffn == "gelu":
+  if not cfg.is_rotary or cfg.norm == "layernorm" or cfg.ffn == "gelu":
     return "gpt2"
   if cfg.is_moe:
     return "gpt_oss" if cfg.ffn == "clamped_swiglu" else "qwen3_moe"
@@ -39,9 +39,11 @@ def _rope(cfg: ModelConfig) -> dict:
                    "beta_slow": cfg.yarn_beta_slow, "truncate": cfg.yarn_truncate,
                    "original_max_position_embeddings": cfg.rope_original_max_len,
                    **({"attention_factor": cfg.yarn_attention_factor} if cfg.yarn_attention_factor else {})}
-  return rope | {"rope_type": "llama3", "factor": cfg.rope_factor, "low_freq_factor": cfg.llama3_low_freq_factor,
-                 "high_freq_factor": cfg.llama3_high_freq_factor,
-                 "original_max_position_embeddings": cfg.rope_original_max_len}
+  if cfg.position == "llama3":
+    return rope | {"rope_type": "llama3", "factor": cfg.rope_factor, "low_freq_factor": cfg.llama3_low_freq_factor,
+                   "high_freq_factor": cfg.llama3_high_freq_factor,
+                   "original_max_position_embeddings": cfg.rope_original_max_len}
+  raise ConfigError(f"model.position {cfg.position!r} has no rope_type in transformers' configs")
 
 
 def hf_config(cfg: ModelConfig, family: str) -> dict:

@@ -11,6 +11,7 @@ hf           a Hugging Face dataset, streamed (needs `pip install -e ".[hf]"`; i
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import subprocess
 import sys
@@ -77,7 +78,8 @@ def hf_documents(spec: str, split: str, field: str) -> Iterator[str]:
   try:
     import datasets
   except ImportError:
-    raise ConfigError('data.source=hf needs the `datasets` package: pip install -e ".[hf]"') from None
+    raise ConfigError('data.source=hf needs the `datasets` package: pip install -c requirements.lock -e ".[hf]"'
+                      ) from None
   name, _, config = spec.partition(":")
   if Path(spec).is_dir():  # a local folder of jsonl / parquet files (offline)
     name, config = spec, ""
@@ -91,9 +93,16 @@ def hf_documents(spec: str, split: str, field: str) -> Iterator[str]:
     return
   if field not in first:
     raise ConfigError(f"data.hf_field {field!r} is not a column of {spec!r} (columns: {', '.join(first)})")
-  yield first[field]
-  for row in rows:
-    yield row[field]
+  for index, row in enumerate(itertools.chain([first], rows)):
+    yield row_text(row, field, index, spec)
+
+
+def row_text(row: dict, field: str, index: int, spec: str) -> str:
+  """A row's text, or one ConfigError naming the row (a null or a number where the text should be)."""
+  text = row.get(field)
+  if not isinstance(text, str):
+    raise ConfigError(f"row {index} of {spec!r}: data.hf_field {field!r} holds {type(text).__name__}, not text")
+  return text
 
 
 def documents(source: str, path: str = "", hf_split: str = "train", hf_field: str = "text") -> Iterator[str]:

@@ -186,14 +186,10 @@ def blocked_experts(stored, whole: Callable, take: Take, activation: Callable, r
   """Expert-sorted rows [R, D] -> [R, D], each expert's rows starting at start_E and padded to count_E, a
   multiple of `rows`: every block of `rows` rows through its expert's weights, as batched matmuls over chunks
   of as many blocks as there are experts, one chunk after another (a scan of a fixed count: each chunk takes
-  at most a layer's worth of expert weights, whatever the load). The backward pass takes them again rather
-  than keeping them, and adds each chunk's weight gradients in place into one float32 buffer per weight.
-
-  `stored`: the weights as this device holds them (a shard, under fsdp); whole(stored, when) -> the layer's
-  (w_in, b_in, w_out, b_out) for `take`, gathered (once `when` is computed) and cast. The backward pass calls
-  `whole` again once its gradient has arrived, so a layer's gathered weights are never kept from the forward
-  pass to the backward (fsdp's point: one layer's whole weights on a device at a time), and sends the
-  gradients back through whole's transpose (a reduce-scatter: each device gets its shard's)."""
+  at most a layer's worth of expert weights, whatever the load). `stored`: this device's weights (an fsdp
+  shard); whole(stored, when): the layer's (w_in, b_in, w_out, b_out) for `take`, gathered once `when` is.
+  The backward pass calls `whole` again (nothing of it kept between the passes), adds each chunk's weight
+  gradients in place into float32 buffers and sends them back through whole's transpose (a reduce-scatter)."""
   R, D = x_RxD.shape
   n_blocks, n_experts = R // rows, start_E.shape[0]
   ends_E = start_E + count_E  # block j belongs to the first expert ending past its first row

@@ -114,7 +114,7 @@ class Transformer(nnx.Module):
     if cfg.position == "learned":
       x = x + self.pos_embed(positions_BxT).astype(dt)
     x = self.embed_dropout(x)
-    rope = None if cfg.position == "learned" else rope_cos_sin(cfg, positions_BxT)
+    rope = rope_cos_sin(cfg, positions_BxT) if cfg.is_rotary else None
     auxes, new_cache = [], []
     call = nnx.remat(_call_block) if remat else _call_block
     for i, block in enumerate(self.blocks):
