@@ -20,7 +20,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from experiments.description import SweepDescription  # noqa: E402
-from experiments.run import trainings_per_run  # noqa: E402
 
 
 def children_cpu_s() -> float:
@@ -38,7 +37,7 @@ def sweep_once(args, jobs: int, folder: Path) -> tuple[float, float, int]:
   subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   wall, cpu_s = time.perf_counter() - start, children_cpu_s() - cpu_start
   description = SweepDescription.load(folder / "sweep.json")
-  trainings = len(description.runs) * trainings_per_run(description)
+  trainings = len(description.runs) * description.trainings_per_run
   return wall, cpu_s, trainings * args.steps * description.runs[0].tokens_per_step
 
 

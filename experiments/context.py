@@ -103,6 +103,12 @@ def comparisons(evaluations: dict[str, dict[int, dict]], description: SweepDescr
   return fix(between), fix(yarn)
 
 
+def past_length(sweep_dir: Path, description: SweepDescription):
+  """comparisons() of the sweep's evaluations, or None for a sweep without them."""
+  evaluations = load(sweep_dir, description)
+  return comparisons(evaluations, description) if evaluations else None
+
+
 def section(sweep_dir: Path, description: SweepDescription) -> list[str]:
   """The report's section for a sweep whose trainings carry evaluation.json (the `context` sweep)."""
   evaluations = load(sweep_dir, description)

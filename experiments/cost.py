@@ -1,11 +1,14 @@
-"""What a sweep will cost before it runs: accelerator-hours on a named device at an assumed MFU, and each
+"""What a sweep will cost before it runs: accelerator-hours on a named device at an assumed MFU, each
 training's peak memory (gptoss_jax.inspect's estimate) against the device's, with what to change when it
-does not fit. `python -m experiments.run <sweep> --scale S --dry-run --device h100 [--mfu 0.3]`."""
+does not fit, and the disk its checkpoints take. `python -m experiments.run <sweep> --scale S --dry-run
+--device h100 [--mfu 0.3]`."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from experiments.description import SweepDescription
+from experiments.sweeps import Sweep
 from gptoss_jax.config import ConfigError, RunConfig
 from gptoss_jax.inspect import train_memory_bytes
 
@@ -65,3 +68,43 @@ def estimate(config: RunConfig, flops_per_token: float, dev: Device, mfu: float,
   flops = flops_per_token * tokens
   return {"train_flops": flops, "device_hours": flops / (dev.peak_flops * mfu) / 3600,
           "memory_gib": memory_gib(config, devices), "advice": advice(config, dev, devices)}
+
+
+def table(sweep: Sweep, description: SweepDescription, extra: dict[str, str], device_name: str, mfu: float,
+          devices_per_job: int = 1) -> str:
+  """Per run and for the whole sweep: training FLOPs, hours on the device at `mfu`, and each training's peak
+  memory per device (an estimate), flagged with what to change where it would not fit."""
+  dev, n = device(device_name), description.trainings_per_run
+  lines = [f"cost on {device_name} ({dev.peak_flops / 1e12:.0f} TFLOP/s bf16 peak, {dev.memory_gib:g} GiB) at an "
+           f"assumed MFU of {mfu:g}, {devices_per_job} device(s) per training, {n} trainings per run:",
+           f"{'run':<18} {'FLOPs/training':>15} {'h/training':>11} {'h/run':>9} {'memory GiB':>11}  fits?"]
+  total = 0.0
+  for run, spec in zip(sweep.runs, description.runs):
+    e = estimate(sweep.config(run, 0, description.lrs[0], extra), spec.flops_per_token, dev, mfu, devices_per_job)
+    total += e["device_hours"] * n
+    lines.append(f"{run.name:<18} {e['train_flops']:>15.3g} {e['device_hours'] / devices_per_job:>11.2f} "
+                 f"{e['device_hours'] * n / devices_per_job:>9.1f} {e['memory_gib']:>11.1f}  "
+                 + ("yes" if not e["advice"] else f"NO: {e['advice']}"))
+  lines.append(f"whole sweep: {total:,.1f} {device_name}-hours ({total / 24:,.1f} days on one; widened grids add to it)")
+  return "\n".join(lines)
+
+
+WEIGHT_BYTES_PER_PARAM = 4  # a finished training's final weights: float32 (checkpoint.keep_optimizer=false)
+STATE_BYTES_PER_PARAM = 12  # a checkpoint to resume from: float32 weights and Adam's two moments
+
+
+def disk_line(sweep: Sweep, description: SweepDescription, extra: dict[str, str], jobs: int) -> str:
+  """The disk the sweep's checkpoints take once every training has finished (each its final weights, or
+  with checkpoint.keep_optimizer its newest checkpoint.keep whole checkpoints), and at most while `jobs`
+  trainings run, each holding checkpoint.keep whole ones."""
+  n, finished, running = description.trainings_per_run, 0, []
+  for run, spec in zip(sweep.runs, description.runs):
+    c = sweep.config(run, 0, description.lrs[0], extra).checkpoint
+    whole = c.keep * STATE_BYTES_PER_PARAM * spec.total_params
+    finished += n * (whole if c.keep_optimizer else WEIGHT_BYTES_PER_PARAM * spec.total_params)
+    running.append(whole)
+  in_flight = sum(sorted(running)[-jobs:])
+  return (f"disk: {finished / 1e9:,.1f} GB of checkpoints when every training has finished ({n} trainings a run, "
+          f"each keeping its final float32 weights, {WEIGHT_BYTES_PER_PARAM} bytes a parameter, unless "
+          f"checkpoint.keep_optimizer), and up to {in_flight / 1e9:,.1f} GB more while trainings run (--jobs {jobs}: "
+          f"checkpoint.keep whole checkpoints each, {STATE_BYTES_PER_PARAM} bytes a parameter with Adam's moments)")

@@ -50,6 +50,11 @@ class SweepDescription:
   def tuned(self) -> bool:
     return len(self.lrs) > 1
 
+  @property
+  def trainings_per_run(self) -> int:
+    """Trainings each run needs at least (a grid widened at an edge adds selection trainings)."""
+    return len(self.lrs) * len(self.selection_seeds) * self.tuned + self.seeds
+
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 
 import numpy as np
 from scipy import stats
@@ -79,3 +80,15 @@ def table(runs, evaluation: str, seeds: int, sd: float, source: str) -> str:
     lines.append(f"  {name:<58} {m:>5} {sign_flip_floor(seeds, m):>16.4f} "
                  + (f"{mde:>19.4f} nats" if math.isfinite(mde) else f"{'cannot conclude':>24}"))
   return "\n".join(lines)
+
+
+def note(sweep: str, runs, evaluation: str, seeds: int, seed_sd: float) -> None:
+  """The dry-run's families table at these seeds (stdout), and a note (stderr) for each family that cannot
+  conclude. `seed_sd` 0: the tiny sweep's median paired sd, where there is one."""
+  source = "--seed-sd" if seed_sd else f"the tiny {sweep} sweep's median" if sweep in SEED_SD else "none"
+  print(table(runs, evaluation, seeds, seed_sd or SEED_SD.get(sweep, math.nan), source))
+  for name, m in families(runs, evaluation).items():
+    if sign_flip_floor(seeds, m) > ALPHA:
+      print(f"note: with {seeds} seeds the sign-flip test cannot pass Holm over the {m} tests of '{name}' (smallest "
+            f"adjusted p {sign_flip_floor(seeds, m):.3f}): nothing there can be called distinguishable; "
+            f"--seeds {seeds_needed(m)} can", file=sys.stderr)

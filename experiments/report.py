@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import context, mxfp4_cost, ngram, plots
+from experiments import context, mxfp4_cost, ngram, plots, verdicts
 from experiments.description import RunSpec, SweepDescription
 from experiments.paired import ALPHA, Comparison, compare, corrected, seeds_needed, sign_flip_floor
 from experiments.folders import choose_lr, final_test, metrics, selection_losses
@@ -54,6 +54,9 @@ class Result:
   selection: dict[float, dict[int, float]] = dataclasses.field(default_factory=dict)  # lr -> selection seed ->
   # validation loss
   warmup: int = 0  # the trainings' warm-up steps
+  seed_health: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)  # finished seed -> its health
+  dead_curves: dict[int, list[tuple[int, float]]] = dataclasses.field(default_factory=dict)  # seed -> (step, the
+  # largest share of a layer's experts that got no assignment) at every logged step
 
   @property
   def mean(self) -> float:
@@ -135,6 +138,7 @@ def load(sweep_dir: Path) -> tuple[SweepDescription, list[Result]]:
   for spec in description.runs:
     folder, steps = sweep_dir / spec.name, spec.steps
     curves, finals, ses, healths, rates, peaks, walls, heldout, load_curves = {}, {}, [], [], [], [], [], {}, {}
+    seed_health, dead_curves = {}, {}
     for seed, sub in sorted(_seed_folders(folder).items()):
       rows = metrics(sub)
       curve = sorted((r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r)
@@ -144,11 +148,15 @@ def load(sweep_dir: Path) -> tuple[SweepDescription, list[Result]]:
       loads = [(r["step"], max(v)) for r in rows if (v := _per_layer(r, "moe/max_load_ratio"))]
       if loads:
         load_curves[seed] = loads
+        dead_curves[seed] = [(r["step"], max(_per_layer(r, "moe/dead_experts"), default=0.0)) for r in rows
+                             if _per_layer(r, "moe/max_load_ratio")]
       if curve[-1][0] >= steps:
         finals[seed] = final_test(sub, steps)
         split = "test" if any("test/loss" in r for r in rows) else "eval"  # eval: from before the test split
         ses += [r[f"{split}/loss_se"] for r in rows if r["step"] >= steps and f"{split}/loss_se" in r][-1:]
         healths.append(_health(rows))
+        if healths[-1]:
+          seed_health[seed] = healths[-1]
         if (sub / "heldout.json").is_file():
           heldout[seed] = json.loads((sub / "heldout.json").read_text())["batch_losses"]
       perf = [r for r in rows if "perf/tokens_per_s" in r]
@@ -166,7 +174,8 @@ def load(sweep_dir: Path) -> tuple[SweepDescription, list[Result]]:
     results.append(Result(spec.name, spec, curves, finals, statistics.fmean(ses) if ses else float("nan"),
                           grid, heldout, health, statistics.median(rates) if rates else float("nan"),
                           max(peaks, default=float("nan")), statistics.fmean(walls) if walls else float("nan"),
-                          _balancing(folder) if health else "", load_curves, selection, _warmup(folder)))
+                          _balancing(folder) if health else "", load_curves, selection, _warmup(folder), seed_health,
+                          dead_curves))
   return description, results
 
 
@@ -396,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
       print(f"note: no n-gram baselines ({e})", file=sys.stderr)
   # sweeps evaluated past training (`context`), MoE trainings quantized after it (`experiments.mxfp4_cost`)
   extra = context.section(sweep_dir, description) + mxfp4_cost.section(sweep_dir, description)
+  extra += verdicts.section(description, results, comparisons, lr_differences, baselines, sweep_dir,
+                            context.past_length(sweep_dir, description))
   (out / "report.md").write_text(markdown(description, results, comparisons, baselines) + "\n".join(extra)
                                  + ("\n" if extra else ""))
   paths = plots.plot(description, results, comparisons, out, baselines) + context.plot(sweep_dir, description, out)

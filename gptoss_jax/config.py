@@ -359,6 +359,10 @@ class CheckpointConfig:
   every: int = 250
   keep: int = 3
   async_save: bool = True
+  # a finished training keeps only its final weights (float32 parameters and the routers' biases: a third of a
+  # checkpoint with Adam's moments) unless this is set: then it keeps its newest `keep` whole checkpoints, and
+  # it can be resumed with more train.steps
+  keep_optimizer: bool = False
 
   def __post_init__(self):
     _check_types(self, "checkpoint.")

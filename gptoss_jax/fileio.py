@@ -1,9 +1,10 @@
-"""Writing folders all at once: nothing half-written is ever left where a reader would look; and the
-cache folder downloads and built kernels share."""
+"""Writing folders all at once: nothing half-written is ever left where a reader would look; lock files
+that go when they are released; and the cache folder downloads and built kernels share."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -40,3 +41,30 @@ def atomic_write(path: str | Path, text: str) -> None:
   tmp = path.with_name(f".{path.name}.tmp")
   tmp.write_text(text)
   os.replace(tmp, path)
+
+
+def open_locked(path: Path, blocking: bool = True):
+  """`path` opened and exclusively locked (flock), created if missing; None if another process holds it and
+  not `blocking`. The holder may delete the file before releasing it (release_lock): a process that locked
+  the deleted file finds it no longer at `path` and tries again."""
+  while True:
+    file = open(path, "a")
+    try:
+      fcntl.flock(file, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+      file.close()
+      return None
+    try:
+      if os.stat(path).st_ino == os.fstat(file.fileno()).st_ino:
+        return file
+    except FileNotFoundError:
+      pass
+    file.close()
+
+
+def release_lock(file, remove: bool = True) -> None:
+  """Unlocks a file from open_locked, deleting it first (while still held) unless told not to."""
+  if remove:
+    Path(file.name).unlink(missing_ok=True)
+  fcntl.flock(file, fcntl.LOCK_UN)
+  file.close()

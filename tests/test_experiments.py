@@ -5,6 +5,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from experiments import paired, power, report, run, sweeps
+from experiments import cost, folders, paired, plan, power, report, run, slots, supervise, sweeps, sync
 from experiments.description import RunSpec, SweepDescription
 from experiments.sweeps import SCALES, active, build, solve, total
 from conftest import REPO
@@ -196,7 +197,7 @@ def test_each_training_gets_a_typed_config(ladder, tmp_path):
     assert config.data.seq_len == TINY.run["data.seq_len"] and config.log.progress is False
     folder = tmp_path / r.name
     folder.mkdir()
-    argv = run.command(sweep, r, 2, 0.004, folder, {"model.dtype": "bfloat16", "train.steps": "50"})
+    argv = supervise.command(sweep, r, 2, 0.004, folder, {"model.dtype": "bfloat16", "train.steps": "50"})
     assert argv[argv.index("--config") + 1] == str(folder / "run.json") and not any(a.startswith("--config.") for a in argv)
     assert RunConfig.from_dict(load_config_file(str(folder / "run.json"))) == config
 
@@ -246,7 +247,7 @@ def _fake_sweep(folder, finals: dict[str, list[float]], baselines: dict[str, str
         balancing = {"moe_aux_loss_weight": 0.01, "moe_z_loss_weight": 0.001, "moe_bias_update_rate": 0.003}
         (folder / name / f"seed{seed}" / "config.json").write_text(json.dumps({"model": balancing}))
     for lr, loss in (grids or {}).get(name, {}).items():
-      _write_metrics(run.lr_dir(folder, name, lr, 1000), loss)
+      _write_metrics(folders.lr_dir(folder, name, lr, 1000), loss)
   (folder / "sweep.json").write_text(json.dumps({"sweep": "fake", "scale": "tiny", "seeds": 5, "lrs": [1e-3, 3e-3, 1e-2],
                                                  "selection_seeds": [1000], "overrides": {}, "runs": runs}))
 
@@ -287,6 +288,46 @@ def _plain_holm(p: dict[str, float]) -> dict[str, float]:
     running = max(running, min(1.0, (len(p) - i) * p[name]))
     out[name] = running
   return out
+
+
+def test_the_verdicts_say_what_the_tables_say(tmp_path):
+  """The report's generated sentences against its own tables: every comparison in the bullet its verdict cell
+  names, with the table's Δ and simultaneous interval; the caveats where they hold (a sign that flips across
+  the shared learning rates, a run whose trainings another sweep holds, a router at collapse after warm-up)."""
+  from experiments import readme
+  sweep = tmp_path / "sweeps" / "fake"
+  finals = {"base": list(BASE_LOSSES)} | {k: list(BASE_LOSSES + np.array(d)) for k, d in DIFFS.items()}
+  finals["moe"] = list(BASE_LOSSES - 0.2)
+  _fake_sweep(sweep, finals, {k: "base" for k in [*DIFFS, "moe"]}, experts={"moe": (8, 2)},
+              grids={"a": {1e-3: 2.0, 3e-3: 2.2}, "base": {1e-3: 2.1, 3e-3: 2.1}, "c": {1e-3: 2.0, 3e-3: 2.05}})
+  for seed in range(len(BASE_LOSSES)):  # moe: a layer at the collapse value (8 / 2) at step 20, after warm-up
+    path = sweep / "moe" / f"seed{seed}" / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[1]["moe/max_load_ratio/layer01"] = 4.0 if seed == 3 else 2.0
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  config = json.dumps(RunConfig.from_dict({"train": {"steps": 20, "warmup_steps": 10}}).to_dict())
+  other = tmp_path / "sweeps" / "other"  # c's trainings, held by another sweep too
+  for seed in range(len(BASE_LOSSES)):
+    (sweep / "c" / f"seed{seed}" / "config.json").write_text(config)
+    shutil.copytree(sweep / "c" / f"seed{seed}", other / "c_too" / f"seed{seed}")
+  (other / "sweep.json").write_text("{}")
+  assert report.main([str(sweep), "--no-baselines"]) == 0
+  text = (sweep / "report.md").read_text()
+  bullets = {line.split("**")[1]: line for line in readme.verdicts(text).splitlines()}
+  rows = _table(text, "| run | vs | n |")
+  assert len(rows) == 4
+  for name, row in rows.items():
+    kind = {"**distinguishable: better**": "better", "**distinguishable: worse**": "worse"}.get(row[10], "not distinguishable")
+    holding = [k for k, line in bullets.items() if f"`{name}` vs `base` {row[3]}" in line]
+    assert holding == [f"Final test loss, {kind}"], (name, holding)
+    if kind != "not distinguishable":
+      assert f"`{name}` vs `base` {row[3]} {row[9]}" in bullets[holding[0]]  # Δ and the simultaneous interval
+  better = bullets["Final test loss, better"]
+  assert "`a` vs `base` -0.1013" in better and "learning-rate sensitive: -0.100 at 0.001, +0.100 at 0.003" in better
+  assert "`c` = `other`'s `c_too` (seeds 0-7)" in bullets["Final test loss, not distinguishable"]
+  assert bullets["Final test loss, worse"] == "- **Final test loss, worse**: none."
+  assert "in 1 of 8 trainings (seed 3)" in bullets["Router health, `moe`"]
+  assert "`c` = `other`'s `c_too`" in bullets["Shared trainings"] and "`a`" not in bullets["Shared trainings"]
 
 
 def test_paired_statistics_match_plain_formulas_with_holm_over_both_tests(tmp_path):
@@ -379,10 +420,10 @@ def test_finished_trainings_the_results_lack_are_kept_when_the_runner_starts(tmp
   _write_metrics(sweep_dir / "a" / "seed0", 2.0)  # finished
   _write_metrics(sweep_dir / "a" / "seed1", 2.0, steps=10)  # stopped at step 10 of 20
   description.save(sweep_dir / "sweep.json")
-  assert run.keep_unkept(sweep_dir, results, description) == 1
+  assert sync.keep_unkept(sweep_dir, results, description) == 1
   assert (results / "a" / "seed0" / "metrics.jsonl").read_text() == (sweep_dir / "a" / "seed0" / "metrics.jsonl").read_text()
   assert not (results / "a" / "seed1").exists() and (results / "sweep.json").is_file()
-  assert run.keep_unkept(sweep_dir, results, description) == 0  # nothing kept twice
+  assert sync.keep_unkept(sweep_dir, results, description) == 0  # nothing kept twice
 
 
 def test_kept_results_are_taken_back_unless_they_describe_other_trainings(tmp_path):
@@ -393,37 +434,37 @@ def test_kept_results_are_taken_back_unless_they_describe_other_trainings(tmp_pa
   kept = SweepDescription("s", "tiny", (spec,), seeds=8, lrs=(1e-3,))
   kept.save(results / "sweep.json")
   now = dataclasses.replace(kept, seeds=10, runs=(dataclasses.replace(spec, flops_per_token=594.0),))
-  assert run.take_kept(results, tmp_path / "sweep", now) == 1
+  assert sync.take_kept(results, tmp_path / "sweep", now) == 1
   assert (tmp_path / "sweep" / "a" / "seed0" / "metrics.jsonl").is_file()
   other = dataclasses.replace(kept, runs=(dataclasses.replace(spec, total_params=101),))
   with pytest.raises(ConfigError, match="differs in runs"):
-    run.take_kept(results, tmp_path / "other", other)
+    sync.take_kept(results, tmp_path / "other", other)
 
 
 def test_a_training_is_finished_only_once_its_test_losses_are_written(tmp_path):
   old = tmp_path / "old"  # from before the test split: the final validation loss is all there is
   _write_metrics(old, 2.0)
   (old / "config.json").write_text(json.dumps({"data": {"eval_fraction": 0.03}}))
-  assert run.finished(old, 20) and not run.finished(old, 30)
+  assert folders.finished(old, 20) and not folders.finished(old, 30)
   new = tmp_path / "new"
   _write_metrics(new, 2.0)
   (new / "config.json").write_text(json.dumps({"data": {"val_fraction": 0.03, "test_fraction": 0.03},
                                                "train": {"steps": 20}}))
-  assert run.finished(new, 10)  # stopped early (--config.train.stop_at): no test there
-  assert not run.finished(new, 20)  # killed between its validation and test evaluations
+  assert folders.finished(new, 10)  # stopped early (--config.train.stop_at): no test there
+  assert not folders.finished(new, 20)  # killed between its validation and test evaluations
   with (new / "metrics.jsonl").open("a") as f:
     f.write(json.dumps({"step": 20, "test/loss": 2.1}) + "\n")
-  assert not run.finished(new, 20)  # killed before heldout.json
+  assert not folders.finished(new, 20)  # killed before heldout.json
   (new / "heldout.json").write_text(json.dumps({"split": "test", "step": 20, "batch_losses": [2.1]}))
-  assert run.finished(new, 20)
+  assert folders.finished(new, 20)
 
 
 def test_lr_choice_picks_the_lowest_loss_and_widens_at_an_edge():
-  inside = run.choose_lr({1e-3: 2.5, 3e-3: 2.3, 1e-2: 2.4})
+  inside = folders.choose_lr({1e-3: 2.5, 3e-3: 2.3, 1e-2: 2.4})
   assert (inside.lr, inside.at_edge, inside.widen) == (3e-3, False, None)
-  high = run.choose_lr({1e-3: 2.5, 3e-3: 2.4, 1e-2: 2.3})
+  high = folders.choose_lr({1e-3: 2.5, 3e-3: 2.4, 1e-2: 2.3})
   assert (high.lr, high.at_edge) == (1e-2, True) and high.widen == pytest.approx(1e-2 * 1e-2 / 3e-3, rel=1e-2)
-  low = run.choose_lr({1e-3: 2.2, 3e-3: 2.4, 1e-2: 2.5})
+  low = folders.choose_lr({1e-3: 2.2, 3e-3: 2.4, 1e-2: 2.5})
   assert (low.lr, low.at_edge) == (1e-3, True) and low.widen == pytest.approx(1e-3 / 3, rel=1e-2)
 
 
@@ -431,21 +472,21 @@ def test_scheduler_chooses_on_the_mean_of_the_selection_seeds_widens_then_trains
   sweep = sweeps.Sweep("ladder", "tiny", build("ladder", "tiny").runs[:1])
   description = SweepDescription("ladder", "tiny", (RunSpec("gpt2", steps=20),), seeds=2, lrs=(1e-3, 3e-3, 1e-2),
                                  selection_seeds=(1000, 1001))
-  plan = run.Scheduler(sweep, tmp_path, description)
-  folders = lambda: sorted(str(j.folder.relative_to(tmp_path)) for j in plan.ready(set()))
-  assert folders() == [f"gpt2/lr{lr}-seed{s}" for lr in ("0.001", "0.003", "0.01") for s in (1000, 1001)]
+  scheduler = plan.Scheduler(sweep, tmp_path, description)
+  ready = lambda: sorted(str(j.folder.relative_to(tmp_path)) for j in scheduler.ready(set()))
+  assert ready() == [f"gpt2/lr{lr}-seed{s}" for lr in ("0.001", "0.003", "0.01") for s in (1000, 1001)]
   # seed 1000 alone would choose 3e-3; the mean of both seeds is lowest at the upper edge, 1e-2
   for lr, losses in ((1e-3, (2.5, 2.5)), (3e-3, (2.30, 2.50)), (1e-2, (2.35, 2.35))):
     for seed, loss in zip((1000, 1001), losses):
-      _write_metrics(run.lr_dir(tmp_path, "gpt2", lr, seed), loss)
-  assert plan.choice(sweep.runs[0]).losses == {1e-3: 2.5, 3e-3: 2.4, 1e-2: 2.35}
-  assert folders() == ["gpt2/lr0.0333-seed1000", "gpt2/lr0.0333-seed1001"]  # widened on both seeds
+      _write_metrics(folders.lr_dir(tmp_path, "gpt2", lr, seed), loss)
+  assert scheduler.choice(sweep.runs[0]).losses == {1e-3: 2.5, 3e-3: 2.4, 1e-2: 2.35}
+  assert ready() == ["gpt2/lr0.0333-seed1000", "gpt2/lr0.0333-seed1001"]  # widened on both seeds
   _write_metrics(tmp_path / "gpt2" / "lr0.0333-seed1000", 2.36)
-  assert folders() == ["gpt2/lr0.0333-seed1001"]  # no choice before every seed has finished
+  assert ready() == ["gpt2/lr0.0333-seed1001"]  # no choice before every seed has finished
   _write_metrics(tmp_path / "gpt2" / "lr0.0333-seed1001", 2.40)  # worse: 0.01 is inside the widened grid
-  jobs = plan.ready(set())
-  assert folders() == ["gpt2/seed0", "gpt2/seed1"] and {j.lr for j in jobs} == {1e-2}
-  assert run.selection_losses(tmp_path / "gpt2", 20, [1000, 1001])[0.0333] == {1000: 2.36, 1001: 2.40}
+  jobs = scheduler.ready(set())
+  assert ready() == ["gpt2/seed0", "gpt2/seed1"] and {j.lr for j in jobs} == {1e-2}
+  assert folders.selection_losses(tmp_path / "gpt2", 20, [1000, 1001])[0.0333] == {1000: 2.36, 1001: 2.40}
 
 
 def test_a_scales_run_settings_are_checked_against_the_typed_config_when_defined():
@@ -537,19 +578,19 @@ def test_scheduler_runs_the_sweeps_evaluation_after_each_compared_training(tmp_p
   sweep = dataclasses.replace(build("context", "tiny"), runs=build("context", "tiny").runs[:1])
   description = SweepDescription("context", "tiny", (RunSpec("rope", steps=20),), seeds=2, lrs=(1e-3, 3e-3, 1e-2),
                                  selection_seeds=(1000, 1001))
-  plan = run.Scheduler(sweep, tmp_path, description)
+  scheduler = plan.Scheduler(sweep, tmp_path, description)
   for lr, loss in ((1e-3, 2.5), (3e-3, 2.3), (1e-2, 2.4)):
     for seed in (1000, 1001):
-      _write_metrics(run.lr_dir(tmp_path, "rope", lr, seed), loss)
-  assert {(j.folder.name, j.evaluate) for j in plan.ready(set())} == {("seed0", False), ("seed1", False)}
+      _write_metrics(folders.lr_dir(tmp_path, "rope", lr, seed), loss)
+  assert {(j.folder.name, j.evaluate) for j in scheduler.ready(set())} == {("seed0", False), ("seed1", False)}
   for seed in (0, 1):
-    _write_metrics(run.run_dir(tmp_path, "rope", seed), 2.3)
-  jobs = plan.ready(set())  # the selection trainings are never evaluated
+    _write_metrics(folders.run_dir(tmp_path, "rope", seed), 2.3)
+  jobs = scheduler.ready(set())  # the selection trainings are never evaluated
   assert {(j.folder.name, j.evaluate) for j in jobs} == {("seed0", True), ("seed1", True)}
-  assert run.evaluation_command(sweep, jobs[0].folder)[1:] == ["-m", "experiments.context", str(jobs[0].folder)]
-  (run.run_dir(tmp_path, "rope", 0) / run.EVALUATION_FILE).write_text("{}")
-  assert [j.folder.name for j in plan.ready(set())] == ["seed1"]
-  assert "evaluation.json" in run.SMALL_FILES  # kept with the training's small files
+  assert supervise.evaluation_command(sweep, jobs[0].folder)[1:] == ["-m", "experiments.context", str(jobs[0].folder)]
+  (folders.run_dir(tmp_path, "rope", 0) / folders.EVALUATION_FILE).write_text("{}")
+  assert [j.folder.name for j in scheduler.ready(set())] == ["seed1"]
+  assert "evaluation.json" in folders.SMALL_FILES  # kept with the training's small files
 
 
 def test_report_of_a_sweep_evaluated_past_its_training_length(tmp_path):
@@ -587,9 +628,9 @@ def test_report_of_a_sweep_evaluated_past_its_training_length(tmp_path):
 def test_report_pairs_mxfp4_losses_with_the_trained_ones_seed_by_seed(tmp_path):
   _fake_sweep(tmp_path, {"dense": [2.0] * 8, "moe": [2.0] * 8}, {"moe": "dense"}, experts={"moe": (8, 2)})
   costs = np.linspace(0.004, 0.006, 8)
-  for seed, cost in enumerate(costs):
+  for seed, extra in enumerate(costs):
     (tmp_path / "moe" / f"seed{seed}" / "mxfp4.json").write_text(json.dumps(
-        {"loss": 2.0 + seed / 100, "mxfp4_loss": 2.0 + seed / 100 + cost, "moe_layers": 2, "d_model": 48, "d_expert": 40}))
+        {"loss": 2.0 + seed / 100, "mxfp4_loss": 2.0 + seed / 100 + extra, "moe_layers": 2, "d_model": 48, "d_expert": 40}))
   assert report.main([str(tmp_path), "--no-baselines"]) == 0
   text = (tmp_path / "report.md").read_text()
   row = _table(text, "| run | trained loss |")["moe"]
@@ -656,17 +697,18 @@ def test_mini_sweep_end_to_end_resumes_and_skips(tmp_path, text_dataset):
   folder = sweep_dir / "no_dropout"
   grid_names = ["lr0.001-seed1000", "lr0.001-seed1001", "lr0.003-seed1000", "lr0.003-seed1001"]
   assert sorted(p.name for p in folder.iterdir()) == grid_names  # seeds wait for the grid
-  assert all(run.last_step(folder / name) == 2 for name in grid_names)
+  assert all(folders.last_step(folder / name) == 2 for name in grid_names)
+  stopped = shutil.copytree(folder / grid_names[0], tmp_path / "stopped")
   second = subprocess.run(common, capture_output=True, text=True, env=env, cwd=cwd)
   assert second.returncode == 0, second.stderr[-2000:]
   assert "resumed from step 2" in (folder / "lr0.001-seed1000" / "train.log").read_text()
-  grid = {lr: np.mean(list(v.values())) for lr, v in run.selection_losses(folder, 4, [1000, 1001]).items()}
-  chosen = run.choose_lr(grid)
+  grid = {lr: np.mean(list(v.values())) for lr, v in folders.selection_losses(folder, 4, [1000, 1001]).items()}
+  chosen = folders.choose_lr(grid)
   assert set(grid) == {1e-3, 3e-3}  # --widen 0: an edge is flagged, not widened
   for seed in (0, 1):
     config = json.loads((folder / f"seed{seed}" / "config.json").read_text())
     assert config["train"]["lr"] == chosen.lr and config["train"]["seed"] == seed
-    assert [r["step"] for r in run.metrics(folder / f"seed{seed}") if "eval/loss" in r] == [2, 4]
+    assert [r["step"] for r in folders.metrics(folder / f"seed{seed}") if "eval/loss" in r] == [2, 4]
   third = subprocess.run(common, capture_output=True, text=True, env=env, cwd=cwd)
   assert third.returncode == 0 and sorted(p.name for p in folder.iterdir()) == grid_names + ["seed0", "seed1"]
   assert (folder / "seed0" / "train.log").read_text().count("done:") == 1  # the third call trained nothing
@@ -677,10 +719,12 @@ def test_mini_sweep_end_to_end_resumes_and_skips(tmp_path, text_dataset):
   assert kept["seen_tokens"] == 4 * 4 * 32 and set(kept["seen"]) == {str(n) for n in range(1, 9)}
   events = list((folder / "seed0" / "tb").glob("events.out.tfevents.*"))
   assert any(b"hparams" in e.read_bytes() for e in events)
-  # the dry-run's disk estimate per checkpoint against a real one's files (the only one: 4 steps)
-  on_disk = sum(f.stat().st_size for f in (folder / "seed0" / "checkpoints").rglob("*") if f.is_file())
+  # the dry-run's disk estimates against real files: a finished training's final weights alone, and a training
+  # stopped at step 2 (a whole checkpoint with Adam's moments)
+  on_disk = lambda f: sum(f.stat().st_size for f in (f / "checkpoints").rglob("*") if f.is_file())
   params = SweepDescription.load(sweep_dir / "sweep.json").run("no_dropout").total_params
-  assert 0.9 < on_disk / (run.STATE_BYTES_PER_PARAM * params) < 1.3
+  assert 0.9 < on_disk(folder / "seed0") / (cost.WEIGHT_BYTES_PER_PARAM * params) < 1.3
+  assert 0.9 < on_disk(stopped) / (cost.STATE_BYTES_PER_PARAM * params) < 1.3
 
 
 def test_tensorboard_export_has_what_a_comparison_needs(tmp_path):
@@ -729,19 +773,19 @@ def test_tensorboard_export_has_what_a_comparison_needs(tmp_path):
 def test_each_training_gets_its_own_gpus_and_shares_memory_only_when_it_shares_a_gpu(monkeypatch):
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
   eight = [str(i) for i in range(8)]
-  one_each = run.slots(8, 1, eight)
+  one_each = slots.slots(8, 1, eight)
   assert [s.env for s in one_each] == [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(8)]  # no memory cap
   assert all(len(s.cpus) == 2 for s in one_each) and len(set().union(*(s.cpus for s in one_each))) == 16
-  pairs = run.slots(4, 2, eight)
+  pairs = slots.slots(4, 2, eight)
   assert [s.env["CUDA_VISIBLE_DEVICES"] for s in pairs] == ["0,1", "2,3", "4,5", "6,7"]
-  shared = run.slots(3, 1, ["0"])  # three trainings on one GPU: each a third of its memory, not 75%
+  shared = slots.slots(3, 1, ["0"])  # three trainings on one GPU: each a third of its memory, not 75%
   assert {s.env["CUDA_VISIBLE_DEVICES"] for s in shared} == {"0"}
   assert {s.env["XLA_PYTHON_CLIENT_MEM_FRACTION"] for s in shared} == {"0.300"}
-  assert [s.env for s in run.slots(2, 1, [])] == [{}, {}]  # CPU: cores only
+  assert [s.env for s in slots.slots(2, 1, [])] == [{}, {}]  # CPU: cores only
   with pytest.raises(ConfigError, match="devices-per-job 3 is more than the 2 GPUs"):
-    run.slots(1, 3, ["0", "1"])
+    slots.slots(1, 3, ["0", "1"])
   monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-  assert run.visible_gpus() == ["3", "5"]
+  assert slots.visible_gpus() == ["3", "5"]
 
 
 def test_a_tpu_host_runs_one_training_at_a_time(monkeypatch, capsys):
@@ -769,7 +813,7 @@ def test_a_signal_to_the_runners_process_group_stops_every_training_with_its_che
   runner = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group, as a terminal or a scheduler gives it
   deadline = time.time() + 240
-  while min((run.last_step(sweep_dir / "no_dropout" / f"seed{s}") for s in (0, 1)), default=0) < 2:
+  while min((folders.last_step(sweep_dir / "no_dropout" / f"seed{s}") for s in (0, 1)), default=0) < 2:
     assert time.time() < deadline and runner.poll() is None, runner.communicate()
     time.sleep(0.2)
   os.killpg(runner.pid, sig)
@@ -779,7 +823,7 @@ def test_a_signal_to_the_runners_process_group_stops_every_training_with_its_che
     log = (sweep_dir / "no_dropout" / f"seed{seed}" / "train.log").read_text()
     assert "stopped by signal" in log  # each training saved a checkpoint and exited
     assert any((sweep_dir / "no_dropout" / f"seed{seed}" / "checkpoints").iterdir())
-  stopped = max(run.last_step(sweep_dir / "no_dropout" / f"seed{s}") for s in (0, 1))
+  stopped = max(folders.last_step(sweep_dir / "no_dropout" / f"seed{s}") for s in (0, 1))
   again = subprocess.run(cmd + [f"--config.train.stop_at={stopped + 2}"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-2000:]
@@ -800,7 +844,7 @@ def test_smoke_trains_the_small_scales_gpt_oss_style_run_at_its_real_shapes(tmp_
   assert config["data"]["tokenizer"] == "gpt2" and config["train"]["steps"] == 2
   assert (config["mesh"]["data"], config["mesh"]["fsdp"]) == (1, -1)  # the state sharded over the fake devices
   assert "x 8 devices" in (folder / "train.log").read_text()  # the 8-device mesh
-  assert [r["step"] for r in run.metrics(folder) if "test/loss" in r] == [2] and any((folder / "checkpoints").iterdir())
+  assert [r["step"] for r in folders.metrics(folder) if "test/loss" in r] == [2] and any((folder / "checkpoints").iterdir())
   assert "| attention_biases |" in (tmp_path / "smoke" / "report.md").read_text()
 
 
@@ -817,7 +861,7 @@ def test_the_readmes_result_tables_equal_the_committed_reports(tmp_path):
   # and the check can fail: a figure changed in a copy is caught, and --readme puts it back
   (tmp_path / "docs").mkdir()
   copy = tmp_path / "docs" / "results.md"
-  copy.write_text(text.replace(found[0][2], found[0][2].replace("|", "| x", 1), 1))
+  copy.write_text(text.replace(found[0][2], found[0][2][:-1] + " x\n", 1))
   (tmp_path / "experiments").symlink_to(Path(REPO) / "experiments")
   assert any(body != want for _, body, want in readme.blocks(copy.read_text(), tmp_path / "docs"))
   assert report.main(["--readme", str(copy)]) == 0 and copy.read_text() == text

@@ -29,7 +29,7 @@ def args_for(dataset, **extra) -> list[str]:
   base = {"data.dir": dataset, "data.seq_len": 32, "train.batch_size": 8, "train.steps": 4, "train.warmup_steps": 2,
           "train.eval_every": 2, "train.eval_batches": 2, "log.every": 1, "log.progress": "false",
           "checkpoint.every": 2, "checkpoint.async_save": "false", "log.peak_flops": 1e12, "model.n_layers": 1,
-          "model.d_model": 32, "model.d_ff": 64}
+          "model.d_model": 32, "model.d_ff": 64, "checkpoint.keep_optimizer": "true"}  # faults: resumable states
   return [f"--config.{k}={v}" for k, v in (base | extra).items()]
 
 

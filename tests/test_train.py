@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from conftest import REPO
-from gptoss_jax.config import RunConfig
+from gptoss_jax.config import ConfigError, RunConfig
 from gptoss_jax.config_files import apply_overrides, load_config_file
 from gptoss_jax.sharding import make_mesh
 from gptoss_jax.train.checkpoint import Checkpointer
@@ -28,6 +28,7 @@ from gptoss_jax.train.optimizer import clip_by_global_norm, decays, lr_schedule
 from gptoss_jax.data.pipeline import train_dataset
 from gptoss_jax.train.metrics import router_health
 from gptoss_jax.train.step import Trainer
+from gptoss_jax.weights import load_model
 
 DENSE = "configs/gpt2.py:tiny"
 MOE = "configs/gpt_oss.py:tiny"
@@ -174,19 +175,37 @@ def test_fsdp_gathers_one_layers_experts_at_a_time(text_dataset):
   assert per_layer < one_layer / 2
 
 
-def test_resume_is_exact(text_dataset, tmp_path):
-  """6 steps straight == 3 steps, stop, resume, 3 more: losses and parameters (dropout on: RNG resumes too)."""
+def test_resume_is_exact_and_a_finished_training_keeps_its_weights_alone(text_dataset, tmp_path):
+  """6 steps straight == 3 steps, stop, resume, 3 more: losses and parameters (dropout on: RNG resumes too).
+  The straight run keeps its optimizer state (checkpoint.keep_optimizer); the resumed one, by default, ends
+  with its final weights alone in place of every checkpoint: the same parameters, a third of the disk, read
+  by load_model; the same command again does nothing, and more steps are refused (no optimizer state)."""
   dropout = {"model.embed_dropout": 0.1, "model.resid_dropout": 0.1, "model.attn_dropout": 0.1}
-  straight = run_config(DENSE, text_dataset, **dropout)
+  straight = run_config(DENSE, text_dataset, **dropout, **{"checkpoint.keep_optimizer": True})
   train(straight, tmp_path / "straight")
-  train(run_config(DENSE, text_dataset, **dropout, **{"train.stop_at": 3}), tmp_path / "resumed")
+  resumed = run_config(DENSE, text_dataset, **dropout)
+  train(dataclasses.replace(resumed, train=dataclasses.replace(resumed.train, stop_at=3)), tmp_path / "resumed")
   assert sorted(losses(tmp_path / "resumed")) == [1, 2, 3]
-  train(run_config(DENSE, text_dataset, **dropout), tmp_path / "resumed")
+  train(resumed, tmp_path / "resumed")
   assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
-  a, b = final_params(straight, tmp_path / "straight"), final_params(straight, tmp_path / "resumed")
-  assert int(a.step) == int(b.step) == 6
-  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+  a = final_params(straight, tmp_path / "straight")
+  assert int(a.step) == 6
+  checkpoints = tmp_path / "resumed" / "checkpoints"
+  assert Checkpointer(checkpoints).steps() == [6] and sorted(p.name for p in (checkpoints / "6").iterdir()
+                                                             if p.is_dir()) == ["record", "weights"]
+  size = lambda folder: sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+  assert size(checkpoints) < 0.45 * size(tmp_path / "straight" / "checkpoints")  # Adam: 2 moments a parameter
+  _, _, model = load_model(tmp_path / "resumed")
+  b = nnx.state(model, nnx.Param)
+  assert jax.tree.structure(a.params) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+  before = {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").rglob("*")}
+  assert train(resumed, tmp_path / "resumed") == {}
+  more = dataclasses.replace(resumed, train=dataclasses.replace(resumed.train, steps=9))
+  with pytest.raises(ConfigError, match="kept its final weights only.*keep_optimizer=true"):
+    train(more, tmp_path / "resumed")
+  assert {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").rglob("*")} == before
 
 
 def _cli(workdir, *extra, env=None, **popen):
@@ -253,13 +272,17 @@ def test_two_processes_agree_with_one(text_dataset, tmp_path):
     (["--config.model.n_kv_heads=3"], "n_kv_heads"),
     (["--config.data.seq_len=100000"], "data.seq_len"),
     (["--config.data.source=web"], "data.source"),
+    # fails once the run has started (its lock taken, the dataset's preparation begun): no progress bar before the
+    # line, no lock left behind
+    (["--config.data.source=text", "--config.data.path=/nonexistent/*.txt", "--config.data.dir={tmp}/data"],
+     "matches no files"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, message):
-  proc = _cli(tmp_path / "w", *extra)
+  proc = _cli(tmp_path / "w", *[x.format(tmp=tmp_path) for x in extra])
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 2
   assert message in err and len(err.strip().splitlines()) == 1, err
-  assert not (tmp_path / "w").exists()
+  assert list(tmp_path.iterdir()) == []
 
 
 def _router_loads(dataset, steps, last=10, edit_params=None, **overrides):

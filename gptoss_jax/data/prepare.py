@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import fcntl
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -34,7 +34,7 @@ import numpy as np
 from gptoss_jax.config import SOURCES, ConfigError, DataConfig
 from gptoss_jax.data.sources import documents
 from gptoss_jax.data.tokenizers import TOKENIZERS, get_tokenizer
-from gptoss_jax.fileio import atomic_folder, cache_dir
+from gptoss_jax.fileio import atomic_folder, cache_dir, open_locked, release_lock
 
 SPLITS = ("train", "val", "test")
 FORMAT = 2  # meta.json's layout: shards per split (1: one train.bin and one val.bin, a tail held out)
@@ -135,12 +135,16 @@ def prepare(out: str | Path, source: str, tokenizer: str, path: str = "", vocab_
     raise ConfigError(f"--num-proc and --shard-tokens must be >= 1, got {num_proc} and {shard_tokens}")
   tok = get_tokenizer(tokenizer, vocab_file)  # here first: a bad vocabulary fails before any worker starts
   dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+  docs = documents(source, path, hf_split, hf_field)
+  first = next(docs, None)  # the source opened (a bad path or dataset: its one-line error) before any progress
+  if progress:
+    print(f"preparing {source} {path} with the {tokenizer} tokenizer into {out}", file=sys.stderr)
   with atomic_folder(out, replace=True) as tmp:
     writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
     bar = _Progress(progress, max_tokens)
     taken = 0
-    for index, ids in enumerate(encoded(documents(source, path, hf_split, hf_field), tokenizer, vocab_file,
-                                        num_proc)):
+    for index, ids in enumerate(encoded(itertools.chain([first] if first is not None else [], docs), tokenizer,
+                                        vocab_file, num_proc)):
       writers[split_of(index, val_fraction, test_fraction)].write(ids)
       taken += len(ids)
       bar.update(taken)
@@ -219,15 +223,15 @@ def ensure_dataset(d: DataConfig, progress: bool = True, num_proc: int = 0) -> P
   if (folder / "meta.json").is_file():
     return folder
   folder.parent.mkdir(parents=True, exist_ok=True)
-  with open(folder.with_name(folder.name + ".lock"), "a") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+  lock = open_locked(folder.with_name(folder.name + ".lock"))
+  try:
     if not (folder / "meta.json").is_file():
       for stale in folder.parent.glob(f".{folder.name}.*"):  # a killed preparation's temporary folder
         shutil.rmtree(stale, ignore_errors=True)
-      if progress:
-        print(f"preparing {d.source} {d.path} with the {d.tokenizer} tokenizer into {folder}", file=sys.stderr)
       prepare(folder, d.source, d.tokenizer, d.path, d.vocab_file, d.val_fraction, d.test_fraction, d.max_tokens,
               d.hf_split, d.hf_field, num_proc=num_proc or default_num_proc(), progress=progress)
+  finally:
+    release_lock(lock)
   return folder
 
 

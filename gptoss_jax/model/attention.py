@@ -62,6 +62,8 @@ def softmax_with_sinks(scores: jax.Array, sinks: jax.Array | None) -> jax.Array:
 
 def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, q_pos_BxT, k_pos_BxS, *, window: int = 0,
            sinks_N=None, dropout=None) -> jax.Array:
+  """Attention whose mask the positions make: query t sees key s where k_pos[s] <= q_pos[t] (and within
+  `window` of it), never a key at a negative position (padding, an empty cache slot)."""
   B, T, N, H = q_BxTxNxH.shape
   K = k_BxSxKxH.shape[2]
   q = q_BxTxNxH.reshape(B, T, K, N // K, H)

@@ -94,7 +94,11 @@ class Transformer(nnx.Module):
 
   def forward(self, tokens_BxT, positions_BxT=None, cache: list[KVCache] | None = None,
               remat: bool = False) -> ModelOutput:
-    """remat: recompute each block's activations in the backward pass instead of storing them."""
+    """Logits [B, T, V] for tokens [B, T]. positions_BxT (default 0..T-1, after the cache's) are not only the
+    rotation or the learned embedding: they make the causal mask (a query sees the keys whose position is not
+    after its own, and within the window on sliding layers; a negative position is padding, seen by none), so
+    shuffled positions change what each token sees. remat: recompute each block's activations in the backward
+    pass instead of storing them."""
     x, aux, new_cache = self.trunk(tokens_BxT, positions_BxT, cache, remat)
     return ModelOutput(unembed_logits(x, self.unembedding(), target(self.cfg)), aux, new_cache)
 

@@ -1,6 +1,8 @@
 """Training checkpoints (orbax): the train state (sharded arrays) and a JSON record (data iterator state,
 the state's fingerprint) per step; asynchronous saves, the last K kept, the newest readable one
-restored. Built on gptoss_jax.weights, which reads the model back from them without any of this."""
+restored. A finished training may keep its final weights alone (item `weights`, as a conversion writes
+them: no optimizer state) in place of all of them. Built on gptoss_jax.weights, which reads the model back
+from either without any of this."""
 
 from __future__ import annotations
 
@@ -51,6 +53,12 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
   return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
 
 
+def final_weights_step(directory: Path) -> int | None:
+  """The step of a finished training's weights-only checkpoint in `directory`, if that is the newest one."""
+  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+  return steps[-1] if steps and (directory / str(steps[-1]) / "weights").is_dir() else None
+
+
 class Checkpointer:
 
   def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
@@ -65,6 +73,17 @@ class Checkpointer:
     record = record | {"fingerprint": np.asarray(fingerprint(data)).tolist()}
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(data),
                                                     record=ocp.args.JsonSave(record)), force=True)
+
+  def save_final_weights(self, step: int, weights, record: dict) -> None:
+    """The finished training's weights alone (a third of a checkpoint with Adam's moments) as step `step`,
+    then, once they are on disk, every other checkpoint deleted: a crash in between leaves both."""
+    record = record | {"fingerprint": np.asarray(fingerprint(weights)).tolist()}
+    self.manager.save(step, args=ocp.args.Composite(weights=ocp.args.StandardSave(weights),
+                                                    record=ocp.args.JsonSave(record)), force=True)
+    self.manager.wait_until_finished()
+    for s in self.steps():
+      if s != step:
+        self.manager.delete(s)
 
   def restore(self, abstract: TrainState, step: int | None = None, set_aside: bool = False
               ) -> tuple[TrainState, dict] | None:

@@ -19,7 +19,7 @@ from gptoss_jax.data.prepare import dataset_dir, ensure_dataset, load_meta
 from gptoss_jax.fileio import atomic_write
 from gptoss_jax.inspect import stats
 from gptoss_jax.sharding import batch_divisor, make_mesh
-from gptoss_jax.train.checkpoint import Checkpointer
+from gptoss_jax.train.checkpoint import Checkpointer, final_weights_step
 from gptoss_jax.train.metrics import (MetricsLogger, peak_flops_per_device, peak_memory_bytes, plot_losses,
                                      router_health, run_names)
 from gptoss_jax.train.step import Trainer
@@ -95,6 +95,8 @@ def train(config: RunConfig, workdir: str | Path) -> dict:
   is_main = jax.process_index() == 0
   with RunLock(workdir, enabled=is_main):
     refuse_changed_config(workdir, config)
+    if already_finished(workdir, config.train.steps):
+      return {}
     data = prepared_data(config, cfg, progress=config.log.progress and is_main)
     if is_main:
       write_config(workdir, config)
@@ -122,6 +124,22 @@ def train(config: RunConfig, workdir: str | Path) -> dict:
   if is_main:
     plot_losses(workdir)
   return last
+
+
+def already_finished(workdir: Path, steps: int) -> bool:
+  """A training that finished keeping its final weights alone: nothing to do up to its last step, and no
+  optimizer state to train on with."""
+  final = final_weights_step(workdir / "checkpoints")
+  if final is None:
+    return False
+  if steps > final:
+    raise ConfigError(f"{workdir} finished at step {final} and kept its final weights only, not the optimizer state "
+                      f"that training on to step {steps} needs: train anew in another --workdir (with "
+                      "--config.checkpoint.keep_optimizer=true to keep that state)")
+  if jax.process_index() == 0:
+    print(f"{workdir} finished at step {final}; its weights are in {workdir / 'checkpoints' / str(final)}",
+          file=sys.stderr)
+  return True
 
 
 def prepared_data(config: RunConfig, cfg: ModelConfig, progress: bool) -> Path:
@@ -189,9 +207,8 @@ class Loop:
           # on CPU the save copies the state within host memory: first hand back the steps' freed temporaries,
           # which runtime.reuse_step_memory keeps (8 fake devices' of the gpu scale's e16_k2: 7 GB)
           runtime.release_free_memory()
-          self.checkpoints.save(done, state, {"data": batches.get_state(), "step": done,
-                                              "elapsed_s": time.perf_counter() - self.began})
-          self.last_saved = done
+          self.save(done, state, {"data": batches.get_state(), "step": done,
+                                  "elapsed_s": time.perf_counter() - self.began})
         if stopping:
           if self.is_main:
             print(f"\nstopped by signal at step {done}; checkpoint saved", file=sys.stderr)
@@ -199,6 +216,15 @@ class Loop:
     if bar:
       bar.close()
     return last
+
+  def save(self, step: int, state, record: dict) -> None:
+    """A checkpoint to resume from; the last step's, unless checkpoint.keep_optimizer, the weights alone in
+    place of every checkpoint."""
+    if step == self.t.steps and not self.config.checkpoint.keep_optimizer:
+      self.checkpoints.save_final_weights(step, self.trainer.weights(state), record)
+    else:
+      self.checkpoints.save(step, state, record)
+    self.last_saved = step
 
   def check_finite(self, what: str, value: float, step: int) -> None:
     """A loss (training, or held-out before a save) that is not finite stops the run, naming the last

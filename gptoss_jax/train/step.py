@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptoss_jax.config import ModelConfig, TrainConfig
-from gptoss_jax.model import Transformer, rngs
+from gptoss_jax.model import WEIGHTS, Transformer, rngs
 from gptoss_jax.model.moe import SelectionBias, balance_step
 from gptoss_jax.sharding import batch_sharding, state_shardings
 from gptoss_jax.train.loss import cross_entropy, total_loss
@@ -80,6 +80,10 @@ class Trainer:
   def global_batch(self, local_BxT1) -> jax.Array:
     """This process's rows of the batch -> one array sharded over data x fsdp across all processes."""
     return jax.make_array_from_process_local_data(self.batch_sharding, local_BxT1)
+
+  def weights(self, state: TrainState) -> nnx.State:
+    """The model's weights in a state (model.WEIGHTS, as a conversion stores them), without the optimizer's."""
+    return nnx.state(nnx.merge(self.graphdef, state.params, state.rest), WEIGHTS)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto this mesh."""

@@ -3,42 +3,42 @@ was started with, and which changes a resume may make (how long and how often, n
 
 from __future__ import annotations
 
-import fcntl
 import json
 from pathlib import Path
 
 
 from gptoss_jax.config import ConfigError, RunConfig
-from gptoss_jax.fileio import atomic_write
+from gptoss_jax.fileio import atomic_write, open_locked, release_lock
 
 # fields a resumed run may change: how long, how often, where (the mesh, the platform) and how much memory; every other field
 # (model, data, seed, optimizer, batch) decides what is trained, and a resume that changes it is refused
 RESUMABLE = ("train.steps", "train.stop_at", "train.eval_every", "train.eval_batches", "train.remat",
-             "model.platform", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save", "log.*", "mesh.*", "distributed.*")
+             "model.platform", "checkpoint.*", "log.*", "mesh.*", "distributed.*")
 
 
 class RunLock:
-  """An exclusive lock on DIR/lock while the run lives; a second run on the same folder is refused."""
+  """An exclusive lock on DIR/lock while the run lives; a second run on the same folder is refused. A run
+  that wrote nothing else (it failed to start) leaves nothing: the lock goes, and DIR if the lock made it."""
 
   def __init__(self, workdir: Path, enabled: bool = True):
-    self.path, self.enabled, self.file = workdir / "lock", enabled, None
+    self.path, self.enabled, self.file, self.made_dir = workdir / "lock", enabled, None, False
 
   def __enter__(self):
     if not self.enabled:
       return self
+    self.made_dir = not self.path.parent.exists()
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    self.file = open(self.path, "a")  # created once, never written: the lock is the kernel's
-    try:
-      fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      self.file.close()
-      raise ConfigError(f"{self.path.parent} is in use by a live run; wait for it or stop it") from None
+    self.file = open_locked(self.path, blocking=False)
+    if self.file is None:
+      raise ConfigError(f"{self.path.parent} is in use by a live run; wait for it or stop it")
     return self
 
   def __exit__(self, *exc):
     if self.file:
-      fcntl.flock(self.file, fcntl.LOCK_UN)
-      self.file.close()
+      alone = [p.name for p in self.path.parent.iterdir()] == ["lock"]
+      release_lock(self.file, remove=alone)
+      if alone and self.made_dir:
+        self.path.parent.rmdir()
 
 
 def flat(config: dict, prefix: str = "") -> dict:
