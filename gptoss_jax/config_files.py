@@ -2,7 +2,7 @@
 
 A config file is a Python file with get_config(arg) returning an ml_collections ConfigDict of the whole run
 config (model, data, train, ...; the ecosystem's convention), or a saved run config (.json). Presets are
-named `family:preset` (`gpt_oss:tiny`) and found in the `configs` package's registry (configs.FILES).
+named `family:preset` (`gpt_oss:tiny`): the files of the installed `gptoss_jax.configs` (the repository's configs/).
 Overrides come from the command line as `--config.model.n_layers=12` and are typed by the value they
 replace. Everything ends as a typed, validated RunConfig (gptoss_jax.config).
 """
@@ -36,23 +36,31 @@ def preset_config(presets: Mapping[str, dict], name: str) -> ml_collections.Conf
   return run_config(ModelConfig(**presets[name]).to_dict())
 
 
+def preset_files() -> dict[str, Path]:
+  """The preset files by family name: gptoss_jax.configs where it is installed (the repository's configs/),
+  else the configs/ beside the gptoss_jax package (a source tree used without installing)."""
+  spec = importlib.util.find_spec("gptoss_jax.configs")
+  folder = (Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations
+            else Path(__file__).resolve().parents[1] / "configs")
+  return {p.stem: p for p in sorted(folder.glob("*.py")) if p.stem != "__init__"}
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """Loads `path/to/file.py[:arg]`, a saved run config (`.json`), or a preset file by name (`gpt_oss:tiny`,
-  the `configs` package's registry), by calling its get_config(arg)."""
+  preset_files()), by calling its get_config(arg)."""
   path, _, arg = spec.partition(":")
   file = Path(path)
   if file.suffix == ".json" and file.is_file():  # a saved run config (run.json, a run's config.json)
     return ml_collections.ConfigDict(json.loads(file.read_text()))
-  if file.is_file():
-    module_spec = importlib.util.spec_from_file_location(f"_gptoss_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-  else:
-    import configs
-    if path not in configs.FILES:
+  if not file.is_file():
+    presets = preset_files()
+    if path not in presets:
       raise ConfigError(f"config file not found: {path} (a .py file, or a preset file by name: "
-                        f"{', '.join(sorted(configs.FILES))})")
-    module = configs.FILES[path]
+                        f"{', '.join(sorted(presets))})")
+    file = presets[path]
+  module_spec = importlib.util.spec_from_file_location(f"_gptoss_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
   if not isinstance(getattr(module, "get_config", None), types.FunctionType):
     raise ConfigError(f"{path} has no get_config() function")
   return module.get_config(arg) if arg else module.get_config()

@@ -100,10 +100,14 @@ def test_unknown_preset_lists_presets():
 
 def test_presets_and_commands_work_from_any_directory(tmp_path):
   """After `pip install -e .`: presets by name, and the training, sweep and report commands, from a folder
-  that is not the repository."""
+  that is not the repository and has a `configs/` package of its own (which the presets must not be taken
+  from)."""
   import json
   import subprocess
   import sys
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "__init__.py").write_text("FILES = {}\n")
+  (tmp_path / "configs" / "gpt_oss.py").write_text("def get_config(arg):\n  raise RuntimeError('the user\\'s own')\n")
   run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, capture_output=True, text=True)
   out = run("gptoss_jax.inspect", "--config", "gpt_oss:20b", "--json")
   assert out.returncode == 0, out.stderr
@@ -114,6 +118,8 @@ def test_presets_and_commands_work_from_any_directory(tmp_path):
   assert out.returncode == 2 and "not a sweep folder" in out.stderr
   out = run("gptoss_jax.train", "--config", "gpt_os:tiny", "--workdir", str(tmp_path / "w"))
   assert out.returncode == 2 and "gpt_oss" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+  out = run("gptoss_jax.train", "--config", "gpt_oss:tiny", "--workdir", str(tmp_path / "w"), "--config.train.stepz=1")
+  assert out.returncode == 2 and out.stderr.startswith("error: unknown config key: train.stepz (did you mean train.steps")
   assert load_config_file("qwen3:tiny-moe").model.n_experts > 0
 
 
