@@ -136,15 +136,23 @@ def test_the_context_sweeps_evaluation_of_a_training(tmp_path, text_dataset):
                       model)
   result = measure(folder, multiples=(1, 4))
   tokens = split_tokens(text_dataset, "test")
-  ones = np.ones(256, np.int64)
-  assert result["plain"]["8"] == evaluate_tokens(model, tokens, 8, 2048, ones, progress=False)
-  assert result["stream"] == evaluate_tokens(model, tokens, 32, 512, ones, progress=False, stream_cache=8)
+
+  def direct(m, n: int) -> float:  # the mean next-token loss over non-overlapping windows of n + 1 tokens
+    k = (len(tokens) - 1) // n
+    return float(np.mean(_direct_nll(m, np.stack([tokens[i * n:i * n + n + 1] for i in range(k)]).astype(np.int32))))
+
+  assert result["plain"]["8"]["loss"] == pytest.approx(direct(model, 8), rel=1e-5)
+  assert result["plain"]["32"]["loss"] == pytest.approx(direct(model, 32), rel=1e-5)
   yarn = model.cfg.replace(position="yarn", rope_factor=4.0, rope_original_max_len=8)
   scaled = Transformer(yarn, nnx.Rngs(0))
   nnx.update(scaled, nnx.state(model))
-  assert result["yarn"]["32"]["loss"] == pytest.approx(
-      evaluate_tokens(scaled, tokens, 32, 512, ones, progress=False)["loss"], rel=1e-6)
+  assert result["yarn"]["32"]["loss"] == pytest.approx(direct(scaled, 32), rel=1e-5)
   assert list(result["yarn"]) == ["32"] and rope_frequencies(yarn)[1] > 1  # YaRN's attention scale is on
+  for block in model.blocks:  # streamed through a cache of the training length, 8: each query sees its last 8 keys
+    block.attn.window = min(block.attn.window, 8) if block.attn.window else 8
+  assert result["stream"]["stream_cache"] == 8
+  assert result["stream"]["loss"] == pytest.approx(direct(model, 32), rel=1e-5)
+  assert result["stream"]["loss"] != pytest.approx(result["plain"]["32"]["loss"], rel=1e-4)  # the cache matters
 
 
 def test_evaluations_default_window_is_capped_on_cpu_only(monkeypatch, capsys):

@@ -1,7 +1,6 @@
 """prepare and the grain pipeline: three splits per document, shards, budgets, worker processes, the
 locked and atomic preparation, determinism, host sharding, resumable iterator state, errors."""
 
-import hashlib
 import json
 import os
 import signal
@@ -15,16 +14,9 @@ import pytest
 from conftest import REPO, TEXT
 from gptoss_jax.config import ConfigError, DataConfig
 from gptoss_jax.data.pipeline import eval_batches, split_tokens, train_dataset, windows
-from gptoss_jax.data.prepare import dataset_dir, ensure_dataset, prepare
+from gptoss_jax.data.prepare import dataset_dir, ensure_dataset, prepare, split_of
 from gptoss_jax.data.sources import passages
 from gptoss_jax.data.tokenizers import get_tokenizer
-
-
-def expected_split(index: int, val: float, test: float) -> str:
-  """The split rule written out: a uniform draw from BLAKE2b of the document's index."""
-  u = int.from_bytes(hashlib.blake2b(index.to_bytes(8, "little"), digest_size=8,
-                                     person=b"gptoss-split").digest(), "little") / 2**64
-  return "val" if u < val else "test" if u < val + test else "train"
 
 
 def shard_stream(folder, split):
@@ -46,21 +38,27 @@ def test_each_document_goes_whole_to_the_split_its_index_hashes_to(text_dataset)
   meta = json.loads((text_dataset / "meta.json").read_text())
   assert (meta["tokenizer"], meta["vocab_size"], meta["documents"]) == ("byte", 256, 40)
   for split in ("train", "val", "test"):
-    want = "".join(d for i, d in enumerate(docs) if expected_split(i, 0.1, 0.1) == split)
+    want = "".join(d for i, d in enumerate(docs) if split_of(i, 0.1, 0.1) == split)
     assert bytes(shard_stream(text_dataset, split).astype(np.uint8)).decode() == want
     assert meta["splits"][split]["tokens"] == len(want.encode())
-    assert meta["splits"][split]["documents"] == sum(expected_split(i, 0.1, 0.1) == split for i in range(40))
+    assert meta["splits"][split]["documents"] == sum(split_of(i, 0.1, 0.1) == split for i in range(40))
   assert all(meta["splits"][s]["documents"] >= 2 for s in ("val", "test"))
 
 
-def test_the_split_rule_samples_every_part_of_the_stream():
-  """Held-out documents are spread over the stream (not a tail) at the asked shares."""
+def test_the_split_rule_samples_every_part_of_the_stream_the_same_in_every_process():
+  """Held-out documents are spread over the stream (not a tail) at the asked shares; a larger share holds the
+  smaller one's documents (one uniform draw per document); and another process (another hash seed, as
+  Python's own hash() would have) draws the same."""
   n = 20000
-  splits = np.array([expected_split(i, 0.03, 0.02) for i in range(n)])
-  from gptoss_jax.data.prepare import split_of
-  assert [split_of(i, 0.03, 0.02) for i in range(0, n, 37)] == list(splits[::37])
+  splits = np.array([split_of(i, 0.03, 0.02) for i in range(n)])
   for part in np.array_split(splits, 4):  # each quarter of the stream holds its share of both
     assert abs(np.mean(part == "val") - 0.03) < 0.01 and abs(np.mean(part == "test") - 0.02) < 0.01
+  wider = np.array([split_of(i, 0.05, 0.02) for i in range(n)])
+  assert np.all(wider[splits == "val"] == "val") and np.mean(wider == "val") > np.mean(splits == "val")
+  code = "from gptoss_jax.data.prepare import split_of; print(''.join(split_of(i, 0.03, 0.02)[0] for i in range(2000)))"
+  other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=os.environ | {"PYTHONHASHSEED": "12345"}).stdout.strip()
+  assert other == "".join(x[0] for x in splits[:2000])
 
 
 def test_shakespeare_passages_join_back_and_cut_at_blank_lines():
@@ -138,7 +136,7 @@ def test_hf_source_streams_a_local_folder_with_a_budget(tmp_path):
   meta = json.loads((folder / "meta.json").read_text())
   assert meta["documents"] == 35
   for split in ("train", "val", "test"):
-    want = "".join(x for i, x in enumerate(docs[:35]) if expected_split(i, 0.1, 0.1) == split)
+    want = "".join(x for i, x in enumerate(docs[:35]) if split_of(i, 0.1, 0.1) == split)
     assert bytes(shard_stream(folder, split).astype(np.uint8)).decode() == want
   with pytest.raises(ConfigError, match="hf_field 'content' is not a column"):
     prepare(tmp_path / "bad", "hf", "byte", str(tmp_path / "corpus"), hf_field="content", progress=False)
@@ -155,16 +153,38 @@ def _prepare_in_process(folder_env: dict, code: str) -> subprocess.Popen:
 
 
 def test_preparations_started_together_make_one_dataset(tmp_path):
+  """The first preparation is held mid-way (after its first document) until the second is at the lock: the
+  second waits there and then reads the first one's dataset without preparing (without the lock it would
+  prepare its own); no lock file is left."""
   write_docs(tmp_path / "docs", 30)
-  code = ("import json; from gptoss_jax.config import DataConfig; from gptoss_jax.data.prepare import ensure_dataset\n"
+  started, waiting, go = tmp_path / "started", tmp_path / "waiting", tmp_path / "go"
+  code = ("import json, os, time; from gptoss_jax.config import DataConfig; from gptoss_jax.data import prepare as p\n"
+          "write, prepare, lock = p.ShardWriter.write, p.prepare, p.open_locked\n"
+          "def held(self, ids):\n"
+          f"  open({str(started)!r}, 'a').close()\n"
+          f"  while not os.path.exists({str(go)!r}): time.sleep(0.05)\n"
+          "  write(self, ids)\n"
+          "def counted(*a, **k): print('prepared'); return prepare(*a, **k)\n"
+          f"def announced(*a, **k): open({str(waiting)!r}, 'a').close(); return lock(*a, **k)\n"
+          "p.ShardWriter.write, p.prepare, p.open_locked = held, counted, announced\n"
           f"d = DataConfig(source='text', path={str(tmp_path / 'docs' / '*.txt')!r}, val_fraction=0.1, test_fraction=0.1)\n"
-          "f = ensure_dataset(d, progress=False, num_proc=1); print(json.loads((f / 'meta.json').read_text())['created'])")
-  env = {"GPTOSS_JAX_CACHE": str(tmp_path / "cache")}
-  procs = [_prepare_in_process(env, code) for _ in range(2)]
-  created = [p.communicate()[0].strip() for p in procs]
-  assert all(p.returncode == 0 for p in procs)
-  assert created[0] == created[1]  # the second waited and read the first one's dataset
-  assert len([p for p in (tmp_path / "cache" / "data").iterdir() if p.is_dir()]) == 1
+          "f = p.ensure_dataset(d, progress=False, num_proc=1); print(json.loads((f / 'meta.json').read_text())['created'])")
+  cache = {"GPTOSS_JAX_CACHE": str(tmp_path / "cache")}
+  procs = [_prepare_in_process(cache, code)]
+  for signal_file in (started, waiting):  # the first holds the lock, mid-way; then the second is at it
+    deadline = time.time() + 60
+    while not signal_file.exists():
+      assert time.time() < deadline and all(p.poll() is None for p in procs), procs[-1].communicate()
+      time.sleep(0.05)
+    if signal_file == started:
+      waiting.unlink()
+      procs.append(_prepare_in_process(cache, code))
+  go.touch()
+  (out_first, err), (out_second, _) = (p.communicate(timeout=60) for p in procs)
+  assert all(p.returncode == 0 for p in procs), err
+  assert out_first.split() == ["prepared", out_second.strip()]  # the second read what the first made
+  left = list((tmp_path / "cache" / "data").iterdir())
+  assert len(left) == 1 and left[0].is_dir()  # one dataset, and no lock file
 
 
 def test_an_interrupted_preparation_leaves_nothing_and_is_redone(tmp_path, monkeypatch):
