@@ -9,7 +9,9 @@ import json
 from pathlib import Path
 
 EVALUATION_FILE = "evaluation.json"  # what a sweep's evaluation module writes into a compared training's folder
-SMALL_FILES = ("config.json", "metrics.jsonl", "heldout.json", EVALUATION_FILE)  # what a report needs of a training
+HARNESS_FILE = "harness.json"  # a compared training's benchmark scores (experiments.harness)
+SMALL_FILES = ("config.json", "metrics.jsonl", "heldout.json", EVALUATION_FILE, HARNESS_FILE)  # what a report
+# needs of a training
 
 
 def run_dir(sweep_dir: Path, run: str, seed: int) -> Path:

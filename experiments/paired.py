@@ -39,9 +39,11 @@ class Comparison:
   def distinguishable(self) -> bool:
     return self.p_holm <= ALPHA and self.p_sign_holm <= ALPHA
 
-  def cells(self) -> str:
-    """n, Δ, 95% CI, both p, both Holm p, the simultaneous interval and the verdict, as table cells."""
-    verdict = (f"**distinguishable: {'better' if self.mean < 0 else 'worse'}**" if self.distinguishable
+  def cells(self, higher_is_better: bool = False) -> str:
+    """n, Δ, 95% CI, both p, both Holm p, the simultaneous interval and the verdict, as table cells; Δ < 0 is
+    better (a loss) unless `higher_is_better` (an accuracy)."""
+    better = self.mean > 0 if higher_is_better else self.mean < 0
+    verdict = (f"**distinguishable: {'better' if better else 'worse'}**" if self.distinguishable
                else "not distinguishable")
     return (f"{self.n} | {self.mean:+.4f} | [{self.ci[0]:+.4f}, {self.ci[1]:+.4f}] | {self.p:.3g} | {self.p_sign:.3g} | "
             f"{self.p_holm:.3g} | {self.p_sign_holm:.3g} | "

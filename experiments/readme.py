@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from experiments.verdicts import HEADING
+
 BLOCK = re.compile(r"(<!-- report: (?P<path>\S+), (?P<what>table (?P<n>\d+)|verdicts) -->\n)(?P<body>.*?)"
                    r"(?P<end><!-- end report -->)", re.S)
 
@@ -36,7 +38,7 @@ def tables(markdown: str) -> list[str]:
 
 def verdicts(markdown: str) -> str:
   """The bullets of a report's `## Verdicts` section."""
-  section = markdown.partition("\n## Verdicts\n")[2].partition("\n## ")[0]
+  section = markdown.partition(f"\n{HEADING}\n")[2].partition("\n## ")[0]
   return "".join(line + "\n" for line in section.splitlines() if line.startswith("- "))
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import context, mxfp4_cost, ngram, plots, verdicts
+from experiments import context, harness, mxfp4_cost, ngram, plots, verdicts
 from experiments.description import RunSpec, SweepDescription
 from experiments.paired import ALPHA, Comparison, compare, corrected, seeds_needed, sign_flip_floor
 from experiments.folders import choose_lr, final_test, metrics, selection_losses
@@ -46,7 +46,7 @@ class Result:
   heldout: dict[int, list[float]]  # seed -> final held-out loss per held-out batch (experiments.heldout)
   health: dict[str, float]  # router health at the last logged step, worst layer, mean over seeds
   tokens_per_s: float  # median over seeds and logged intervals (the first, which compiles, left out)
-  peak_memory_gb: float
+  peak_memory_gib: float
   wall_s: float  # mean over seeds
   balancing: str = ""  # an MoE run's balancing settings, from its trainings' config.json
   load_curves: dict[int, list[tuple[int, float]]] = dataclasses.field(default_factory=dict)  # seed -> (step,
@@ -224,7 +224,7 @@ def _runs_section(description: SweepDescription, results: list[Result], baseline
         + (f"[{min(r.finals.values()):.4f}, {max(r.finals.values()):.4f}]" if r.finals else "-")
         + f" | {r.spec.total_params:,} | {r.spec.active_params:,} | {tokens / r.spec.active_params:.1f} | "
         f"{tokens / r.spec.total_params:.1f} | {r.spec.flops_per_token:,.0f} | {r.tokens_per_s:,.0f} | "
-        f"{r.peak_memory_gb:.2f} | {r.wall_s:.0f} |" + (f" {r.mean - best:+.4f} |" if baselines else ""))
+        f"{r.peak_memory_gib:.2f} | {r.wall_s:.0f} |" + (f" {r.mean - best:+.4f} |" if baselines else ""))
   return lines
 
 
@@ -378,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", default="", help="where report.md and the plots go (default: the sweep folder)")
   parser.add_argument("--no-baselines", action="store_true",
                       help="leave out the n-gram baselines (otherwise computed once into <sweep>/ngram.json)")
+  parser.add_argument("--harness-tasks", default="", help="small and gpu scales: score each compared training's "
+                      "final checkpoint on these lm-evaluation-harness tasks (experiments.harness; what is missing) and "
+                      "compare them, a Holm family of their own")
+  parser.add_argument("--harness-limit", type=float, default=None, help="at most this many documents per task")
   parser.add_argument("--tensorboard", action="store_true",
                       help="also write OUT/tb: every training's scalars, HParams and a layout, from metrics.jsonl")
   args = parser.parse_args(argv)
@@ -403,10 +407,20 @@ def main(argv: list[str] | None = None) -> int:
       baselines = ngram.sweep_baselines(sweep_dir)
     except ConfigError as e:  # the dataset cannot be had here (no network, say): the report goes on without
       print(f"note: no n-gram baselines ({e})", file=sys.stderr)
-  # sweeps evaluated past training (`context`), MoE trainings quantized after it (`experiments.mxfp4_cost`)
-  extra = context.section(sweep_dir, description) + mxfp4_cost.section(sweep_dir, description)
+  tasks = [t for t in args.harness_tasks.split(",") if t]
+  if tasks and description.scale not in harness.SKIPPED_SCALES:
+    try:
+      harness.run(sweep_dir, description, tasks, args.harness_limit)
+    except ConfigError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+  # sweeps evaluated past training (`context`), MoE trainings quantized after it (`experiments.mxfp4_cost`), scored
+  # on benchmark tasks (`experiments.harness`)
+  benchmarks = harness.comparisons(harness.load(sweep_dir, description), description) if tasks else []
+  extra = (context.section(sweep_dir, description) + mxfp4_cost.section(sweep_dir, description)
+           + harness.section(description, tasks, benchmarks))
   extra += verdicts.section(description, results, comparisons, lr_differences, baselines, sweep_dir,
-                            context.past_length(sweep_dir, description))
+                            context.past_length(sweep_dir, description), benchmarks)
   (out / "report.md").write_text(markdown(description, results, comparisons, baselines) + "\n".join(extra)
                                  + ("\n" if extra else ""))
   paths = plots.plot(description, results, comparisons, out, baselines) + context.plot(sweep_dir, description, out)

@@ -23,9 +23,10 @@ SAME_TRAINING = ("model", "data", "train")  # a training elsewhere with these se
 
 
 def section(description: SweepDescription, results, comparisons: list[Comparison], lr_differences,
-            baselines: dict | None, sweep_dir: Path, past_length=None) -> list[str]:
+            baselines: dict | None, sweep_dir: Path, past_length=None, benchmarks=()) -> list[str]:
   """The report's `## Verdicts`: one bullet per kind of statement. `lr_differences(run, baseline)` gives the
-  shared-rate differences; `past_length`: the context sweep's (between, yarn) comparisons, if any."""
+  shared-rate differences; `past_length`: the context sweep's (between, yarn) comparisons, if any;
+  `benchmarks`: experiments.harness.comparisons, if any."""
   by_name = {r.name: r for r in results}
   shared = shared_trainings(sweep_dir, description, by_name)
   near = _near_bigram(results, baselines)
@@ -48,7 +49,7 @@ def section(description: SweepDescription, results, comparisons: list[Comparison
   lines += _final_loss(comparisons, caveats)
   if past_length:
     lines += _past_length(*past_length)
-  lines += _baselines(results, baselines, near)
+  lines += _benchmarks(benchmarks) + _baselines(results, baselines, near)
   lines += [_router(r) for r in results if r.health]
   if shared:
     lines.append("- **Shared trainings**, the same configs and seeds, not separate evidence: "
@@ -91,6 +92,21 @@ def _past_length(between: list[tuple[str, Comparison]], yarn: list[tuple[str, Co
       who = f"`{run}`" if run == baseline else f"`{run}` vs `{baseline}`"
       lines.append(f"- **{label}**, {who}: " + "; ".join(parts) + ".")
   return lines
+
+
+def _benchmarks(found) -> list[str]:
+  """One bullet for the benchmark tasks' comparisons: better and worse in each metric's own direction."""
+  if not found:
+    return []
+  kind = lambda c, higher: "not distinguishable" if not c.distinguishable else (
+      "better" if (c.mean > 0) == higher else "worse")
+  parts = []
+  for word in ("better", "worse", "not distinguishable"):
+    these = [f"`{c.run}` vs `{c.baseline}` {task} {metric} {c.mean:+.4f}" for task, metric, higher, c in found
+             if kind(c, higher) == word]
+    parts.append(f"{word}: " + ("; ".join(these) or "none"))
+  return [f"- **Benchmark tasks** (lm-evaluation-harness, {len(found)} tests in their own Holm family): "
+          + ". ".join(parts) + "."]
 
 
 def _near_bigram(results, baselines: dict | None) -> dict[str, float]:

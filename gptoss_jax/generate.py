@@ -76,11 +76,12 @@ _decode_step = jax.jit(decode_step, static_argnames=("temperature", "top_p", "n_
 
 def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, on_token: Callable[[int], bool | None] | None = None,
-             timing: dict | None = None, n_valid: int = 0) -> list[int]:
+             timing: dict | None = None, n_valid: int = 0, cache_len: int = 0) -> list[int]:
   """New tokens after the prompt (greedy at temperature 0), each among the first `n_valid` ids (0: the
   whole vocabulary; give the tokenizer's size when the model's vocabulary is padded past it), until
   `on_token` (called with each new token) returns True. `timing`, if given, receives the
-  prefill and decode seconds (each including its first compilation)."""
+  prefill and decode seconds (each including its first compilation). `cache_len` (at least the prompt and
+  the new tokens; empty slots are never seen): a few such lengths for many prompts compile a few programs."""
   cfg = model.cfg
   total = len(prompt_ids) + max_new_tokens
   if not prompt_ids:
@@ -91,7 +92,7 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
   sampling = dict(temperature=temperature, top_p=top_p, n_valid=n_valid)
   keys = jax.random.split(jax.random.key(seed), max_new_tokens)
   began = time.perf_counter()
-  cache, start, prompt = model.init_cache(1, total), 0, jnp.asarray([prompt_ids], jnp.int32)
+  cache, start, prompt = model.init_cache(1, max(total, cache_len)), 0, jnp.asarray([prompt_ids], jnp.int32)
   for size in prefill_chunks(len(prompt_ids)):
     logits, cache = _extend(model, prompt[:, start:start + size], jnp.asarray(start, jnp.int32), cache)
     start += size

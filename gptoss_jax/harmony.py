@@ -22,12 +22,27 @@ START, CHANNEL, MESSAGE, END, RETURN, CALL, CONSTRAIN = ("<|start|>", "<|channel
 
 def prompt(user: str, reasoning_effort: str = "medium", today: datetime.date | None = None) -> str:
   """One user turn under gpt-oss's default system message, ending where the assistant's reply begins."""
+  return conversation([{"role": "user", "content": user}], reasoning_effort, today)
+
+
+def conversation(messages: list[dict[str, str]], reasoning_effort: str = "medium",
+                 today: datetime.date | None = None) -> str:
+  """A chat ({"role": "system" | "user" | "assistant", "content": ...} in order) under gpt-oss's default system
+  message, ending where the assistant's next reply begins: a "system" message's text becomes the developer
+  message's instructions, each assistant turn a final answer."""
   today = today or datetime.date.today()
   system = ("You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\n"
             f"Current date: {today.isoformat()}\n\nReasoning: {reasoning_effort}\n\n"
             "# Valid channels: analysis, commentary, final. Channel must be included for every message.")
-  return (f"{START}system{MESSAGE}{system}{END}{START}user{MESSAGE}{user}{END}"
-          f"{START}assistant")
+  out = [f"{START}system{MESSAGE}{system}{END}"]
+  for m in messages:
+    if m["role"] == "system":
+      out.append(f"{START}developer{MESSAGE}# Instructions\n\n{m['content']}{END}")
+    elif m["role"] == "assistant":
+      out.append(f"{START}assistant{CHANNEL}final{MESSAGE}{m['content']}{END}")
+    else:
+      out.append(f"{START}{m['role']}{MESSAGE}{m['content']}{END}")
+  return "".join(out) + f"{START}assistant"
 
 
 @dataclasses.dataclass

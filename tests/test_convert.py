@@ -108,12 +108,14 @@ def test_bad_conversions_leave_nothing(hf_folder, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, text_dataset):
-  """A byte-level model trained 4 steps here, checkpoints at steps 2 and 4."""
+  """A byte-level model trained 4 steps here, checkpoints at steps 2 and 4 (with their optimizer state: a
+  finished training keeps only its final weights unless asked)."""
   from test_train import run_config
   from gptoss_jax.train.loop import train
   folder = tmp_path_factory.mktemp("trained") / "run"
   train(run_config("configs/gpt2.py:tiny", text_dataset, **{"train.steps": 4, "checkpoint.every": 2,
-                                                            "train.lr": 1e-2}), folder)
+                                                            "train.lr": 1e-2, "checkpoint.keep_optimizer": True}),
+        folder)
   return folder
 
 

@@ -261,15 +261,7 @@ def _fake_sweep(folder, finals: dict[str, list[float]], baselines: dict[str, str
 
 def _table(text: str, header: str) -> dict[str, list[str]]:
   """Rows of the markdown table whose header row starts with `header`, by their first cell."""
-  lines = text.splitlines()
-  start = next(i for i, line in enumerate(lines) if line.startswith(header))
-  rows = {}
-  for line in lines[start + 2:]:
-    if not line.startswith("| "):
-      break
-    cells = [c.strip() for c in line.strip("|").split("|")]
-    rows[cells[0]] = cells
-  return rows
+  return {cells[0]: cells for cells in _table_rows(text, header)}
 
 
 BASE_LOSSES = np.array([2.00, 2.05, 1.98, 2.03, 2.01, 2.04, 1.99, 2.02])
@@ -630,6 +622,54 @@ def test_report_of_a_sweep_evaluated_past_its_training_length(tmp_path):
   yarn = [line for line in text.splitlines() if line.startswith("| rope | rope without YaRN | 16 |")]
   assert len(yarn) == 1 and float(yarn[0].split(" | ")[4]) == pytest.approx(-0.3, abs=1e-9)
   assert (tmp_path / "loss_by_position.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_compares_harness_scores_seed_by_seed_in_a_family_of_their_own(tmp_path):
+  """Benchmark scores (harness.json per compared training) as paired comparisons: Δ = run - baseline per task
+  and metric, Holm over their own family (not the final losses'), the verdict in the metric's direction; at
+  tiny scale the report says why there are none."""
+  _fake_sweep(tmp_path, {"base": list(BASE_LOSSES), "a": list(BASE_LOSSES - 0.1)}, {"a": "base"})
+  description = json.loads((tmp_path / "sweep.json").read_text())
+  (tmp_path / "sweep.json").write_text(json.dumps(description | {"scale": "small"}))
+  rng = np.random.default_rng(1)
+  acc = {"base": 0.40 + rng.normal(0, 0.01, 8), "a": 0.45 + rng.normal(0, 0.01, 8)}  # a: better on every seed
+  bpb = {"base": 1.0 + rng.normal(0, 0.02, 8), "a": 1.0 + rng.normal(0, 0.02, 8)}  # nothing
+  for run in ("base", "a"):
+    for seed in range(8):
+      (tmp_path / run / f"seed{seed}" / "harness.json").write_text(json.dumps(
+          {"mc": {"acc": acc[run][seed], "acc_stderr": 0.02, "higher_is_better": {"acc": True}},
+           "text": {"bits_per_byte": bpb[run][seed], "higher_is_better": {"bits_per_byte": False}}}))
+  assert report.main([str(tmp_path), "--no-baselines", "--harness-tasks", "mc,text"]) == 0  # nothing left to score
+  rows = {(r[0], r[1]): r for r in _table_rows((tmp_path / "report.md").read_text(), "| task | metric | better |")}
+  assert set(rows) == {("mc", "acc"), ("text", "bits_per_byte")}  # the stderr is not compared
+  p = {}
+  for (task, metric), values in (("mc", "acc"), acc), (("text", "bits_per_byte"), bpb):
+    d = values["a"] - values["base"]
+    row = rows[(task, metric)]
+    assert row[5:8] == ["8", f"{d.mean():+.4f}", f"[{d.mean() - scipy_stats.t.ppf(0.975, 7) * d.std(ddof=1) / np.sqrt(8):+.4f}, "
+                                                 f"{d.mean() + scipy_stats.t.ppf(0.975, 7) * d.std(ddof=1) / np.sqrt(8):+.4f}]"]
+    p[metric] = (float(row[8]), float(row[9]))
+  holm = _plain_holm({k: v[1] for k, v in p.items()})  # sign-flip, over these two tests only
+  assert float(rows[("mc", "acc")][11]) == pytest.approx(holm["acc"], rel=0.01)
+  assert rows[("mc", "acc")][2] == "higher" and rows[("mc", "acc")][-1] == "**distinguishable: better**"
+  assert rows[("text", "bits_per_byte")][-1] == "not distinguishable"
+  bullet = next(line for line in (tmp_path / "report.md").read_text().splitlines() if "**Benchmark tasks**" in line)
+  assert f"better: `a` vs `base` mc acc {(acc['a'] - acc['base']).mean():+.4f}. worse: none" in bullet
+  (tmp_path / "sweep.json").write_text(json.dumps(description))  # tiny
+  assert report.main([str(tmp_path), "--no-baselines", "--harness-tasks", "mc"]) == 0
+  assert "Not scored at `tiny` scale: its models read bytes of Shakespeare" in (tmp_path / "report.md").read_text()
+
+
+def _table_rows(text: str, header: str) -> list[list[str]]:
+  """Rows of the markdown table whose header row starts with `header` (several may share a first cell)."""
+  lines = text.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith(header))
+  rows = []
+  for line in lines[start + 2:]:
+    if not line.startswith("| "):
+      break
+    rows.append([c.strip() for c in line.strip("|").split("|")])
+  return rows
 
 
 def test_report_pairs_mxfp4_losses_with_the_trained_ones_seed_by_seed(tmp_path):

@@ -36,6 +36,23 @@ def test_the_prompt_is_openais_rendering_token_for_token(encodings, effort):
   assert ours.encode(harmony.prompt("What is 2 + 2? Ünïcode ✓", effort, DAY), allowed_special="all") == want
 
 
+def test_a_chat_of_several_turns_is_openais_rendering_token_for_token(encodings):
+  """What the harness's chat template gives a gpt-oss checkpoint: instructions (as the developer message),
+  few-shot turns (each answer a final message), the question."""
+  from openai_harmony import (Conversation, DeveloperContent, Message, ReasoningEffort, Role, SystemContent)
+  ours, theirs = encodings
+  system = SystemContent.new().with_reasoning_effort(ReasoningEffort.MEDIUM).with_conversation_start_date(DAY.isoformat())
+  turns = [("user", "2 + 2?"), ("assistant", "4"), ("user", "3 + 3?")]
+  conversation = Conversation.from_messages(
+      [Message.from_role_and_content(Role.SYSTEM, system),
+       Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions("Answer with a number."))]
+      + [Message.from_role_and_content(Role(role), text).with_channel("final") if role == "assistant"
+         else Message.from_role_and_content(Role(role), text) for role, text in turns])
+  want = theirs.render_conversation_for_completion(conversation, Role.ASSISTANT)
+  chat = [{"role": "system", "content": "Answer with a number."}] + [{"role": r, "content": t} for r, t in turns]
+  assert ours.encode(harmony.conversation(chat, "medium", DAY), allowed_special="all") == want
+
+
 def replies():
   """Assistant replies as gpt-oss writes them: reasoning then answer; a tool call; an answer without reasoning;
   text whose characters span several tokens."""

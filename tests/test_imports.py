@@ -20,6 +20,20 @@ def test_importing_the_package_leaves_the_environment_alone():
   assert out.split() == ["True", "True"], out
 
 
+def test_the_harness_is_imported_only_by_its_own_module():
+  """lm-eval (and torch, which it imports) stay out of a process that uses the package's commands, until
+  gptoss_jax.lm_eval.model is imported, which registers the model under the harness's name."""
+  out = _fresh_interpreter(
+      "import sys\n"
+      "import gptoss_jax, gptoss_jax.lm_eval, gptoss_jax.evaluate, gptoss_jax.generate, gptoss_jax.train.loop\n"
+      "import gptoss_jax.convert.__main__, gptoss_jax.weights\n"
+      "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lm_eval', 'torch')))\n"
+      "import gptoss_jax.lm_eval.model\n"
+      "from lm_eval.api.registry import get_model\n"
+      "print(get_model('gptoss_jax').__name__)")
+  assert out.split("\n")[:2] == ["[]", "HarnessModel"], out
+
+
 def test_conversion_evaluation_and_generation_need_nothing_from_training():
   out = _fresh_interpreter(
       "import sys\n"

@@ -43,12 +43,25 @@ def unembed_nll(x_BxTxD: jax.Array, unembed_DxV: jax.Array, targets_BxT: jax.Arr
   logits: the log-normaliser is combined from one vocabulary chunk's at a time (gpt-oss, 512 positions: a
   67 MB chunk instead of 0.4 GB of logits and as much again for their exponentials), and the target's logit
   is the product with its own column."""
+  return unembed_scores(x_BxTxD, unembed_DxV, targets_BxT, platform)[0]
+
+
+def unembed_scores(x_BxTxD: jax.Array, unembed_DxV: jax.Array, targets_BxT: jax.Array, platform: str
+                   ) -> tuple[jax.Array, jax.Array]:
+  """unembed_nll's loss [B, T], and whether each target is its position's argmax token [B, T] (the first of
+  ties, as argmax), both one vocabulary chunk at a time (what is not used is never computed under jit)."""
   V = unembed_DxV.shape[1]
-  logz_BxTxC = jnp.stack([jax.nn.logsumexp(project(x_BxTxD, unembed_DxV[:, i:i + VOCAB_CHUNK], platform=platform)
-                                           .astype(jnp.float32), axis=-1) for i in range(0, V, VOCAB_CHUNK)], axis=-1)
+  logz, best, first = [], [], []
+  for i in range(0, V, VOCAB_CHUNK):
+    logits_BxTxC = project(x_BxTxD, unembed_DxV[:, i:i + VOCAB_CHUNK], platform=platform).astype(jnp.float32)
+    logz.append(jax.nn.logsumexp(logits_BxTxC, axis=-1))
+    best.append(jnp.max(logits_BxTxC, axis=-1))
+    first.append(jnp.argmax(logits_BxTxC, axis=-1) + i)
   w_DxBxT = jnp.take(unembed_DxV, targets_BxT, axis=1).astype(jnp.float32)
   target_BxT = jnp.einsum("btd,dbt->bt", x_BxTxD.astype(jnp.float32), w_DxBxT)
-  return jax.nn.logsumexp(logz_BxTxC, axis=-1) - target_BxT
+  chunk_BxT = jnp.argmax(jnp.stack(best, axis=-1), axis=-1)
+  argmax_BxT = jnp.take_along_axis(jnp.stack(first, axis=-1), chunk_BxT[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(jnp.stack(logz, axis=-1), axis=-1) - target_BxT, argmax_BxT == targets_BxT
 
 
 class ModelOutput(NamedTuple):
