@@ -3,6 +3,7 @@ the same small Hugging Face model, through the harness's evaluator, offline (tas
 JSON file): per-request log-likelihoods, greedy flags, rolling log-likelihoods, generated text and metrics."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -169,8 +170,14 @@ def test_the_command_prints_the_harness_table_and_writes_its_json(tmp_path):
   assert "|tiny_mc|" in out.stdout.replace(" ", "") and "acc" in out.stdout
   written = json.loads((tmp_path / "results.json").read_text())
   assert written["results"]["tiny_mc"]["acc,none"] == theirs["results"]["tiny_mc"]["acc,none"]
+  offline = tmp_path / "offline"  # a checkpoint whose tokenizer's vocabulary cannot be had: nothing to encode or decode
+  shutil.copytree(ckpt, offline)
+  config = json.loads((offline / "config.json").read_text())
+  config["data"] |= {"tokenizer": "gpt2", "vocab_file": str(tmp_path / "missing.tiktoken")}
+  (offline / "config.json").write_text(json.dumps(config))
   for args, message in ((["--tasks", "no_such_task"], "unknown task(s): no_such_task"),
-                        (["--tasks", "tiny_mc", "--ckpt", str(tmp_path / "missing")], "not a checkpoint folder")):
+                        (["--tasks", "tiny_mc", "--ckpt", str(tmp_path / "missing")], "not a checkpoint folder"),
+                        (["--tasks", "tiny_gen", "--ckpt", str(offline)], "cannot load the gpt2 vocabulary")):
     out = subprocess.run([sys.executable, "-m", "gptoss_jax.lm_eval", "--ckpt", str(ckpt), "--include-path", str(tasks),
                           *args], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

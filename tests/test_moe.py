@@ -373,7 +373,8 @@ def test_auto_dispatch_gathers_the_chosen_experts_only_for_few_tokens():
   cfg = BASE.replace(n_experts=32, top_k=4)  # gpt-oss-20b's routing
   assert resolved_dispatch(cfg, 1) == "selected" and resolved_dispatch(cfg, 7) == "selected"
   assert resolved_dispatch(cfg, 8) == "grouped"  # as many assignments as experts: the loop, on CPU
-  assert resolved_dispatch(cfg.replace(moe_capacity_factor=1.0), 1) == "grouped"
+  assert resolved_dispatch(cfg.replace(moe_capacity_factor=1.0), 1) == "capacity"  # the buckets, not the loop
+  assert resolved_dispatch(cfg.replace(moe_capacity_factor=1.0, moe_dispatch="grouped"), 64) == "capacity"
   from gptoss_jax.model import cpu_kernels
   from gptoss_jax.model.moe import PACKED_SELECTED_MAX
   packed, kernel = cfg.replace(moe_mxfp4=True), cpu_kernels.available()  # prefill pieces too, with the kernel

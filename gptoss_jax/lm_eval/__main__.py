@@ -1,6 +1,6 @@
 """python -m gptoss_jax.lm_eval --ckpt DIR --tasks hellaswag,arc_easy [--include-path DIR] [--limit N]
     [--num-fewshot K] [--batch-size B] [--apply-chat-template] [--output results.json] [--step N]
-    [--max-length N] [--vocab-file FILE] [--config.model.FIELD=VALUE ...]
+    [--max-length N] [--vocab-file FILE] [--verbose] [--config.model.FIELD=VALUE ...]
 
 A checkpoint (a training run or a conversion) scored on lm-evaluation-harness's tasks by the harness's own
 evaluator (its prompts, metrics and standard errors): prints its table and writes its JSON (without the
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--max-length", type=int, default=0, help="tokens per scored input (default the model's, "
                                                                     "at most 4,096)")
   parser.add_argument("--vocab-file", default="", help="a local .tiktoken file (no internet), or pypi")
+  parser.add_argument("--verbose", action="store_true", help="the harness's log (its warnings and progress notes)")
   return parser
 
 
@@ -72,6 +74,7 @@ def evaluate(args: argparse.Namespace, overrides: dict[str, str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
   args, rest = _parser().parse_known_args(argv)
+  logging.getLogger("lm_eval").setLevel(logging.INFO if args.verbose else logging.ERROR)
   try:
     results = evaluate(args, parse_override_args(rest))
   except ConfigError as e:

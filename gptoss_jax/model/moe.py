@@ -13,7 +13,8 @@ routing. The router's statistics
 Dispatch strategies (`moe_dispatch`; what `auto` takes for each platform: resolved_dispatch):
 grouped: dropless (moe_capacity_factor = 0): the experts one after another over their expert-sorted rows in
   blocks (expert_loop), compute following the real assignments: the CPU's grouped GEMM (its loops' trip counts
-  follow the routing, so elsewhere it is slow). With a capacity factor: per-expert buckets of a fixed size,
+  follow the routing, so elsewhere it is slow).
+capacity: what `grouped` and `auto` resolve to with a capacity factor: per-expert buckets of a fixed size,
   one batched matmul, overflow dropped.
 blocked: dropless: the expert-sorted rows in blocks of b rows that each belong to one expert (each expert's
   rows padded to a multiple of b), every block through its expert's weights in batched matmuls over chunks of
@@ -108,19 +109,21 @@ def resolved_dispatch(cfg: ModelConfig, n_tokens: int) -> str:
   """`auto`, for a shard of n_tokens tokens in the program of platform `target(cfg)`: the selected experts'
   weights gathered when there are fewer (token, expert) assignments than experts (decoding: gpt-oss-20b reads 4
   of its 32 experts per token), or up to PACKED_SELECTED_MAX of them for packed experts on CPU (prefill); with
-  a capacity factor, the fixed buckets; else on CPU the dropless expert loop (`grouped`), and on GPU and TPU
+  a capacity factor, the fixed buckets (`capacity`); else on CPU the dropless expert loop (`grouped`), and on GPU and TPU
   `blocked` (the loop's trip counts follow the routing, a string of small kernels there). Packed experts
   take the loop on every platform: it unpacks one expert at a time (gpt-oss-20b: 50 MB in bfloat16, against
   1.6 GB for a layer's experts, which `blocked`'s chunks of blocks could reach)."""
   if cfg.moe_dispatch != "auto":
-    return cfg.moe_dispatch
+    return "capacity" if cfg.moe_dispatch == "grouped" and cfg.moe_capacity_factor else cfg.moe_dispatch
   platform = target(cfg)
   assignments = n_tokens * cfg.top_k
   packed_on_cpu = cfg.moe_mxfp4 and platform == "cpu" and cpu_kernels.available()
   few = assignments < cfg.n_experts or (packed_on_cpu and assignments <= PACKED_SELECTED_MAX)
   if few and not cfg.moe_capacity_factor:
     return "selected"
-  if cfg.moe_capacity_factor or cfg.moe_mxfp4 or platform == "cpu":
+  if cfg.moe_capacity_factor:
+    return "capacity"
+  if cfg.moe_mxfp4 or platform == "cpu":
     return "grouped"
   return "blocked"
 
@@ -195,7 +198,7 @@ def dispatch(cfg: ModelConfig, p: dict, x_NxD: jax.Array, idx_NxK: jax.Array, w_
   if kind == "selected":
     return selected(cfg, p, x_NxD, idx_NxK, w_NxK)
   weights, take = expert_params(cfg, p, x_NxD.dtype)
-  if kind == "grouped" and not cfg.moe_capacity_factor:  # dropless: the experts one after another
+  if kind == "grouped":  # dropless: the experts one after another
     blocks = dropless_blocks(cfg, N)
     loop = expert_loop(activation, blocks, take)
     return block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, E, blocks[-1],
