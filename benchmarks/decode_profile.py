@@ -19,12 +19,12 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_speed import build, child  # noqa: E402
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -87,13 +87,6 @@ def measure(folder: str, context: int, repeats: int) -> None:
   print("RESULT", json.dumps(row))
 
 
-def child(*args: str) -> str:
-  out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
-  if out.returncode:
-    raise RuntimeError(out.stderr[-3000:])
-  return out.stdout
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--layers", type=int, nargs="+", default=[4])
@@ -105,7 +98,6 @@ def main() -> None:
   if args.child:
     kind, folder, *rest = args.child
     if kind == "build":
-      from decode_speed import build
       build(folder, int(rest[0]))
     else:
       measure(folder, int(rest[0]), int(rest[1]))
@@ -116,8 +108,8 @@ def main() -> None:
   for layers in args.layers:
     folder = Path(args.workdir) / f"gpt-oss-20b-{layers}-layers"
     shutil.rmtree(folder, ignore_errors=True)
-    child("build", str(folder), str(layers))
-    row = json.loads(child("measure", str(folder), str(args.context), str(args.repeats)).split("RESULT", 1)[1])
+    child("build", str(folder), str(layers), script=__file__)
+    row = child("measure", str(folder), str(args.context), str(args.repeats), script=__file__)
     shutil.rmtree(folder)
     print(f"\n{layers} layers, context {args.context}: one decoded token {row['step'] * 1e3:.1f} ms "
           f"({1 / row['step']:.2f} tokens/s)")

@@ -108,7 +108,7 @@ def measure(folder: str, prompt: int, new: int) -> None:
     generate(model, ids, new, timing=timing)
     row[f"{run}_prefill_tokens_per_s"] = prompt / timing["prefill_s"]
     row[f"{run}_decode_tokens_per_s"] = (new - 1) / timing["decode_s"]
-  row["peak_rss_gib"] = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 2**20
+  row["peak_rss_gib"] = peak_rss_gib()
   row["bytes_per_token_gib"] = bytes_per_token(model) / 2**30
   del model
   row["stream_gib_per_s"] = stream_bandwidth(int(row["bytes_per_token_gib"] * 2**30)) / 2**30
@@ -116,11 +116,18 @@ def measure(folder: str, prompt: int, new: int) -> None:
   print("RESULT", json.dumps(row))
 
 
-def child(*args: str) -> str:
-  out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+def child(*args: str, script: str = __file__) -> dict | None:
+  """`script --child ARGS` in a fresh process (each measurement starts from nothing); its RESULT row, if any.
+  The other benchmarks that build this shape (decode_profile, harness_speed) run their children through it."""
+  out = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(out.stderr[-3000:])
-  return out.stdout
+  return json.loads(out.stdout.split("RESULT", 1)[1]) if "RESULT" in out.stdout else None
+
+
+def peak_rss_gib() -> float:
+  """This process's peak resident set so far."""
+  return [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 2**20
 
 
 def main() -> None:
@@ -141,7 +148,7 @@ def main() -> None:
     folder = Path(args.workdir) / f"gpt-oss-20b-{layers}-layers"
     shutil.rmtree(folder, ignore_errors=True)
     child("build", str(folder), str(layers))
-    row = json.loads(child("measure", str(folder), str(args.prompt), str(args.new)).split("RESULT", 1)[1])
+    row = child("measure", str(folder), str(args.prompt), str(args.new))
     shutil.rmtree(folder)
     print(f"{layers:6d}  {row['load_s']:6.1f}  {row['first_prefill_tokens_per_s']:13.1f} / "
           f"{row['compiled_prefill_tokens_per_s']:<17.1f}  {row['first_decode_tokens_per_s']:10.2f} / "

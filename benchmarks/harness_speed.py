@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_speed import build as build_20b, child, peak_rss_gib  # noqa: E402
 
 
 def build(folder: str, shape: str, layers: int) -> None:
   if shape == "20b":
-    from decode_speed import build as build_20b
     build_20b(folder, layers)
     return
   from flax import nnx
@@ -59,18 +58,11 @@ def measure(folder: str, requests: int, context: int, batch_size: int) -> None:
     began = time.perf_counter()
     model.score_tokens(pairs)
     row[f"{run}_tokens_per_s"] = tokens / (time.perf_counter() - began)
-  row["peak_rss_gib"] = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 2**20
+  row["peak_rss_gib"] = peak_rss_gib()
   active = stats(model.cfg, context + 8).active_params
   row["matmul_gflops"] = measured_matmul_flops() / 1e9
   row["limit_tokens_per_s"] = row["matmul_gflops"] * 1e9 / (2 * active)
   print("RESULT", json.dumps(row))
-
-
-def child(*args: str) -> str:
-  out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
-  if out.returncode:
-    raise RuntimeError(out.stderr[-3000:])
-  return out.stdout
 
 
 def main() -> None:
@@ -92,9 +84,8 @@ def main() -> None:
   for shape in args.shapes:
     folder = Path(args.workdir) / shape
     shutil.rmtree(folder, ignore_errors=True)
-    child("build", str(folder), shape, str(args.layers))
-    row = json.loads(child("measure", str(folder), str(args.requests), str(args.context), str(args.batch_size))
-                     .split("RESULT", 1)[1])
+    child("build", str(folder), shape, str(args.layers), script=__file__)
+    row = child("measure", str(folder), str(args.requests), str(args.context), str(args.batch_size), script=__file__)
     shutil.rmtree(folder)
     name = f"{shape} ({args.layers} layers)" if shape == "20b" else shape
     print(f"{name:<13} {row['load_s']:6.1f}  {row['first_tokens_per_s']:10.1f} / {row['compiled_tokens_per_s']:<14.1f}  "

@@ -28,15 +28,11 @@ SKIPPED_SCALES = {"tiny": "its models read bytes of Shakespeare; the harness's t
                           "cannot read, so their scores would all be chance"}
 
 
-def score(folder: Path, tasks: list[str], limit: float | None = None, include_path: str = "") -> dict:
-  """{task: {metric: value, metric_stderr: value, "higher_is_better": {metric: bool}}} of one checkpoint."""
+def score(folder: Path, tasks: list[str], manager, limit: float | None = None) -> dict:
+  """{task: {metric: value, metric_stderr: value, "higher_is_better": {metric: bool}}} of one checkpoint, the
+  tasks from `manager` (the harness's TaskManager)."""
   import lm_eval
-  from lm_eval.tasks import TaskManager
   from gptoss_jax.lm_eval.model import HarnessModel
-  manager = TaskManager(include_path=include_path or None)
-  unknown = [t for t in tasks if t not in manager.all_tasks]
-  if unknown:
-    raise ConfigError(f"unknown harness task(s): {', '.join(unknown)}")
   results = lm_eval.simple_evaluate(model=HarnessModel(ckpt=str(folder)), tasks=tasks, limit=limit,
                                     task_manager=manager, log_samples=False)
   out = {}
@@ -60,12 +56,29 @@ def run(sweep_dir: Path, description: SweepDescription, tasks: list[str], limit:
   if description.scale in SKIPPED_SCALES:
     raise ConfigError(f"no harness scores at {description.scale} scale: {SKIPPED_SCALES[description.scale]}")
   todo = missing(sweep_dir, tasks)
+  if not todo:
+    return 0
+  from lm_eval.tasks import TaskManager
+  manager = TaskManager(include_path=include_path or None)  # indexes the harness's tasks: once, 8 s
+  unknown = [t for t in tasks if t not in manager.all_tasks]
+  if unknown:
+    raise ConfigError(f"unknown harness task(s): {', '.join(unknown)}")
   for i, folder in enumerate(todo):
     path = folder / FILE
     kept = json.loads(path.read_text()) if path.is_file() else {}
-    atomic_write(path, json.dumps(kept | score(folder, tasks, limit, include_path), indent=1))
+    atomic_write(path, json.dumps(kept | score(folder, tasks, manager, limit), indent=1))
     print(f"harness {i + 1}/{len(todo)}: {folder}", file=sys.stderr)
   return len(todo)
+
+
+def scored(sweep_dir: Path, description: SweepDescription, tasks: list[str], limit: float | None = None) -> list:
+  """What the report adds for `tasks`: the missing scores made (not at a scale SKIPPED_SCALES names), then
+  every comparison (`comparisons`); [] without tasks."""
+  if not tasks:
+    return []
+  if description.scale not in SKIPPED_SCALES:
+    run(sweep_dir, description, tasks, limit)
+  return comparisons(load(sweep_dir, description), description)
 
 
 def load(sweep_dir: Path, description: SweepDescription) -> dict[str, dict[int, dict]]:

@@ -408,15 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # the dataset cannot be had here (no network, say): the report goes on without
       print(f"note: no n-gram baselines ({e})", file=sys.stderr)
   tasks = [t for t in args.harness_tasks.split(",") if t]
-  if tasks and description.scale not in harness.SKIPPED_SCALES:
-    try:
-      harness.run(sweep_dir, description, tasks, args.harness_limit)
-    except ConfigError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+  try:
+    benchmarks = harness.scored(sweep_dir, description, tasks, args.harness_limit)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   # sweeps evaluated past training (`context`), MoE trainings quantized after it (`experiments.mxfp4_cost`), scored
   # on benchmark tasks (`experiments.harness`)
-  benchmarks = harness.comparisons(harness.load(sweep_dir, description), description) if tasks else []
   extra = (context.section(sweep_dir, description) + mxfp4_cost.section(sweep_dir, description)
            + harness.section(description, tasks, benchmarks))
   extra += verdicts.section(description, results, comparisons, lr_differences, baselines, sweep_dir,

@@ -181,3 +181,33 @@ def test_the_command_prints_the_harness_table_and_writes_its_json(tmp_path):
     out = subprocess.run([sys.executable, "-m", "gptoss_jax.lm_eval", "--ckpt", str(ckpt), "--include-path", str(tasks),
                           *args], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_a_sweeps_compared_trainings_are_scored_once_per_task(tmp_path):
+  """experiments.harness on a sweep folder: each compared training's checkpoint scored into its harness.json
+  (the harness's accuracy, its standard error, which way is better), nothing scored twice, refused at tiny."""
+  import dataclasses
+  from flax import nnx
+  from experiments import harness
+  from experiments.description import RunSpec, SweepDescription
+  from gptoss_jax.config import ConfigError, DataConfig, ModelConfig, RunConfig
+  from gptoss_jax.model import Transformer
+  from gptoss_jax.weights import save_model
+  cfg = ModelConfig(vocab_size=256, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=8, d_ff=32, max_seq_len=64)
+  save_model(tmp_path / "sweep" / "run" / "seed0", RunConfig(model=cfg, data=DataConfig(tokenizer="byte", seq_len=32)),
+             Transformer(cfg, nnx.Rngs(0)))
+  (tmp_path / "tasks").mkdir()
+  (tmp_path / "tasks" / "data.json").write_text(json.dumps(
+      [{"q": f"{i} plus one is", "choices": [f" {i + 1}", f" {i + 2}"], "label": 0} for i in range(4)]))
+  (tmp_path / "tasks" / "mc.yaml").write_text(
+      f"task: sweep_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'tasks' / 'data.json'}\n"
+      "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\n"
+      "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+  description = SweepDescription("x", "small", (RunSpec("run", steps=1),), seeds=1)
+  assert harness.run(tmp_path / "sweep", description, ["sweep_mc"], include_path=str(tmp_path / "tasks")) == 1
+  scores = json.loads((tmp_path / "sweep" / "run" / "seed0" / "harness.json").read_text())["sweep_mc"]
+  assert scores["acc"] in (0.0, 0.25, 0.5, 0.75, 1.0) and "acc_stderr" in scores
+  assert scores["higher_is_better"] == {"acc": True}
+  assert harness.run(tmp_path / "sweep", description, ["sweep_mc"], include_path=str(tmp_path / "tasks")) == 0
+  with pytest.raises(ConfigError, match="no harness scores at tiny scale"):
+    harness.run(tmp_path / "sweep", dataclasses.replace(description, scale="tiny"), ["sweep_mc"])

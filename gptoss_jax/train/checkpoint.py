@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gptoss_jax.weights import data_to_keys, keys_to_data
+from gptoss_jax.weights import data_to_keys, keys_to_data, steps
 
 from gptoss_jax.train.step import TrainState
 
@@ -53,10 +53,10 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
   return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
 
 
-def final_weights_step(directory: Path) -> int | None:
-  """The step of a finished training's weights-only checkpoint in `directory`, if that is the newest one."""
-  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
-  return steps[-1] if steps and (directory / str(steps[-1]) / "weights").is_dir() else None
+def final_weights_step(workdir: Path) -> int | None:
+  """The step of a finished training's weights-only checkpoint in workdir/checkpoints, if that is the newest."""
+  available = steps(workdir)
+  return available[-1] if available and (workdir / "checkpoints" / str(available[-1]) / "weights").is_dir() else None
 
 
 class Checkpointer:

@@ -129,7 +129,7 @@ def train(config: RunConfig, workdir: str | Path) -> dict:
 def already_finished(workdir: Path, steps: int) -> bool:
   """A training that finished keeping its final weights alone: nothing to do up to its last step, and no
   optimizer state to train on with."""
-  final = final_weights_step(workdir / "checkpoints")
+  final = final_weights_step(workdir)
   if final is None:
     return False
   if steps > final:
