@@ -58,8 +58,8 @@ def run(sweep_dir: Path, description: SweepDescription, tasks: list[str], limit:
   todo = missing(sweep_dir, tasks)
   if not todo:
     return 0
-  from lm_eval.tasks import TaskManager
-  manager = TaskManager(include_path=include_path or None)  # indexes the harness's tasks: once, 8 s
+  from gptoss_jax.lm_eval.model import task_manager
+  manager = task_manager(tasks, include_path)  # indexes the harness's tasks (8 s) once, unless all are local
   unknown = [t for t in tasks if t not in manager.all_tasks]
   if unknown:
     raise ConfigError(f"unknown harness task(s): {', '.join(unknown)}")

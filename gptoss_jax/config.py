@@ -16,7 +16,7 @@ POSITIONS = ("learned", "rope", "yarn", "llama3")
 ROTARY = ("rope", "yarn", "llama3")  # the positions that rotate queries and keys (is_rotary); the rest do not
 FFNS = ("gelu", "swiglu", "clamped_swiglu")
 ROUTINGS = ("topk_softmax", "softmax_topk")
-DISPATCHES = ("auto", "grouped", "blocked", "ragged", "selected", "dense")
+DISPATCHES = ("auto", "grouped", "blocked", "gmm", "ragged", "selected", "dense")
 ATTN_IMPLS = ("auto", "masked", "blockwise", "fused")
 PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -93,9 +93,9 @@ class ModelConfig:
   moe_aux_loss_weight: float = dataclasses.field(default=0.01, metadata=SAME_MATH)  # load-balancing loss
   moe_z_loss_weight: float = dataclasses.field(default=0.001, metadata=SAME_MATH)  # router z-loss (ST-MoE)
   moe_bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3: 1e-3); 0 = off
-  # auto: selected for fewer (token, expert) assignments than experts (decoding), else blocked (expert-sorted
-  # rows in blocks, one batched GEMM) on GPU and TPU, grouped (the dropless expert loop) on CPU; capacity buckets
-  # with a capacity factor (gptoss_jax/model/moe.py)
+  # auto: selected for fewer (token, expert) assignments than experts (decoding), else gmm (megablox's grouped
+  # matmul) on TPU, blocked (expert-sorted rows in blocks, batched GEMMs) on GPU, grouped (the dropless expert
+  # loop) on CPU; capacity buckets with a capacity factor (gptoss_jax/model/moe.py)
   moe_dispatch: str = dataclasses.field(default="auto", metadata=SAME_MATH)
   moe_capacity_factor: float = 0.0  # 0: dropless
   moe_mxfp4: bool = dataclasses.field(default=False, metadata=SAME_MATH)  # how experts are stored

@@ -11,6 +11,11 @@ How each op is counted:
   `--xla_gpu_experimental_use_ragged_dot_fusion` (and a recent cuDNN on Ampere or newer), is not a property
   of the program: `ragged_dot_fusion=True` counts it as grouped. On TPU the compiler is not open source, so a
   ragged_dot is left uncounted (`flops` None) rather than guessed.
+- `stablehlo.custom_call @tpu_custom_call` (a Pallas kernel compiled by Mosaic): the FLOPs of the cost estimate
+  the kernel declares (`cost_estimate` in its backend_config), and none where it declares none. For megablox's
+  grouped matmuls (gmm, tgmm: recognised by their scalar-prefetch operands, the group offsets [G + 1] and the
+  tiles' group and row ids [T]) the estimate counts the rows once (2 m k n); their grid visits T tiles, m / tm
+  plus one more for each group boundary inside a tile (T = m / tm + G - 1), so they count T / (m / tm) times it.
 - Outside any shard_map a program's shapes are global: its FLOPs are divided by the devices (the best any
   partitioning can do); inside one (`sdy.manual_computation`) they are one device's already.
 - Inside a `stablehlo.while` whose condition compares its counter with a constant (lax.scan, lax.map), an op
@@ -31,7 +36,7 @@ _OP_LOC = re.compile(r"loc\(#loc(\d+)\)\s*$")
 
 @dataclasses.dataclass(frozen=True)
 class Matmul:
-  op: str  # dot_general | ragged_dot
+  op: str  # dot_general | ragged_dot | tpu_custom_call
   flops: float | None  # on one device, as the platform's XLA computes it (None: not known, see the module)
   names: tuple[str, ...]  # the op's name-scope paths (jit(f)/.../experts/dot_general)
   manual: bool  # inside a shard_map: its shapes are one device's
@@ -83,6 +88,21 @@ def _flops(line: str, op: str, platform: str, ragged_dot_fusion: bool) -> tuple[
   return (grouped if ragged_dot_fusion and platform == "cuda" else grouped * groups), out
 
 
+_MEGABLOX = re.compile(r"\(tensor<i32>, tensor<(\d+)xi32>, tensor<(\d+)xi32>, tensor<\2xi32>, tensor<1xi32>,")
+
+
+def _kernel_flops(line: str) -> float | None:
+  """A Pallas TPU kernel's FLOPs: its declared cost estimate, scaled to its grid's bound for megablox's."""
+  declared = re.search(r"\\22flops\\22:(\d+)", line)
+  if not declared:
+    return None
+  flops = float(declared.group(1))
+  if megablox := _MEGABLOX.search(line.rsplit("} : ", 1)[-1]):
+    groups, tiles = int(megablox.group(1)) - 1, int(megablox.group(2))
+    flops *= tiles / (tiles - groups + 1)
+  return flops
+
+
 def _functions(text: str) -> dict[str, list[str]]:
   """Each function of the module (`func.func ... @name(`) -> the lines of its body."""
   functions, name, depth = {}, None, 0
@@ -132,9 +152,11 @@ def matmuls(text: str, platform: str, devices: int = 1, ragged_dot_fusion: bool 
         inside_trips = None if inside_trips is None or r[3] is None else inside_trips * r[3]
       if call := re.search(r"\bcall @([\w.$-]+)\(", line):
         walk(call.group(1), outer | names(line), inside_manual, inside_trips)
-      op = ("dot_general" if "stablehlo.dot_general" in line else "ragged_dot" if "chlo.ragged_dot" in line else None)
+      op = ("dot_general" if "stablehlo.dot_general" in line else "ragged_dot" if "chlo.ragged_dot" in line else
+            "tpu_custom_call" if "custom_call @tpu_custom_call(" in line else None)
       if op:
-        flops, out = _flops(line, op, platform, ragged_dot_fusion)
+        flops, out = (_kernel_flops(line), _dims(_TENSOR.findall(line.rsplit("->", 1)[1])[0])) \
+            if op == "tpu_custom_call" else _flops(line, op, platform, ragged_dot_fusion)
         if flops is not None:
           flops = (flops if inside_manual else flops / devices) * (inside_trips or 1)
         found.append(Matmul(op, flops, tuple(sorted(outer | names(line))), inside_manual, inside_trips, out))

@@ -1,11 +1,19 @@
+import contextlib
+import io
 import os
+import subprocess
 import sys
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite is mostly compilation of small programs: XLA:CPU's code generation without LLVM's optimization passes
+# (the same HLO passes, fusions and runtime matmuls; no fast math either way, so the same numbers) takes about a
+# third less CPU time. Commands the tests start get it too (COMPILE_FLAGS in their XLA_FLAGS).
+COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 # 8 fake devices, whose collectives may wait on a loaded machine longer than XLA:CPU's default 40 s
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (" --xla_force_host_platform_device_count=8"
-                                                              " --xla_cpu_collective_call_terminate_timeout_seconds=600")
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), COMPILE_FLAGS,
+                                    "--xla_force_host_platform_device_count=8",
+                                    "--xla_cpu_collective_call_terminate_timeout_seconds=600"]).strip()
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # one compilation cache for the session and every command it starts: the many short runs of the same tiny
 # configs (resumes, faults, sweeps) compile their programs once
@@ -20,6 +28,19 @@ import pytest
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_command(main, *args) -> subprocess.CompletedProcess:
+  """A command's main(argv) in this process: its exit status and what it printed. For the tests of what a
+  command prints and returns (bad input is one line, exit status 2); those about processes, signals or the
+  working directory start real ones."""
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's errors
+      code = e.code
+  return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture

@@ -2,15 +2,13 @@
 short KV cache; each against a reference written here."""
 
 import json
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO
+from conftest import run_command
 from gptoss_jax.config import DataConfig, ModelConfig, RunConfig
 from gptoss_jax.config_files import load_config_file
 from gptoss_jax.evaluate import evaluate_tokens, position_nll, stream_position_nll
@@ -73,8 +71,8 @@ def test_streaming_with_a_short_cache_masks_each_query_to_its_last_n_keys(cache)
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "gptoss_jax.evaluate", *map(str, args)], cwd=REPO,
-                        capture_output=True, text=True)
+  from gptoss_jax.evaluate import main
+  return run_command(main, *args)
 
 
 @pytest.fixture(scope="module")

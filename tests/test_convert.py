@@ -1,8 +1,7 @@
 """convert (HF folders, MXFP4 included) -> checkpoints that evaluate loads; errors leave nothing behind."""
 
+import importlib
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import torch
 import transformers
 
 import gptoss_jax
-from conftest import REPO
+from conftest import run_command
 from gptoss_jax.convert.__main__ import convert
 from gptoss_jax.evaluate import evaluate_tokens
 from gptoss_jax.model import mxfp4
@@ -86,7 +85,8 @@ def test_keep_mxfp4_checkpoint_round_trip(mxfp4_folder, tmp_path):
 
 
 def _cli(module, *args):
-  return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True)
+  return run_command(importlib.import_module(module if module != "gptoss_jax.convert" else f"{module}.__main__").main,
+                     *args)
 
 
 def test_bad_conversions_leave_nothing(hf_folder, tmp_path):

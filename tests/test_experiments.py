@@ -19,7 +19,7 @@ from scipy import stats as scipy_stats
 from experiments import cost, folders, paired, plan, power, report, run, slots, supervise, sweeps, sync
 from experiments.description import RunSpec, SweepDescription
 from experiments.sweeps import SCALES, active, build, solve, total
-from conftest import REPO
+from conftest import COMPILE_FLAGS, REPO
 from gptoss_jax.config import ConfigError, ModelConfig, RunConfig
 from gptoss_jax.config_files import load_config_file
 
@@ -737,7 +737,7 @@ def test_mini_sweep_end_to_end_resumes_and_skips(tmp_path, text_dataset):
             "--config.train.eval_every=2", "--config.log.every=2", "--config.train.batch_size=4",
             "--config.data.seq_len=32", f"--config.data.dir={text_dataset}", "--config.train.eval_batches=2",
             "--config.train.warmup_steps=1"]
-  env = os.environ | {"XLA_FLAGS": ""}
+  env = os.environ | {"XLA_FLAGS": COMPILE_FLAGS}
   cwd = tmp_path  # the commands work from any directory
   first = subprocess.run(common + ["--config.train.stop_at=2"], capture_output=True, text=True, env=env, cwd=cwd)
   assert first.returncode == 0, first.stderr[-2000:]
@@ -856,7 +856,7 @@ def test_a_signal_to_the_runners_process_group_stops_every_training_with_its_che
          "--config.log.every=1", "--config.checkpoint.every=1", "--config.train.batch_size=4",
          "--config.data.seq_len=32", f"--config.data.dir={text_dataset}", "--config.train.eval_batches=1",
          "--config.train.warmup_steps=1"]
-  env = os.environ | {"XLA_FLAGS": ""}
+  env = os.environ | {"XLA_FLAGS": COMPILE_FLAGS}
   runner = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group, as a terminal or a scheduler gives it
   deadline = time.time() + 240
@@ -883,7 +883,7 @@ def test_smoke_trains_the_small_scales_gpt_oss_style_run_at_its_real_shapes(tmp_
   The other runs and the gpu scale take the same path (`python -m experiments.run <sweep> --scale S --smoke`)."""
   out = subprocess.run([sys.executable, "-m", "experiments.run", "ladder", "--scale", "small", "--smoke", "--runs",
                         "attention_biases", "--workdir", str(tmp_path / "smoke")], cwd=REPO, capture_output=True,
-                       text=True, env=os.environ | {"XLA_FLAGS": ""}, timeout=900)
+                       text=True, env=os.environ | {"XLA_FLAGS": COMPILE_FLAGS}, timeout=900)
   assert out.returncode == 0, out.stderr[-2000:]
   folder = tmp_path / "smoke" / "attention_biases" / "seed0"
   config = json.loads((folder / "config.json").read_text())

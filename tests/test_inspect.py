@@ -2,12 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_command
 from gptoss_jax import ModelConfig
 from gptoss_jax.config_files import model_config_from_file
 from gptoss_jax.inspect import mean_context, stats
@@ -65,7 +63,6 @@ def test_a_module_nested_in_the_moe_layer_is_counted_by_its_axes_not_its_names(m
   """A shared expert (a dense MLP with the usual w_in / w_out / b_in / b_out names) inside the MoE layer: every
   one of its parameters is active and its matrices cost FLOPs in full (counting by name took it for a routed
   expert, active top_k / n_experts of the time)."""
-  from flax import nnx
   from gptoss_jax.model import moe
   from gptoss_jax.model.ffn import MLP
   cfg = ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
@@ -87,7 +84,8 @@ def test_a_module_nested_in_the_moe_layer_is_counted_by_its_axes_not_its_names(m
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "gptoss_jax.inspect", *args], cwd=REPO, capture_output=True, text=True)
+  from gptoss_jax.inspect import main
+  return run_command(main, *(a.replace("configs/", f"{REPO}/configs/") for a in args))
 
 
 def test_cli_json_and_text():

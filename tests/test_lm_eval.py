@@ -4,15 +4,13 @@ JSON file): per-request log-likelihoods, greedy flags, rolling log-likelihoods, 
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from conftest import REPO
+from conftest import run_command
 from hf_models import hf_config
 
 MAX_LENGTH = 40  # shorter than the longest requests: truncation from the left is exercised
@@ -163,9 +161,9 @@ def test_the_command_prints_the_harness_table_and_writes_its_json(tmp_path):
   theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32,"
                                    f"max_length={MAX_LENGTH}", tasks=["tiny_mc"], batch_size=1, device="cpu",
                                    task_manager=lm_eval.tasks.TaskManager(include_path=str(tasks), include_defaults=False))
-  out = subprocess.run([sys.executable, "-m", "gptoss_jax.lm_eval", "--ckpt", str(ckpt), "--tasks", "tiny_mc",
-                        "--include-path", str(tasks), "--max-length", str(MAX_LENGTH), "--output",
-                        str(tmp_path / "results.json")], cwd=REPO, capture_output=True, text=True)
+  from gptoss_jax.lm_eval.__main__ import main
+  out = run_command(main, "--ckpt", ckpt, "--tasks", "tiny_mc", "--include-path", tasks, "--max-length", MAX_LENGTH,
+                    "--output", tmp_path / "results.json")
   assert out.returncode == 0, out.stderr[-2000:]
   assert "|tiny_mc|" in out.stdout.replace(" ", "") and "acc" in out.stdout
   written = json.loads((tmp_path / "results.json").read_text())
@@ -178,8 +176,7 @@ def test_the_command_prints_the_harness_table_and_writes_its_json(tmp_path):
   for args, message in ((["--tasks", "no_such_task"], "unknown task(s): no_such_task"),
                         (["--tasks", "tiny_mc", "--ckpt", str(tmp_path / "missing")], "not a checkpoint folder"),
                         (["--tasks", "tiny_gen", "--ckpt", str(offline)], "cannot load the gpt2 vocabulary")):
-    out = subprocess.run([sys.executable, "-m", "gptoss_jax.lm_eval", "--ckpt", str(ckpt), "--include-path", str(tasks),
-                          *args], cwd=REPO, capture_output=True, text=True)
+    out = run_command(main, "--ckpt", ckpt, "--include-path", tasks, *args)
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 

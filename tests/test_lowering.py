@@ -66,8 +66,8 @@ def lowered_train_step(config: RunConfig, platform: str, devices: int):
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 @pytest.mark.parametrize("scale", ["small", "gpu"])
 def test_each_scales_largest_training_step_for_gpu_and_tpu(gpu_host, scale, platform, devices, capsys):
-  """At the scale's widths, batch, sequence length, bfloat16 and padded vocabulary: the MoE's expert matmuls within
-  1.5x of the active expert FLOPs on every device, none of them in a loop, no tensor of [experts, tokens, ..];
+  """At the scale's widths, batch, sequence length, bfloat16 and padded vocabulary: the MoE's expert matmuls (on
+  TPU megablox's kernels, on CUDA XLA's dots) within 1.5x of the active expert FLOPs on every device, none in a loop, no tensor of [experts, tokens, ..];
   the attention of every layer (sinks included) through the platform's fused kernel, forward and backward
   (cuDNN's flash attention on CUDA, splash attention on TPU), and no score matrix."""
   for name, config in largest_runs(scale):
@@ -79,6 +79,9 @@ def test_each_scales_largest_training_step_for_gpu_and_tpu(gpu_host, scale, plat
       pairs = {(s[i], s[i + 1]) for s in shapes if len(s) > 2 for i in range(len(s) - 1)}  # adjacent dimensions
       assert not [p for p in pairs if cfg.n_experts in p and per_device & set(p)], name  # (router logits: 2-D)
       counted = hlo.scope_flops(text, "experts", platform, devices)
+      kernels = sum(m.flops for m in hlo.matmuls(text, platform, devices) if m.under("experts")
+                    and m.op == "tpu_custom_call")  # megablox's; the dots left mix each token's experts' outputs
+      assert kernels > 0.95 * counted if platform == "tpu" else kernels == 0
       ratio = counted / active_expert_flops(cfg, tokens // devices, training=True)
       with capsys.disabled():
         print(f"\n{scale} {name} on {devices} {platform} device(s): expert FLOPs per device {counted:.3e}, "
@@ -107,6 +110,20 @@ def test_cudas_ragged_dot_counts_as_a_dense_dot_over_every_expert():
   assert [m.flops for m in hlo.matmuls(lowered("cpu").as_text(), "cpu")] == [4 * rows_only]
   assert [m.flops for m in hlo.matmuls(lowered("cuda").as_text(), "cuda", ragged_dot_fusion=True)] == [rows_only]
   assert [m.flops for m in hlo.matmuls(lowered("tpu").as_text(), "tpu")] == [None]
+
+
+def test_megablox_grouped_matmuls_count_every_tile_their_grid_visits():
+  """gmm and tgmm (the TPU's `gmm` dispatch) lowered for TPU: the kernels' declared 2 m k n times the tiles their
+  grid visits at most over the rows' tiles, m / tm + G - 1 over m / tm (a group boundary inside a tile visits it
+  once more)."""
+  from gptoss_jax.model.grouped_matmul import gmm, tgmm
+  m, k, n, groups, tm = 512, 256, 384, 4, 128
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+  sizes = jax.ShapeDtypeStruct((groups,), jnp.int32)
+  for fn, args in ((lambda lhs, rhs, s: gmm(lhs, rhs, s, tm, jnp.float32), (f32(m, k), f32(groups, k, n), sizes)),
+                   (lambda lhs, rhs, s: tgmm(lhs, rhs, s, tm, jnp.float32), (f32(k, m), f32(m, n), sizes))):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    assert [x.flops for x in hlo.matmuls(text, "tpu")] == [2 * (m + (groups - 1) * tm) * k * n]
 
 
 def test_loops_count_their_trips_where_the_program_fixes_them():

@@ -13,7 +13,7 @@ from gptoss_jax import ModelConfig
 from gptoss_jax.model import mxfp4
 from gptoss_jax.model.ffn import MLP
 from gptoss_jax.model.experts import block_rows, dropless_blocks, padded_rows
-from gptoss_jax.model.moe import MoE, aux_losses, balance_step, resolved_dispatch, route
+from gptoss_jax.model.moe import GMM_ROWS_MIN, MoE, aux_losses, balance_step, gmm_rows, resolved_dispatch, route
 
 BASE = ModelConfig(d_model=32, n_experts=8, top_k=2, d_expert=32, ffn="clamped_swiglu", ffn_bias=True,
                    router_bias=True)
@@ -99,7 +99,7 @@ def _numpy_moe(moe, cfg, x):
   return out
 
 
-@pytest.mark.parametrize("dispatch", ["grouped", "blocked", "ragged", "selected", "dense"])
+@pytest.mark.parametrize("dispatch", ["grouped", "blocked", "gmm", "ragged", "selected", "dense"])
 def test_dispatch_matches_numpy(rng, dispatch):
   cfg = BASE.replace(moe_dispatch=dispatch)
   moe = _randomized(cfg)
@@ -108,7 +108,7 @@ def test_dispatch_matches_numpy(rng, dispatch):
   np.testing.assert_allclose(y.reshape(24, 32), _numpy_moe(moe, cfg, x.reshape(24, 32)), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dispatch", ["grouped", "blocked"])
+@pytest.mark.parametrize("dispatch", ["grouped", "blocked", "gmm"])
 def test_dropless_dispatch_routes_every_token_when_one_expert_takes_everything(rng, dispatch):
   """One expert holds half the assignments (the rest spread), far past the blocks' bound on padding: every
   token still goes through its experts."""
@@ -145,14 +145,16 @@ def test_one_expert_top1_is_the_dense_ffn(rng):
   np.testing.assert_allclose(moe(x)[0], mlp(x)[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dispatch", ["grouped", "blocked"])
-@pytest.mark.parametrize("n_experts, tokens", [(8, 10), (4, 250)])
+@pytest.mark.parametrize("dispatch, n_experts, tokens", [
+    ("grouped", 8, 10), ("grouped", 4, 250), ("blocked", 8, 10), ("blocked", 4, 250), ("gmm", 4, 250)])
 def test_dropless_gradients_match_dense(rng, dispatch, n_experts, tokens):
-  """(4, 250): 250 rows per expert on average, so the loop runs blocks of 128, 64 and 32 rows, and `blocked`
-  blocks of 32 rows, in chunks of 4 blocks with a shorter last one (10 tokens: blocks of one row, no padding)."""
+  """(4, 250): 250 rows per expert on average, so the loop runs blocks of 128, 64 and 32 rows, `blocked`
+  blocks of 32 rows in chunks of 4 blocks with a shorter last one (10 tokens: blocks of one row, no padding),
+  and `gmm` (megablox's kernels, interpreted) tiles of 32 rows that the experts' boundaries cut."""
   cfg = BASE.replace(n_experts=n_experts)
   if tokens == 250:
     assert dropless_blocks(cfg, 2 * tokens) == (128, 64, 32) and block_rows(cfg, 2 * tokens) == 32
+    assert gmm_rows(cfg, 2 * tokens) == 32
   x = jnp.asarray(rng.normal(size=(2, tokens, 32)), jnp.float32)
   grads, outs = {}, {}
   for kind in (dispatch, "dense"):
@@ -385,18 +387,19 @@ def test_auto_dispatch_gathers_the_chosen_experts_only_for_few_tokens():
 def test_auto_dispatch_follows_the_platform_whose_program_is_built():
   """The platform is the config's, not the process's: a CPU process builds a GPU's or TPU's choices."""
   cfg = BASE.replace(n_experts=32, top_k=4)
-  for platform, expected in (("cpu", "grouped"), ("gpu", "blocked"), ("tpu", "blocked")):
-    assert resolved_dispatch(cfg.replace(platform=platform), 64) == expected
+  for platform, expected in (("cpu", "grouped"), ("gpu", "blocked"), ("tpu", "gmm")):
+    assert resolved_dispatch(cfg.replace(platform=platform), 1024) == expected
     assert resolved_dispatch(cfg.replace(platform=platform), 7) == "selected"  # decoding
     assert resolved_dispatch(cfg.replace(platform=platform, moe_mxfp4=True), 4096) == "grouped"  # one expert unpacked
+  assert resolved_dispatch(cfg.replace(platform="tpu"), 511) == "blocked"  # tiles of 16 rows: over a quarter load
   assert resolved_dispatch(cfg, 64) == ("grouped" if jax.default_backend() == "cpu" else "blocked")  # auto
 
 
 @pytest.mark.parametrize("n_experts, top_k", [(4, 1), (8, 2), (32, 4), (64, 4)])
 def test_blocked_rows_stay_within_a_quarter_more_than_the_assignments(n_experts, top_k):
   """The experts sweep's routings at every token count from 1 to 20,000: the blocks' static row count over
-  the assignments; and the rows always hold the worst routing (each expert's count padded to the block,
-  the padding placed where it costs most)."""
+  the assignments, and `gmm`'s most tiles over them where `auto` takes it; and the rows always hold the worst
+  routing (each expert's count padded to the block, the padding placed where it costs most)."""
   cfg = BASE.replace(n_experts=n_experts, top_k=top_k)
   worst = 0.0
   for tokens in list(range(1, 2000)) + list(range(2000, 20000, 97)):
@@ -405,4 +408,6 @@ def test_blocked_rows_stay_within_a_quarter_more_than_the_assignments(n_experts,
     worst = max(worst, rows / assignments)
     if assignments >= n_experts:  # the most padding: every expert but one with a single assignment
       assert rows >= (n_experts - 1) * b + -(-(assignments - n_experts + 1) // b) * b
+    if b >= GMM_ROWS_MIN:  # `gmm` on TPU: its rows rounded up to a tile, and a tile more per expert boundary
+      worst = max(worst, (-(-assignments // b) * b + (n_experts - 1) * b) / assignments)
   assert 1.0 <= worst <= 1.25, worst

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO
+from conftest import COMPILE_FLAGS, REPO
 from gptoss_jax.config import ConfigError, RunConfig
 from gptoss_jax.config_files import apply_overrides, load_config_file
 from gptoss_jax.sharding import make_mesh
@@ -70,11 +70,11 @@ def final_params(config, workdir):
     (MOE, dict(data=2, fsdp=4, tensor=1, expert=1),  # the smoke runs' sharding
      {"blocks.0.ffn.w_in": P(None, "fsdp", None, None), "blocks.0.ffn.w_out": P(None, None, "fsdp")}),
     (MOE + "@gpu", dict(data=2, fsdp=4, tensor=1, expert=1), {}),  # a GPU's program: the blocked dispatch
-    (MOE + "@gpu", dict(data=2, fsdp=1, tensor=2, expert=2), {}),
+    (MOE + "@tpu", dict(data=2, fsdp=4, tensor=1, expert=1), {}),  # a TPU's: megablox's kernels (interpreted)
 ])
 def test_sharded_step_matches_single_device(text_dataset, spec, mesh, specs):
   """Gradients, the step's metrics (router statistics included) and the updated parameters on 8 devices
-  equal one device's: the MoE's tokens routed per shard, in the CPU's program and a GPU's."""
+  equal one device's: the MoE's tokens routed per shard, in the CPU's program, a GPU's and a TPU's."""
   spec, _, platform = spec.partition("@")
   config = run_config(spec, text_dataset, **{"model.n_layers": 2, "model.platform": platform or "cpu"})
   cfg = config.model
@@ -248,7 +248,7 @@ def test_two_processes_agree_with_one(text_dataset, tmp_path):
                      "train.eval_every": 1000, "train.eval_batches": 1, "log.every": 1, "log.progress": "false",
                      "log.peak_flops": 1e12, "model.embed_dropout": 0, "model.attn_dropout": 0,
                      "model.resid_dropout": 0})
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=f"{COMPILE_FLAGS} --xla_force_host_platform_device_count=1")
   port = 20000 + os.getpid() % 20000
   procs = [_cli(tmp_path / "two", *args, f"--config.distributed.coordinator=localhost:{port}",
                 "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}", env=env)
@@ -256,7 +256,7 @@ def test_two_processes_agree_with_one(text_dataset, tmp_path):
   for p in procs:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
-  one = _cli(tmp_path / "one", *args, env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+  one = _cli(tmp_path / "one", *args, env=dict(os.environ, XLA_FLAGS=f"{COMPILE_FLAGS} --xla_force_host_platform_device_count=2"))
   assert one.wait(timeout=300) == 0
   a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
   assert sorted(a) == [1, 2, 3]

@@ -44,10 +44,9 @@ def evaluate(args: argparse.Namespace, overrides: dict[str, str]) -> dict:
   """The harness's results for the command's arguments; ConfigError for bad input."""
   try:
     import lm_eval
-    from lm_eval.tasks import TaskManager
   except ImportError:
     raise ConfigError('the harness is not installed: pip install -c requirements.lock -e ".[eval]"') from None
-  from gptoss_jax.lm_eval.model import HarnessModel
+  from gptoss_jax.lm_eval.model import HarnessModel, task_manager
   if args.limit is not None and args.limit <= 0 or args.batch_size < 1 or (args.num_fewshot or 0) < 0:
     raise ConfigError("--limit must be > 0, --batch-size >= 1, --num-fewshot >= 0")
   if args.include_path and not Path(args.include_path).is_dir():
@@ -55,7 +54,7 @@ def evaluate(args: argparse.Namespace, overrides: dict[str, str]) -> dict:
   from gptoss_jax.weights import read_config
   read_config(args.ckpt)  # a missing checkpoint: one line, before the harness indexes its thousands of tasks
   names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-  manager = TaskManager(include_path=args.include_path or None)
+  manager = task_manager(names, args.include_path)
   unknown = [t for t in names if t not in manager.all_tasks]
   if unknown or not names:
     raise ConfigError(f"unknown task(s): {', '.join(unknown) or '(none given)'} (python -m lm_eval ls tasks lists "

@@ -216,19 +216,7 @@ def blocked_experts(stored, whole: Callable, take: Take, activation: Callable, r
       return None, (jnp.einsum("crf,cfd->crd", activation(h), w_out) + b_out[:, None], h)
     return chunked(one, None, x_JxRxD, experts_J)[1]
 
-  @jax.custom_vjp
-  def run(stored, x_JxRxD, experts_J):
-    return forward(whole(stored, x_JxRxD), x_JxRxD, experts_J)[0]
-
-  def run_fwd(stored, x_JxRxD, experts_J):
-    y, h = forward(whole(stored, x_JxRxD), x_JxRxD, experts_J)
-    return y, (stored, x_JxRxD, experts_J, h)
-
-  def run_bwd(res, dy_JxRxD):
-    stored, x_JxRxD, experts_J, h_JxRxGF = res
-    weights, whole_vjp = jax.vjp(lambda stored: whole(stored, dy_JxRxD), stored)
-    train = trained(weights)
-
+  def backward(weights, x_JxRxD, h_JxRxGF, dy_JxRxD, experts_J, train):
     def one(dweights, x, h, dy, e_C):
       dx, grads = ffn_backward(activation, take(weights, e_C), x, h, dy)
       if train:
@@ -237,11 +225,75 @@ def blocked_experts(stored, whole: Callable, take: Take, activation: Callable, r
 
     dweights0 = after(tuple(jnp.zeros(w.shape, jnp.float32) for w in weights), dy_JxRxD) if train else None
     dweights, dx = chunked(one, dweights0, x_JxRxD, h_JxRxGF, dy_JxRxD, experts_J)
+    return dx, dweights
+
+  return regathered(stored, whole, forward, backward, x_RxD.reshape(n_blocks, rows, D), experts_J).reshape(R, D)
+
+
+def sorted_dispatch(x_NxD, idx_NxK, w_NxK, n_experts: int, multiple: int, expert_fn: Callable):
+  """Dropless, nothing between the experts' rows: the assignments sorted by expert into rows [R, D], R the
+  assignments rounded up to a multiple of `multiple`, the rows past them counted as the last expert's (zeros
+  in, their outputs never read); expert_fn(rows, count_E)."""
+  A = idx_NxK.size
+  order_A, _, counts_E, _ = sort_by_expert(idx_NxK, n_experts)
+  R = -(-A // multiple) * multiple
+  return through_rows(x_NxD, w_NxK, order_A, jnp.arange(A), R,
+                      lambda rows: expert_fn(rows, counts_E.at[-1].add(R - A)))
+
+
+def grouped_experts(stored, whole: Callable, take: Take, activation: Callable, tm: int, x_RxD, count_E):
+  """Expert-sorted rows [R, D] (expert e's count_E[e] rows after the ones before it, every row some expert's)
+  through their experts by grouped matmuls (gptoss_jax.model.grouped_matmul: megablox's kernels on TPU, tiles of
+  tm rows), the weights gathered as blocked_experts does; the backward pass by the same kernels: the rows'
+  gradients by gmm against the transposed weights, the weights' by tgmm, in float32."""
+  from gptoss_jax.model.grouped_matmul import gmm, tgmm  # Pallas: imported where used
+  R, E = x_RxD.shape[0], count_E.shape[0]
+  expert_R = jnp.repeat(jnp.arange(E), count_E, total_repeat_length=R)
+
+  def forward(weights, x_RxD, meta):
+    count_E, expert_R = meta
+    w_in, b_in, w_out, b_out = take(weights, slice(None))
+    h = gmm(x_RxD, w_in, count_E, tm, x_RxD.dtype) + b_in[expert_R]
+    return gmm(activation(h), w_out, count_E, tm, x_RxD.dtype) + b_out[expert_R], h
+
+  def backward(weights, x_RxD, h_RxGF, dy_RxD, meta, train):
+    count_E, expert_R = meta
+    w_in, _, w_out, _ = take(weights, slice(None))
+    a, activation_vjp = jax.vjp(activation, h_RxGF)
+    dh = activation_vjp(gmm(dy_RxD, w_out, count_E, tm, dy_RxD.dtype, transpose_rhs=True))[0]
+    dx = gmm(dh, w_in, count_E, tm, x_RxD.dtype, transpose_rhs=True)
+    if not train:
+      return dx, None
+    f32, by_expert = jnp.float32, lambda g: jax.ops.segment_sum(g.astype(jnp.float32), expert_R, E)  # noqa: E731
+    grads = (tgmm(x_RxD.T, dh, count_E, tm, f32), by_expert(dh), tgmm(a.T, dy_RxD, count_E, tm, f32), by_expert(dy_RxD))
+    return dx, tuple(g.reshape(w.shape) for g, w in zip(grads, weights))
+
+  return regathered(stored, whole, forward, backward, x_RxD, (count_E, expert_R))
+
+
+def regathered(stored, whole: Callable, forward: Callable, backward: Callable, x, meta):
+  """forward(whole(stored, x), x, meta) -> (y, its residual h), whose backward pass gathers the weights again
+  (whole(stored, dy): nothing of a layer's whole experts kept from one pass to the other),
+  backward(weights, x, h, dy, meta, train) -> (dx, the weights' float32 gradients or None where the weights are
+  frozen), and sends those back through whole's transpose (a reduce-scatter under fsdp)."""
+  @jax.custom_vjp
+  def run(stored, x, meta):
+    return forward(whole(stored, x), x, meta)[0]
+
+  def run_fwd(stored, x, meta):
+    y, h = forward(whole(stored, x), x, meta)
+    return y, (stored, x, meta, h)
+
+  def run_bwd(res, dy):
+    stored, x, meta, h = res
+    weights, whole_vjp = jax.vjp(lambda stored: whole(stored, dy), stored)
+    train = trained(weights)
+    dx, dweights = backward(weights, x, h, dy, meta, train)
     dstored = whole_vjp(tuple(dw.astype(w.dtype) for dw, w in zip(dweights, weights)))[0] if train else None
     return dstored, dx, None
 
   run.defvjp(run_fwd, run_bwd)
-  return run(stored, x_RxD.reshape(n_blocks, rows, D), experts_J).reshape(R, D)
+  return run(stored, x, meta)
 
 
 def after(tree, x: jax.Array):

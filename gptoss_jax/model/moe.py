@@ -20,7 +20,10 @@ blocked: dropless: the expert-sorted rows in blocks of b rows that each belong t
   rows padded to a multiple of b), every block through its expert's weights in batched matmuls over chunks of
   as many blocks as experts (each gathering its blocks' experts' weights), a scan of a fixed count: static
   shapes, no loop on the routing; b is at most a quarter of the mean load per expert, so padding keeps the
-  expert FLOPs within 1.25x the active ones. GPU and TPU.
+  expert FLOPs within 1.25x the active ones. GPU.
+gmm: dropless: the expert-sorted rows (no padding between experts) through megablox's grouped matmul kernels,
+  forward and backward (gptoss_jax.model.grouped_matmul; MaxText's choice on TPU), tiles of gmm_rows rows: the
+  FLOPs within 1.25x the active ones. TPU (elsewhere the same kernels interpreted: slow, for checks).
 ragged: jax.lax.ragged_dot over the sorted assignments. XLA rewrites it into an ordinary dot over every expert on
   CUDA unless the experimental cuDNN fusion flag is set, and on CPU (openxla
   xla/hlo/transforms/expanders/ragged_dot_rewriter.cc): n_experts times the active FLOPs there. Explicit only.
@@ -42,7 +45,7 @@ from gptoss_jax.config import ModelConfig
 from gptoss_jax.model import cpu_kernels, mxfp4
 from gptoss_jax.model.experts import (Take, after, block_rows, block_sparse_dispatch, blocked_experts,
                                      capacity_dispatch, dense_dispatch, dropless_blocks, expert_loop,
-                                     ragged_dispatch)
+                                     grouped_experts, ragged_dispatch, sorted_dispatch)
 from gptoss_jax.model.ffn import activate, ffn_init_std_out, n_in_proj
 from gptoss_jax.model.linear import project_batched
 from gptoss_jax.model.platform import target
@@ -109,8 +112,11 @@ def resolved_dispatch(cfg: ModelConfig, n_tokens: int) -> str:
   """`auto`, for a shard of n_tokens tokens in the program of platform `target(cfg)`: the selected experts'
   weights gathered when there are fewer (token, expert) assignments than experts (decoding: gpt-oss-20b reads 4
   of its 32 experts per token), or up to PACKED_SELECTED_MAX of them for packed experts on CPU (prefill); with
-  a capacity factor, the fixed buckets (`capacity`); else on CPU the dropless expert loop (`grouped`), and on GPU and TPU
-  `blocked` (the loop's trip counts follow the routing, a string of small kernels there). Packed experts
+  a capacity factor, the fixed buckets (`capacity`); else on CPU the dropless expert loop (`grouped`), on TPU
+  megablox's grouped matmul (`gmm`; `blocked` where its smallest tile, GMM_ROWS_MIN rows, is more than a quarter
+  of the mean load per expert: a few tokens a device), on GPU `blocked` (the loop's trip counts follow the routing, a string of
+  small kernels there; XLA makes a ragged_dot a dense dot over every expert on CUDA; JAX's Pallas ragged dot
+  for GPUs is Hopper's alone and has no backward pass). Packed experts
   take the loop on every platform: it unpacks one expert at a time (gpt-oss-20b: 50 MB in bfloat16, against
   1.6 GB for a layer's experts, which `blocked`'s chunks of blocks could reach)."""
   if cfg.moe_dispatch != "auto":
@@ -125,7 +131,17 @@ def resolved_dispatch(cfg: ModelConfig, n_tokens: int) -> str:
     return "capacity"
   if cfg.moe_mxfp4 or platform == "cpu":
     return "grouped"
-  return "blocked"
+  return "gmm" if platform == "tpu" and block_rows(cfg, n_tokens) >= GMM_ROWS_MIN else "blocked"
+
+
+GMM_ROWS_MIN = 16  # rows per tile of `gmm` at least: a bfloat16 TPU tile's sublanes
+
+
+def gmm_rows(cfg: ModelConfig, n_tokens: int) -> int:
+  """Rows per tile of `gmm`: as `blocked`'s blocks (a quarter of the mean load per expert at most, so the tiles
+  a group boundary adds, one per expert at most, keep its FLOPs within 1.25x the assignments'), at least
+  GMM_ROWS_MIN (`auto` takes `blocked` below that)."""
+  return max(GMM_ROWS_MIN, block_rows(cfg, n_tokens))
 
 
 def grouped_capacity(cfg: ModelConfig, n_tokens: int) -> int:
@@ -187,11 +203,15 @@ def dispatch(cfg: ModelConfig, p: dict, x_NxD: jax.Array, idx_NxK: jax.Array, w_
   kind = resolved_dispatch(cfg, N)
   G, F = n_in_proj(cfg), cfg.d_expert
   activation = lambda h: activate(cfg, h.reshape(*h.shape[:-1], G, F))  # noqa: E731  [..., G*F] -> [..., F]
-  if kind == "blocked":  # gathers the weights itself, in its forward pass and again in its backward pass
-    rows = block_rows(cfg, N)
+  if kind in ("blocked", "gmm"):  # gather the weights themselves, in the forward pass and again in the backward
     stored = {k: v for k, v in p.items() if k in EXPERT_WEIGHTS}
     whole = lambda stored, when: expert_params(cfg, gather(stored, when), x_NxD.dtype)[0]  # noqa: E731
     take = expert_params(cfg, p, x_NxD.dtype)[1]
+    if kind == "gmm":
+      tm = gmm_rows(cfg, N)
+      return sorted_dispatch(x_NxD, idx_NxK, w_NxK, E, tm, functools.partial(
+          grouped_experts, stored, whole, take, activation, tm))
+    rows = block_rows(cfg, N)
     return block_sparse_dispatch(x_NxD, idx_NxK, w_NxK, E, rows, functools.partial(
         blocked_experts, stored, whole, take, activation, rows))
   p = gather(p, x_NxD)
