@@ -62,25 +62,61 @@ def advice(config: RunConfig, dev: Device, devices: int = 1) -> str:
   return "does not fit one device even one sequence at a time: shard the state (--config.mesh.fsdp=-1 over several)"
 
 
-def estimate(config: RunConfig, flops_per_token: float, dev: Device, mfu: float, devices: int = 1) -> dict:
-  """One training's FLOPs, device-hours at `mfu`, peak memory per device and fit."""
+def program_costs(config: RunConfig, platform: str, devices: int = 1) -> tuple[float, float]:
+  """Training FLOPs per token and one device's peak memory (GiB), read from the training step's own program with
+  `platform`'s choices (model.platform), traced in this process for one device's share of the batch (data
+  parallel over `devices`): the FLOPs of its matmuls as that platform's XLA compiles them (gptoss_jax.hlo; where
+  a GPU would call cuDNN's attention a CPU host traces the blockwise kernel, the same products, as a GPU host
+  would in float32), the memory by XLA's memory analysis of the same program compiled for this CPU (buffers as
+  XLA:CPU assigns them), less the part of the state that fsdp's shards do not hold."""
+  import jax
+  import jax.numpy as jnp
+  from gptoss_jax import hlo
+  from gptoss_jax.sharding import make_mesh
+  from gptoss_jax.train.step import Trainer
+  batch, seq_len = config.train.batch_size // devices, config.data.seq_len
+  trainer = Trainer(config.model.replace(platform=platform), config.train, make_mesh({}, jax.devices()[:1]))
+  tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32, sharding=trainer.batch_sharding)
+  traced = trainer.train_step.trace(trainer.abstract_state(), tokens)
+  lowering = {"gpu": "cuda"}.get(platform, platform)
+  found = hlo.matmuls(traced.lower(lowering_platforms=(lowering,)).as_text(), lowering)
+  if any(m.flops is None or m.trips is None for m in found):
+    raise ConfigError(f"the {platform} program's FLOPs cannot all be counted (a loop the routing bounds, or a "
+                      "kernel that declares no cost): leave out --from-program")
+  m = traced.lower().compile().memory_analysis()
+  state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state()))
+  shards = devices if config.mesh.fsdp == -1 else config.mesh.fsdp
+  peak = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+  return sum(x.flops for x in found) / (batch * seq_len), (peak - state * (1 - 1 / shards)) / 2**30
+
+
+def estimate(config: RunConfig, flops_per_token: float, dev: Device, mfu: float, devices: int = 1,
+             memory: float | None = None) -> dict:
+  """One training's FLOPs, device-hours at `mfu`, peak memory per device (`memory`, or the estimate) and fit."""
   tokens = config.train.batch_size * config.data.seq_len * config.train.steps
   flops = flops_per_token * tokens
-  return {"train_flops": flops, "device_hours": flops / (dev.peak_flops * mfu) / 3600,
-          "memory_gib": memory_gib(config, devices), "advice": advice(config, dev, devices)}
+  memory = memory_gib(config, devices) if memory is None else memory
+  return {"train_flops": flops, "device_hours": flops / (dev.peak_flops * mfu) / 3600, "memory_gib": memory,
+          "advice": "" if memory <= FIT * dev.memory_gib else advice(config, dev, devices) or
+          "the program needs more than the estimate: --config.train.remat=true, or --config.train.microbatches"}
 
 
 def table(sweep: Sweep, description: SweepDescription, extra: dict[str, str], device_name: str, mfu: float,
-          devices_per_job: int = 1) -> str:
+          devices_per_job: int = 1, platform: str = "") -> str:
   """Per run and for the whole sweep: training FLOPs, hours on the device at `mfu`, and each training's peak
-  memory per device (an estimate), flagged with what to change where it would not fit."""
+  memory per device, flagged with what to change where it would not fit. FLOPs and memory are inspect's
+  formulas, or with `platform` each run's training step's program for that platform (program_costs)."""
   dev, n = device(device_name), description.trainings_per_run
+  source = (f"FLOPs and memory from each training step's {platform} program (XLA:CPU's memory analysis)"
+            if platform else "FLOPs and memory by inspect's formulas")
   lines = [f"cost on {device_name} ({dev.peak_flops / 1e12:.0f} TFLOP/s bf16 peak, {dev.memory_gib:g} GiB) at an "
-           f"assumed MFU of {mfu:g}, {devices_per_job} device(s) per training, {n} trainings per run:",
+           f"assumed MFU of {mfu:g}, {devices_per_job} device(s) per training, {n} trainings per run; {source}:",
            f"{'run':<18} {'FLOPs/training':>15} {'h/training':>11} {'h/run':>9} {'memory GiB':>11}  fits?"]
   total = 0.0
   for run, spec in zip(sweep.runs, description.runs):
-    e = estimate(sweep.config(run, 0, description.lrs[0], extra), spec.flops_per_token, dev, mfu, devices_per_job)
+    config = sweep.config(run, 0, description.lrs[0], extra)
+    flops, memory = program_costs(config, platform, devices_per_job) if platform else (spec.flops_per_token, None)
+    e = estimate(config, flops, dev, mfu, devices_per_job, memory)
     total += e["device_hours"] * n
     lines.append(f"{run.name:<18} {e['train_flops']:>15.3g} {e['device_hours'] / devices_per_job:>11.2f} "
                  f"{e['device_hours'] * n / devices_per_job:>9.1f} {e['memory_gib']:>11.1f}  "

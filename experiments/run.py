@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--seed-sd", type=float, default=0.0, help="paired seed sd of the final loss (nats) for the "
                       "detectable difference the dry-run prints (default: the tiny sweep's)")
   parser.add_argument("--mfu", type=float, default=cost.DEFAULT_MFU, help="the share of peak FLOP/s assumed for --device")
+  parser.add_argument("--from-program", action="store_true", help="--device's FLOPs and memory from each run's "
+                      "training step as the scale's platform builds it (traced and compiled here: minutes)")
   return parser
 
 
@@ -118,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
   args, rest = _parser().parse_known_args(argv)
   try:
     sweep, extra, description = _plan(args, rest)
-    costs = (cost.table(sweep, description, extra, args.device, args.mfu, args.devices_per_job)
-             if args.device else "")
+    if args.from_program and not args.device:
+      raise ConfigError("--from-program needs --device (it fills the cost table)")
+    costs = (cost.table(sweep, description, extra, args.device, args.mfu, args.devices_per_job,
+                        SCALES[args.scale].platform if args.from_program else "") if args.device else "")
   except (ConfigError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

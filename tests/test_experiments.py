@@ -217,6 +217,24 @@ def test_dry_run_prints_every_run_and_trains_nothing(tmp_path, capsys):
   assert not (tmp_path / "sweep").exists()
 
 
+def test_costs_read_from_a_gpus_program_agree_with_the_formulas():
+  """--from-program's figures for a GPU's MoE training step (traced and compiled here, 2 layers, fsdp over 4): the
+  FLOPs per token of its matmuls a little above inspect's count (the blockwise attention computes whole blocks on
+  the diagonal where the formula counts the causal half, `blocked` its padding rows), its memory near the
+  estimate's; the CPU's program, whose expert loop the routing bounds, is refused."""
+  from gptoss_jax.inspect import stats
+  config = load_config_file("gpt_oss:tiny")
+  config.model.n_layers, config.train.batch_size, config.data.seq_len = 2, 16, 128
+  config.mesh.data, config.mesh.fsdp = 1, -1
+  config = RunConfig.from_dict(config)
+  flops, memory = cost.program_costs(config, "gpu", devices=4)
+  formula = stats(config.model, 128).train_flops_per_token
+  assert 1.0 < flops / formula < 1.3
+  assert 0.5 < memory / cost.memory_gib(config, devices=4) < 2.0
+  with pytest.raises(ConfigError, match="cannot all be counted"):
+    cost.program_costs(config, "cpu")
+
+
 def test_bad_sweep_arguments_get_one_line_and_status_2(capsys):
   assert run.main(["nope"]) == 2
   assert run.main(["ladder", "--runs", "gpt2,nope"]) == 2
@@ -883,7 +901,7 @@ def test_smoke_trains_the_small_scales_gpt_oss_style_run_at_its_real_shapes(tmp_
   The other runs and the gpu scale take the same path (`python -m experiments.run <sweep> --scale S --smoke`)."""
   out = subprocess.run([sys.executable, "-m", "experiments.run", "ladder", "--scale", "small", "--smoke", "--runs",
                         "attention_biases", "--workdir", str(tmp_path / "smoke")], cwd=REPO, capture_output=True,
-                       text=True, env=os.environ | {"XLA_FLAGS": COMPILE_FLAGS}, timeout=900)
+                       text=True, env=os.environ | {"XLA_FLAGS": ""}, timeout=900)  # real shapes: LLVM's passes pay
   assert out.returncode == 0, out.stderr[-2000:]
   folder = tmp_path / "smoke" / "attention_biases" / "seed0"
   config = json.loads((folder / "config.json").read_text())

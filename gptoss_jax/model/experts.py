@@ -264,8 +264,9 @@ def grouped_experts(stored, whole: Callable, take: Take, activation: Callable, t
     dx = gmm(dh, w_in, count_E, tm, x_RxD.dtype, transpose_rhs=True)
     if not train:
       return dx, None
-    f32, by_expert = jnp.float32, lambda g: jax.ops.segment_sum(g.astype(jnp.float32), expert_R, E)  # noqa: E731
-    grads = (tgmm(x_RxD.T, dh, count_E, tm, f32), by_expert(dh), tgmm(a.T, dy_RxD, count_E, tm, f32), by_expert(dy_RxD))
+    by_expert = lambda g: jax.ops.segment_sum(g.astype(jnp.float32), expert_R, E)  # noqa: E731
+    grads = (tgmm(x_RxD.T, dh, count_E, tm, jnp.float32), by_expert(dh),
+             tgmm(a.T, dy_RxD, count_E, tm, jnp.float32), by_expert(dy_RxD))
     return dx, tuple(g.reshape(w.shape) for g, w in zip(grads, weights))
 
   return regathered(stored, whole, forward, backward, x_RxD, (count_E, expert_R))
