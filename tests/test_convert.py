@@ -155,9 +155,9 @@ def test_evaluate_cli_against_a_direct_computation_at_each_step(trained, text_da
 
 def test_generate_cli_greedy_is_the_models_own_argmax_decoding(trained):
   _, _, model = load_model(trained)
-  ids = list(b"The ")
-  for _ in range(8):
-    logits = np.asarray(model(jnp.asarray([ids], jnp.int32))[0, -1])
+  ids, forward = list(b"The "), jax.jit(lambda m, t: m(t))
+  for _ in range(8):  # one length for every call (one program): causal, the padding after a position is unseen
+    logits = np.asarray(forward(model, jnp.asarray([ids + [0] * (12 - len(ids))], jnp.int32))[0, len(ids) - 1])
     ids.append(int(logits.argmax()))
   out = _cli("gptoss_jax.generate", "--ckpt", trained, "--prompt", "The ", "--max-new-tokens", 8, "--temperature", 0)
   assert out.returncode == 0, out.stderr
