@@ -121,7 +121,8 @@ def table(sweep: Sweep, description: SweepDescription, extra: dict[str, str], de
     lines.append(f"{run.name:<18} {e['train_flops']:>15.3g} {e['device_hours'] / devices_per_job:>11.2f} "
                  f"{e['device_hours'] * n / devices_per_job:>9.1f} {e['memory_gib']:>11.1f}  "
                  + ("yes" if not e["advice"] else f"NO: {e['advice']}"))
-  lines.append(f"whole sweep: {total:,.1f} {device_name}-hours ({total / 24:,.1f} days on one; widened grids add to it)")
+  lines.append(f"whole sweep: {total:,.1f} {device_name}-hours ({total / 24:,.1f} days on one; widened grids add "
+               "to it)")
   return "\n".join(lines)
 
 

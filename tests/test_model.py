@@ -97,7 +97,7 @@ def test_bf16_matvec_equals_numpy(monkeypatch, kernel):
     if kernel and not cpu_kernels.available():
       pytest.skip("the CPU kernels could not be built here (no g++?)")
     rng = np.random.default_rng(3)
-    I, O = 40, 9000
+    I, O = 43, 9000  # rows of w in fours and three left over
     w = jnp.asarray(rng.normal(size=(I, O)), jnp.bfloat16)
     w64 = np.asarray(w, np.float64)
     for rows in (1, 5, cpu_kernels.MAX_ROWS):
@@ -114,6 +114,10 @@ def test_bf16_matvec_equals_numpy(monkeypatch, kernel):
         assert (cpu_kernels.BF16_TARGET in text) == (kernel and platform == "cpu")
         np.testing.assert_allclose(linear.project(x, w, platform=platform), np.asarray(x, np.float64) @ w64,
                                    rtol=1e-5, atol=1e-4)
+    big = jnp.asarray(rng.normal(size=(I, 400_000)), jnp.bfloat16)  # over 2**22 elements: threaded
+    x = jnp.asarray(rng.normal(size=(1, I)), jnp.float32)
+    np.testing.assert_allclose(cpu_kernels.bf16_matvec(x, big), np.asarray(x, np.float64) @ np.asarray(big, np.float64),
+                               rtol=1e-5, atol=1e-4)
   finally:
     cpu_kernels.available.cache_clear()
     jax.clear_caches()

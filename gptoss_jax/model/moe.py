@@ -114,11 +114,11 @@ def resolved_dispatch(cfg: ModelConfig, n_tokens: int) -> str:
   of its 32 experts per token), or up to PACKED_SELECTED_MAX of them for packed experts on CPU (prefill); with
   a capacity factor, the fixed buckets (`capacity`); else on CPU the dropless expert loop (`grouped`), on TPU
   megablox's grouped matmul (`gmm`; `blocked` where its smallest tile, GMM_ROWS_MIN rows, is more than a quarter
-  of the mean load per expert: a few tokens a device), on GPU `blocked` (the loop's trip counts follow the routing, a string of
-  small kernels there; XLA makes a ragged_dot a dense dot over every expert on CUDA; JAX's Pallas ragged dot
-  for GPUs is Hopper's alone and has no backward pass). Packed experts
-  take the loop on every platform: it unpacks one expert at a time (gpt-oss-20b: 50 MB in bfloat16, against
-  1.6 GB for a layer's experts, which `blocked`'s chunks of blocks could reach)."""
+  of the mean load per expert: a few tokens a device), on GPU `blocked` (the loop's trip counts follow the
+  routing, a string of small kernels there; XLA makes a ragged_dot a dense dot over every expert on CUDA; JAX's
+  Pallas ragged dots for GPUs are Hopper's and Blackwell's alone, with no VJP). Packed experts take the loop on
+  every platform: it unpacks one expert at a time (gpt-oss-20b: 50 MB in bfloat16, against 1.6 GB for a
+  layer's experts, which `blocked`'s chunks of blocks could reach)."""
   if cfg.moe_dispatch != "auto":
     return "capacity" if cfg.moe_dispatch == "grouped" and cfg.moe_capacity_factor else cfg.moe_dispatch
   platform = target(cfg)
