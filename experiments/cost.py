@@ -66,9 +66,9 @@ def program_costs(config: RunConfig, platform: str, devices: int = 1) -> tuple[f
   """Training FLOPs per token and one device's peak memory (GiB), read from the training step's own program with
   `platform`'s choices (model.platform), traced in this process for one device's share of the batch (data
   parallel over `devices`): the FLOPs of its matmuls as that platform's XLA compiles them (gptoss_jax.hlo; where
-  a GPU would call cuDNN's attention a CPU host traces the blockwise kernel, the same products, as a GPU host
-  would in float32), the memory by XLA's memory analysis of the same program compiled for this CPU (buffers as
-  XLA:CPU assigns them), less the part of the state that fsdp's shards do not hold."""
+  a GPU would call cuDNN's attention, a CPU-only process traces the blockwise kernel: the same products, whole
+  blocks on the diagonal), the memory by XLA's memory analysis of the same program compiled for this CPU
+  (buffers as XLA:CPU assigns them), less the part of the state that fsdp's shards do not hold."""
   import jax
   import jax.numpy as jnp
   from gptoss_jax import hlo

@@ -1,5 +1,5 @@
 """python -m experiments.run <sweep> --scale tiny [--seeds N] [--lrs a,b,c] [--widen N] [--jobs N]
-[--workdir DIR] [--results DIR] [--runs a,b] [--dry-run] [--config.a.b=value ...]
+[--workdir DIR] [--results DIR] [--runs a,b] [--dry-run [--device D [--from-program]]] [--config.a.b=value ...]
 
 Runs every run of a sweep through the training command. Each run first trains once per learning rate
 of the grid on each of its selection seeds (DIR/<run>/lr<value>-seed<k>, seeds never compared); the value

@@ -8,8 +8,8 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The suite is mostly compilation of small programs: XLA:CPU's code generation without LLVM's optimization passes
 # and with its older elemental emitters instead of the MLIR fusion emitters (the same HLO passes, fusions and
-# runtime matmuls; no fast math either way) takes about half the CPU time (the suite: 15 min 41 s -> about 9 min on
-# 2 cores). Commands the tests start get it too (COMPILE_FLAGS in their XLA_FLAGS).
+# runtime matmuls; no fast math either way) takes about half the CPU time (the suite: 15 min 41 s -> 8 min 23 s on
+# 2 cores, docs/benchmarks.md). Commands the tests start get it too (COMPILE_FLAGS in their XLA_FLAGS).
 COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 # 8 fake devices, whose collectives may wait on a loaded machine longer than XLA:CPU's default 40 s
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), COMPILE_FLAGS,

@@ -243,8 +243,9 @@ def test_bad_sweep_arguments_get_one_line_and_status_2(capsys):
   assert run.main(["ladder", "--lrs", "1e-3,fast"]) == 2
   assert run.main(["ladder", "--config.train.lr=1e-3"]) == 2  # the runner sets it
   assert run.main(["ladder", "--jobs", "0"]) == 2
+  assert run.main(["ladder", "--dry-run", "--from-program"]) == 2  # no --device: no cost table to fill
   errors = capsys.readouterr().err.strip().splitlines()
-  assert len(errors) == 7 and all(e.startswith("error: ") for e in errors)
+  assert len(errors) == 8 and all(e.startswith("error: ") for e in errors)
 
 
 def _write_metrics(folder, final: float, steps: int = 20, se: float = 0.01, extra: dict | None = None):
