@@ -1,14 +1,19 @@
 """Decoding speed of gpt-oss-20b's shape with packed MXFP4 experts (random weights of the real widths,
-fewer layers), next to the memory-bandwidth limit measured on the same machine.
+fewer layers), next to the memory-bandwidth limit measured on the same machine; prefill and evaluation
+next to the compute limit.
 
-  python benchmarks/decode_speed.py [--layers 2 4 24] [--prompt 64] [--new 16] [--workdir /tmp/decode_speed]
+  python benchmarks/decode_speed.py [--layers 2 4 24] [--prompt 64] [--new 16] [--eval-window 512]
+                                    [--workdir /tmp/decode_speed]
 
 For each layer count, in fresh processes: random weights of the real shapes (bfloat16, experts packed as
 `convert --keep-mxfp4` keeps them) saved as a conversion is (weights.save_model); then, as `generate` runs
 (runtime.configure and reuse_step_memory): load, a greedy generation after a random prompt (its prefill and
-decode timed with their first compilations), the same again compiled (prefill tokens/s, decode tokens/s),
-and the peak RSS. The limit: the bytes one decoded token must read (every dense weight, its 4 experts of
-32 packed, one embedding row), against a plain streaming read of that many bytes on both cores.
+decode timed with their first compilations, and the whole call: new tokens over its wall time), the same
+again compiled (prefill tokens/s, decode tokens/s), `evaluate`'s loss over one window of --eval-window
+tokens (first and compiled; 0 skips it), and the peak RSS. The bandwidth limit: the bytes one decoded token
+must read (every dense weight, its 4 experts of 32 packed, one embedding row) against a plain streaming read
+of that many bytes on both cores. The compute limit: XLA's float32 matmul rate at a prefill's shapes over 2
+x the active parameters per token (every weight but the embedding table, 4 of the 32 experts).
 """
 
 from __future__ import annotations
@@ -79,10 +84,45 @@ def bytes_per_token(model) -> int:
   return total
 
 
+def active_params(model) -> int:
+  """The weights one token multiplies: all but the embedding table, top_k / n_experts of the experts (packed:
+  two per byte of codes)."""
+  from flax import nnx
+  from gptoss_jax.model import WEIGHTS
+  cfg, total = model.cfg, 0
+  for path, var in nnx.to_flat_state(nnx.state(model, WEIGHTS)):
+    name, n = "/".join(map(str, path)), var[...].size
+    if name == "embed" or name.endswith("_scales"):
+      continue
+    if "ffn" in name and name.endswith(("w_in_blocks", "w_out_blocks", "b_in", "b_out")):
+      n = n * (2 if name.endswith("_blocks") else 1) * cfg.top_k // cfg.n_experts
+    total += n
+  return total
+
+
+def matmul_flops_per_s(d_model: int) -> float:
+  """XLA's float32 matmul rate (the CPU computes bfloat16 products in float32) at a prefill piece's shapes,
+  [256, d] x [d, 2d], best of 5."""
+  import jax
+  import jax.numpy as jnp
+  a, b = jnp.ones((256, d_model), jnp.float32), jnp.ones((d_model, 2 * d_model), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(5):
+    began = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - began)
+  return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best
+
+
 def stream_bandwidth(n_bytes: int) -> float:
-  """Bytes/s of summing an n_bytes float32 array on both cores (numpy releases the GIL), best of 3."""
+  """Bytes/s of summing an n_bytes float32 array on both cores (numpy releases the GIL), best of 3, in memory
+  allocated as the weights are (`aligned_empty`: huge pages where the kernel gives them)."""
   from concurrent.futures import ThreadPoolExecutor
-  data = np.ones(n_bytes // 4, np.float32)
+  from gptoss_jax.weights import aligned_empty
+  data = aligned_empty((n_bytes // 4,), np.float32)
+  data.fill(1)
   halves = np.array_split(data, 2)
   best = float("inf")
   with ThreadPoolExecutor(2) as pool:
@@ -93,23 +133,34 @@ def stream_bandwidth(n_bytes: int) -> float:
   return n_bytes / best
 
 
-def measure(folder: str, prompt: int, new: int) -> None:
+def measure(folder: str, prompt: int, new: int, eval_window: int) -> None:
   from gptoss_jax import runtime
   runtime.configure()
   runtime.reuse_step_memory()
+  import jax
+  from gptoss_jax.evaluate import position_nll
   from gptoss_jax.generate import generate
   from gptoss_jax.weights import load_model
   began = time.perf_counter()
   _, cfg, model = load_model(folder)
   row = {"load_s": time.perf_counter() - began}
-  ids = np.random.default_rng(1).integers(0, cfg.vocab_size, prompt).tolist()
+  rng = np.random.default_rng(1)
+  ids = rng.integers(0, cfg.vocab_size, prompt).tolist()
   for run in ("first", "compiled"):
     timing = {}
+    began = time.perf_counter()
     generate(model, ids, new, timing=timing)
+    row[f"{run}_generate_tokens_per_s"] = new / (time.perf_counter() - began)
     row[f"{run}_prefill_tokens_per_s"] = prompt / timing["prefill_s"]
     row[f"{run}_decode_tokens_per_s"] = (new - 1) / timing["decode_s"]
+  window = rng.integers(0, cfg.vocab_size, (1, eval_window + 1))
+  for run in ("first", "compiled") if eval_window else ():
+    began = time.perf_counter()
+    jax.block_until_ready(position_nll(model, window))
+    row[f"{run}_evaluate_tokens_per_s"] = eval_window / (time.perf_counter() - began)
   row["peak_rss_gib"] = peak_rss_gib()
   row["bytes_per_token_gib"] = bytes_per_token(model) / 2**30
+  row["compute_limit_tokens_per_s"] = matmul_flops_per_s(cfg.d_model) / (2 * active_params(model))
   del model
   row["stream_gib_per_s"] = stream_bandwidth(int(row["bytes_per_token_gib"] * 2**30)) / 2**30
   row["limit_tokens_per_s"] = row["stream_gib_per_s"] / row["bytes_per_token_gib"]
@@ -135,25 +186,36 @@ def main() -> None:
   parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
   parser.add_argument("--prompt", type=int, default=64)
   parser.add_argument("--new", type=int, default=16)
+  parser.add_argument("--eval-window", type=int, default=512)
   parser.add_argument("--workdir", default="/tmp/decode_speed")
   parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     kind, folder, *rest = args.child
-    build(folder, int(rest[0])) if kind == "build" else measure(folder, int(rest[0]), int(rest[1]))
+    build(folder, int(rest[0])) if kind == "build" else measure(folder, *map(int, rest))
     return
   print("layers  load s  prefill tok/s (first / compiled)  decode tok/s (first / compiled)  peak RSS GiB  "
         "GiB/token  stream GiB/s  limit tok/s", flush=True)
+  rows = {}
   for layers in args.layers:
     folder = Path(args.workdir) / f"gpt-oss-20b-{layers}-layers"
     shutil.rmtree(folder, ignore_errors=True)
     child("build", str(folder), str(layers))
-    row = child("measure", str(folder), str(args.prompt), str(args.new))
+    rows[layers] = row = child("measure", str(folder), str(args.prompt), str(args.new), str(args.eval_window))
     shutil.rmtree(folder)
     print(f"{layers:6d}  {row['load_s']:6.1f}  {row['first_prefill_tokens_per_s']:13.1f} / "
           f"{row['compiled_prefill_tokens_per_s']:<17.1f}  {row['first_decode_tokens_per_s']:10.2f} / "
           f"{row['compiled_decode_tokens_per_s']:<18.2f}  {row['peak_rss_gib']:12.1f}  {row['bytes_per_token_gib']:9.2f}  "
           f"{row['stream_gib_per_s']:12.1f}  {row['limit_tokens_per_s']:11.1f}", flush=True)
+  print(f"\nlayers  decode / limit  generate tok/s, first call (--new {args.new})  "
+        f"evaluate tok/s (first / compiled)  compute limit tok/s  prefill / limit  evaluate / limit")
+  for layers, row in rows.items():
+    limit = row["compute_limit_tokens_per_s"]
+    evaluate = row.get("compiled_evaluate_tokens_per_s", float("nan"))
+    print(f"{layers:6d}  {row['compiled_decode_tokens_per_s'] / row['limit_tokens_per_s']:14.0%}  "
+          f"{row['first_generate_tokens_per_s']:42.2f}  {row.get('first_evaluate_tokens_per_s', float('nan')):16.1f} / "
+          f"{evaluate:<15.1f}  {limit:19.1f}  {row['compiled_prefill_tokens_per_s'] / limit:15.0%}  "
+          f"{evaluate / limit:16.0%}")
 
 
 if __name__ == "__main__":

@@ -285,5 +285,6 @@ if __name__ == "__main__":
   from gptoss_jax import runtime
   runtime.configure()  # before JAX starts its backend
   runtime.inference_memory()
+  runtime.cache_compilations()
   runtime.reuse_step_memory()  # every forward pass reuses its temporaries' memory (README: Benchmarks)
   sys.exit(main())

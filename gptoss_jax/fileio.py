@@ -13,7 +13,8 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-  """$GPTOSS_JAX_CACHE, else ~/.cache/gptoss_jax: the corpus, vocabularies, prepared data, CPU kernels."""
+  """$GPTOSS_JAX_CACHE, else ~/.cache/gptoss_jax: the corpus, vocabularies, prepared data, CPU kernels, the
+  inference commands' compiled programs."""
   return Path(os.environ.get("GPTOSS_JAX_CACHE", Path.home() / ".cache" / "gptoss_jax"))
 
 

@@ -114,10 +114,12 @@ def test_bf16_matvec_equals_numpy(monkeypatch, kernel):
         assert (cpu_kernels.BF16_TARGET in text) == (kernel and platform == "cpu")
         np.testing.assert_allclose(linear.project(x, w, platform=platform), np.asarray(x, np.float64) @ w64,
                                    rtol=1e-5, atol=1e-4)
-    big = jnp.asarray(rng.normal(size=(I, 400_000)), jnp.bfloat16)  # over 2**22 elements: threaded
-    x = jnp.asarray(rng.normal(size=(1, I)), jnp.float32)
-    np.testing.assert_allclose(cpu_kernels.bf16_matvec(x, big), np.asarray(x, np.float64) @ np.asarray(big, np.float64),
-                               rtol=1e-5, atol=1e-4)
+    # over 2**20 elements: W's rows split over the threads (an odd number each), several passes of columns
+    big = jnp.asarray(rng.normal(size=(I, 400_000)), jnp.bfloat16)
+    for rows in (1, cpu_kernels.MAX_ROWS):
+      x = jnp.asarray(rng.normal(size=(rows, I)), jnp.float32)
+      np.testing.assert_allclose(cpu_kernels.bf16_matvec(x, big), np.asarray(x, np.float64) @ np.asarray(big, np.float64),
+                                 rtol=1e-5, atol=1e-4)
   finally:
     cpu_kernels.available.cache_clear()
     jax.clear_caches()

@@ -1,7 +1,11 @@
 """Routing, dispatch strategies and auxiliary losses against numpy written here; MXFP4 against a
 plain decode and transformers' converter."""
 
+import platform
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -263,31 +267,66 @@ def codes_to_values(codes):
   return codes.astype(np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float32)
 
 
+def packed_experts(rng, E=5, O=3 * 7, I=96):
+  """Packed experts [E, 3, 7, I / 32, 16] (every code), their scales, and their values [E, O, I] in float32."""
+  blocks = rng.integers(0, 256, (E, 3, 7, I // 32, 16), dtype=np.uint8)  # output dimensions [3, 7]
+  scales = rng.integers(110, 140, (E, 3, 7, I // 32), dtype=np.uint8)
+  codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(E, O, I // 32, 32)
+  w = (codes_to_values(codes) * 2.0 ** (scales.reshape(E, O, I // 32, 1).astype(np.float32) - 127)).reshape(E, O, I)
+  return blocks, scales, w
+
+
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "xla"])
 def test_mxfp4_matvec_equals_a_plain_decode(rng, monkeypatch, kernel):
   """Each assignment's product with its expert's packed weight, against codes decoded by ml_dtypes and
-  numpy's product: the CPU kernel (needs g++) and XLA's path, for every code, experts chosen twice and
-  several output dimensions."""
+  numpy's product: the CPU kernel (needs g++) and XLA's path, for every code, experts chosen several times
+  (the kernel reads an expert's rows once for its assignments, four at a time) and several output
+  dimensions; a NaN input stays its assignment's. Float32 x as float32 sums; bfloat16 x the AVX2 kernel
+  rounds to 16-bit integers per block of 32 (a power-of-two scale 2^(e - 15), 2^e just above the block's
+  largest |x|): within that rounding's bound, and as exact as float32 sums for values within a factor 128 of
+  their block's largest."""
   from gptoss_jax.model import cpu_kernels
   monkeypatch.setenv("GPTOSS_JAX_KERNELS", "1" if kernel else "0")
+  rounds = kernel and "avx2" in Path("/proc/cpuinfo").read_text()
   cpu_kernels.available.cache_clear()
   jax.clear_caches()  # the choice is made when a program is traced
   try:
     if kernel and not cpu_kernels.available():
       pytest.skip("the MXFP4 CPU kernel could not be built here (no g++?)")
     E, O, I, A = 5, 3 * 7, 96, 6
-    blocks = rng.integers(0, 256, (E, 3, 7, I // 32, 16), dtype=np.uint8)  # output dimensions [3, 7]
-    scales = rng.integers(110, 140, (E, 3, 7, I // 32), dtype=np.uint8)
+    blocks, scales, w = packed_experts(rng, E, O, I)
     experts = np.array([4, 0, 4, 2, 1, 4])
     x = rng.normal(size=(A, I)).astype(np.float32)
-    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(E, O, I // 32, 32)
-    w = (codes_to_values(codes) * 2.0 ** (scales.reshape(E, O, I // 32, 1).astype(np.float32) - 127)).reshape(E, O, I)
-    want = np.einsum("ai,aoi->ao", x.astype(np.float64), w[experts].astype(np.float64))
     args = jnp.asarray(x), jnp.asarray(experts), jnp.asarray(blocks), jnp.asarray(scales)
     assert (cpu_kernels.MXFP4_TARGET in jax.jit(cpu_kernels.mxfp4_matvec).lower(*args).as_text()) == kernel
-    got = jax.jit(cpu_kernels.mxfp4_matvec)(*args)
-    assert got.shape == (A, O) and got.dtype == jnp.float32
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+    def check(x, experts, dtype=jnp.float32):
+      x = jnp.asarray(x, dtype)
+      x64 = np.asarray(x, np.float64)
+      want = np.einsum("ai,aoi->ao", x64, w[experts].astype(np.float64))
+      got = jax.jit(cpu_kernels.mxfp4_matvec)(x, jnp.asarray(experts), *args[2:])
+      assert got.shape == (len(experts), O) and got.dtype == jnp.float32
+      e = np.frexp(np.abs(x64.reshape(len(x64), I // 32, 32)).max(-1))[1]  # |x| < 2^e in each block
+      rounding = np.einsum("ai,aoi->ao", np.repeat(2.0 ** (e - 16), 32, axis=1), np.abs(w[experts]).astype(np.float64))
+      rounded = rounds and dtype == jnp.bfloat16  # bfloat16 x as 16-bit integers, float32 x in float32
+      assert np.all(np.abs(got - want) <= rounding * rounded + 1e-5 * np.abs(want) + 1e-5 * np.abs(want).max())
+
+    many = np.array([3] * 10 + [1, 3, 0])  # an expert's rows shared by 11 assignments
+    x_many = rng.normal(size=(len(many), I)).astype(np.float32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+      check(x, experts, dtype)
+      check(x_many, many, dtype)
+    # bfloat16 values within a factor 128 in every block: as exact as float32 sums
+    check_exact = np.sign(x) * np.clip(np.abs(x), 1 / 16, 7.9)
+    want_exact = np.einsum("ai,aoi->ao", np.asarray(jnp.asarray(check_exact, jnp.bfloat16), np.float64),
+                           w[experts].astype(np.float64))
+    np.testing.assert_allclose(jax.jit(cpu_kernels.mxfp4_matvec)(jnp.asarray(check_exact, jnp.bfloat16), *args[1:]),
+                               want_exact, rtol=1e-5, atol=1e-5 * np.abs(want_exact).max())
+    for dtype in (jnp.float32, jnp.bfloat16):  # a NaN stays its assignment's, as in float sums
+      nan = np.array(x)
+      nan[1, 40] = np.nan
+      y = np.asarray(jax.jit(cpu_kernels.mxfp4_matvec)(jnp.asarray(nan, dtype), *args[1:]))
+      assert np.isnan(y[1]).all() and np.isfinite(np.delete(y, 1, axis=0)).all()
     dy = rng.normal(size=(A, O)).astype(np.float32)  # the input gradient: W[experts[a]]^T dy[a]
     grad = jax.vjp(lambda x: cpu_kernels.mxfp4_matvec(x, *args[1:]), args[0])[1](jnp.asarray(dy))[0]
     want_grad = np.einsum("ao,aoi->ai", dy.astype(np.float64), w[experts].astype(np.float64))
@@ -300,6 +339,37 @@ def test_mxfp4_matvec_equals_a_plain_decode(rng, monkeypatch, kernel):
     jax.clear_caches()
 
 
+PLAIN_KERNEL = """
+import sys
+import numpy as np
+from gptoss_jax.model import cpu_kernels
+cpu_kernels.FLAGS = (*cpu_kernels.FLAGS, "-mno-avx2", "-mno-fma")
+if not cpu_kernels.available():
+  sys.exit(3)
+case = np.load(sys.argv[1])
+np.save(sys.argv[2], np.asarray(cpu_kernels.mxfp4_matvec(*(case[k] for k in ("x", "experts", "blocks", "scales")))))
+"""
+
+
+def test_mxfp4_matvec_without_avx2_sums_in_float32(rng, tmp_path):
+  """The kernel built without AVX2 (the C++ loop other CPUs run, here with -mno-avx2): float32 sums, as
+  close to numpy's as float32 rounding allows for any input, an expert's rows shared by several assignments.
+  In its own process: a process registers one build of the kernels."""
+  if platform.machine() not in ("x86_64", "AMD64"):
+    pytest.skip("-mno-avx2 is an x86-64 flag")
+  blocks, scales, w = packed_experts(rng)
+  experts = np.array([3] * 6 + [1, 0, 3])
+  x = rng.normal(size=(len(experts), w.shape[2])).astype(np.float32)
+  np.savez(tmp_path / "case.npz", x=x, experts=experts, blocks=blocks, scales=scales)
+  out = subprocess.run([sys.executable, "-c", PLAIN_KERNEL, str(tmp_path / "case.npz"), str(tmp_path / "y.npy")],
+                       capture_output=True, text=True)
+  if out.returncode == 3:
+    pytest.skip("the CPU kernels could not be built here (no g++?)")
+  assert out.returncode == 0, out.stderr[-2000:]
+  want = np.einsum("ai,aoi->ao", x.astype(np.float64), w[experts].astype(np.float64))
+  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_cpu_kernels_refuse_operands_and_outputs_of_the_wrong_shape(monkeypatch):
   from gptoss_jax.model import cpu_kernels
   monkeypatch.setenv("GPTOSS_JAX_KERNELS", "1")
@@ -309,7 +379,10 @@ def test_cpu_kernels_refuse_operands_and_outputs_of_the_wrong_shape(monkeypatch)
       pytest.skip("the CPU kernels could not be built here (no g++?)")
     x, e = jnp.zeros((3, 64), jnp.float32), jnp.zeros((3,), jnp.int32)
     blocks, scales = jnp.zeros((2, 5, 2, 16), jnp.uint8), jnp.zeros((2, 5, 2), jnp.uint8)
-    call = lambda target, shape, *args: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32))(*args)
+    def call(target, shape, *args):
+      attributes = {"rounded": np.int32(1)} if target == cpu_kernels.MXFP4_TARGET else {}
+      return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32))(*args, **attributes)
+
     assert call(cpu_kernels.MXFP4_TARGET, (3, 5), x, e, blocks, scales).shape == (3, 5)
     for target, shape, args, message in [
         (cpu_kernels.MXFP4_TARGET, (3, 6), (x, e, blocks, scales), "want the output [A, O]"),

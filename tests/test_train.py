@@ -465,3 +465,22 @@ def test_inference_commands_take_most_of_an_accelerator_unless_told_otherwise(mo
   assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
   for command in ("generate", "evaluate"):
     assert "runtime.inference_memory()" in (Path(REPO) / "gptoss_jax" / f"{command}.py").read_text()
+
+
+def test_inference_commands_keep_their_compiled_programs_where_told(monkeypatch, tmp_path):
+  """generate, evaluate and lm_eval keep compiled programs across runs: in the cache folder unless
+  JAX_COMPILATION_CACHE_DIR (here the suite's own) names another place."""
+  from gptoss_jax import runtime
+  monkeypatch.setenv("GPTOSS_JAX_CACHE", str(tmp_path))
+  named = jax.config.jax_compilation_cache_dir
+  assert named  # the suite's, from conftest
+  try:
+    runtime.cache_compilations()
+    assert jax.config.jax_compilation_cache_dir == named
+    jax.config.update("jax_compilation_cache_dir", None)
+    runtime.cache_compilations()
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", named)
+  for command in ("generate.py", "evaluate.py", "lm_eval/__main__.py"):
+    assert "runtime.cache_compilations()" in (Path(REPO) / "gptoss_jax" / command).read_text()

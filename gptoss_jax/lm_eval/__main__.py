@@ -93,4 +93,5 @@ if __name__ == "__main__":
   from gptoss_jax import runtime
   runtime.configure()  # before JAX starts its backend
   runtime.inference_memory()
+  runtime.cache_compilations()
   sys.exit(main())

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model.ffn import init_std_out
-from gptoss_jax.model.linear import project, split
+from gptoss_jax.model.linear import FEW_ROWS, project, split
 from gptoss_jax.model.norms import RMSNorm
 from gptoss_jax.model.platform import per_lowering, target
 from gptoss_jax.sharding import BATCH_AXES
@@ -300,10 +300,13 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxTxD, positions_BxT, rope=None, cache: KVCache | None = None):
     cfg, dt = self.cfg, x_BxTxD.dtype
-    N, K = cfg.n_heads, cfg.n_kv_heads  # one matmul for q, k and v: fewer, larger GEMMs
+    N, K = cfg.n_heads, cfg.n_kv_heads
     platform = target(cfg)
-    qkv = project(x_BxTxD, jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1), platform=platform)
-    q, k, v = split(qkv, (N, K, K), axis=2)
+    if math.prod(x_BxTxD.shape[:2]) <= FEW_ROWS:  # decoding: each weight read as stored (a concatenation is a copy)
+      q, k, v = (project(x_BxTxD, w[...], platform=platform) for w in (self.wq, self.wk, self.wv))
+    else:  # one matmul for q, k and v: fewer, larger GEMMs
+      qkv = project(x_BxTxD, jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1), platform=platform)
+      q, k, v = split(qkv, (N, K, K), axis=2)
     if cfg.qkv_bias:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if cfg.qk_norm:

@@ -3,16 +3,20 @@
 //
 // GptossMxfp4Matvec: y[a, o] = sum_i x[a, i] * W[e[a]][o, i], W packed as the checkpoints store it:
 // [E, O, I / 32, 16] bytes (two FP4 e2m1 codes a byte, low nibble first) and [E, O, I / 32] e8m0 scales.
-// Each assignment a reads only its expert e[a], straight from the packed bytes.
+// Each assignment a reads only its expert e[a], straight from the packed bytes; the assignments of one expert
+// share each read of its rows.
 //
 // GptossBf16Matvec: y[r, o] = sum_i x[r, i] * W[i, o] for a few rows r (<= 16) of float32 x and a bfloat16
-// W stored [in, out], each thread streaming the rows of W for its tile of outputs.
+// W stored [in, out], each thread streaming its own contiguous stretch of W's rows.
 //
 // Built at first use by gptoss_jax/model/cpu_kernels.py (g++ -O3 -march=native -fopenmp).
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
+
+#include <omp.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -30,44 +34,105 @@ constexpr int8_t kTwiceFp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6
 // 2 ** (s - 127) / 2 for an e8m0 byte s (the / 2 undoes kTwiceFp4's doubling); 255 is NaN.
 float HalfScale(uint8_t s) { return s == 255 ? NAN : std::ldexp(1.0f, static_cast<int>(s) - 128); }
 
-// One output row: sum over the row's blocks of scale * (x . block).
-float Row(const float* x, const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks, const float* half_scale) {
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4));
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < n_blocks; ++b, x += 32) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * b));
-    const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(bytes, low4));
-    const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
-    const __m128i w0 = _mm_unpacklo_epi8(lo, hi);  // weights 0..15 in order: lo0 hi0 lo1 hi1 ...
-    const __m128i w1 = _mm_unpackhi_epi8(lo, hi);  // weights 16..31
-    __m256 block = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w0)), _mm256_loadu_ps(x));
-    block = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(w0, 8))), _mm256_loadu_ps(x + 8), block);
-    block = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w1)), _mm256_loadu_ps(x + 16), block);
-    block = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(w1, 8))), _mm256_loadu_ps(x + 24), block);
-    acc = _mm256_fmadd_ps(block, _mm256_set1_ps(half_scale[scales[b]]), acc);
-  }
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
-  return _mm_cvtss_f32(sum);
-#else
-  float acc = 0.0f;
-  for (int64_t b = 0; b < n_blocks; ++b, x += 32) {
-    float block = 0.0f;
-    for (int j = 0; j < 16; ++j) {
-      const uint8_t byte = blocks[16 * b + j];
-      block += kTwiceFp4[byte & 0x0F] * x[2 * j] + kTwiceFp4[byte >> 4] * x[2 * j + 1];
+// One row of W against N inputs that chose its expert: out[k] = sum over the row's blocks of scale * (x_k .
+// block), in float32.
+template <int N>
+void FloatRows(const float* const* x, const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks,
+               const float* half_scale, float* const* out) {
+  for (int k = 0; k < N; ++k) {
+    float acc = 0.0f;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const float* xb = x[k] + 32 * b;
+      float block = 0.0f;
+      for (int j = 0; j < 16; ++j) {
+        const uint8_t byte = blocks[16 * b + j];
+        block += kTwiceFp4[byte & 0x0F] * xb[2 * j] + kTwiceFp4[byte >> 4] * xb[2 * j + 1];
+      }
+      acc += block * half_scale[scales[b]];
     }
-    acc += block * half_scale[scales[b]];
+    *out[k] = acc;
   }
-  return acc;
-#endif
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr bool kIntegerRows = true;
+// For bfloat16 activations (`rounded`), with AVX2, each block of 32 inputs x is rounded to 16-bit integers q
+// with a power-of-two scale 2^(e - 15),
+// 2^e just above the block's largest |x|, so its products with the codes are integer multiply-adds (two
+// instructions a block; widening every code to float32 took nine and bound the kernel at 10-12 GiB/s on AMD
+// EPYC, 17-19 with integers). Each input's rounding error is at most 2^(e - 16): a bfloat16 activation within
+// a factor 128 of its block's largest is exact, and no error exceeds 1/128 of the bfloat16 rounding of that
+// largest (whose step is 2^(e - 8)). q holds a block's even inputs, then its odd ones (the codes' low and high
+// nibbles). A block with a NaN or infinity gets a NaN scale, so its rows are NaN, as the float sums would be.
+void QuantizeBlocks(const float* x, int64_t n_blocks, int16_t* q, float* scale) {
+  for (int64_t b = 0; b < n_blocks; ++b, x += 32, q += 32) {
+    float m = 0.0f;
+    bool finite = true;
+    for (int j = 0; j < 32; ++j) {
+      const float a = std::fabs(x[j]);
+      finite = finite && std::isfinite(a);
+      m = a > m ? a : m;
+    }
+    int e = 0;
+    std::frexp(m, &e);  // m < 2^e (0 for m = 0)
+    const double inv = std::ldexp(1.0, 15 - e);
+    scale[b] = finite ? std::ldexp(1.0f, e - 15) : NAN;
+    for (int j = 0; j < 32; ++j) {
+      const long v = finite ? std::lrint(x[(j % 16) * 2 + j / 16] * inv) : 0;
+      q[j] = static_cast<int16_t>(v > 32767 ? 32767 : (v < -32767 ? -32767 : v));
+    }
+  }
+}
+
+// One row of W against N inputs that chose its expert: out[k] = sum over the row's blocks of (the block's
+// scale * input k's scale) * (q_k . codes); each block's codes decoded once for all N.
+template <int N>
+void Rows(const int16_t* const* q, const float* const* x_scale, const uint8_t* blocks, const uint8_t* scales,
+          int64_t n_blocks, const float* half_scale, float* const* out) {
+  const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  __m256 acc0[N], acc1[N];  // two chains each: even and odd blocks
+  for (int k = 0; k < N; ++k) acc0[k] = acc1[k] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * b));
+    const __m256i even = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(table, _mm_and_si128(bytes, low4)));
+    const __m256i odd = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bytes, 4), low4)));
+    const float w_scale = half_scale[scales[b]];
+    for (int k = 0; k < N; ++k) {
+      const __m256i* qb = reinterpret_cast<const __m256i*>(q[k] + 32 * b);
+      const __m256 sums = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(even, _mm256_loadu_si256(qb)),
+                                                              _mm256_madd_epi16(odd, _mm256_loadu_si256(qb + 1))));
+      const __m256 s = _mm256_set1_ps(w_scale * x_scale[k][b]);
+      if (b & 1) {
+        acc1[k] = _mm256_fmadd_ps(sums, s, acc1[k]);
+      } else {
+        acc0[k] = _mm256_fmadd_ps(sums, s, acc0[k]);
+      }
+    }
+  }
+  for (int k = 0; k < N; ++k) {
+    const __m256 acc = _mm256_add_ps(acc0[k], acc1[k]);
+    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+    sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+    *out[k] = _mm_cvtss_f32(sum);
+  }
+}
+#else
+constexpr bool kIntegerRows = false;
+void QuantizeBlocks(const float*, int64_t, int16_t*, float*) {}
+template <int N>
+void Rows(const int16_t* const*, const float* const*, const uint8_t*, const uint8_t*, int64_t, const float*,
+          float* const*) {}
+#endif
+
+// Inputs per decoded row: up to this many assignments of an expert share each block's decoding.
+constexpr int kGroup = 4;
+// Rows of W per work item.
+constexpr int64_t kRowTile = 64;
+
 ffi::Error Mxfp4Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts, ffi::Buffer<ffi::U8> blocks,
-                  ffi::Buffer<ffi::U8> scales, ffi::ResultBuffer<ffi::F32> y) {
+                       ffi::Buffer<ffi::U8> scales, int32_t rounded, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), bd = blocks.dimensions(), sd = scales.dimensions();
   if (xd.size() != 2 || bd.size() != 4 || bd[3] != 16 || xd[1] != 32 * bd[2] || experts.element_count() != xd[0] ||
       sd.size() != 3 || sd[0] != bd[0] || sd[1] != bd[1] || sd[2] != bd[2]) {
@@ -79,6 +144,7 @@ ffi::Error Mxfp4Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts, f
     return ffi::Error::InvalidArgument("mxfp4_matvec: want the output [A, O]");
   }
   const int64_t A = xd[0], I = xd[1], E = bd[0], O = bd[1], NB = bd[2];
+  if (A == 0 || E == 0) return ffi::Error::Success();
   float half_scale[256];
   for (int s = 0; s < 256; ++s) half_scale[s] = HalfScale(static_cast<uint8_t>(s));
   const float* xp = x.typed_data();
@@ -86,25 +152,79 @@ ffi::Error Mxfp4Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts, f
   const uint8_t* bp = blocks.typed_data();
   const uint8_t* sp = scales.typed_data();
   float* yp = y->typed_data();
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t a = 0; a < A; ++a) {
-    for (int64_t o = 0; o < O; ++o) {
-      // an index out of range is clamped, as XLA's gather on the other path does: the same function everywhere
-      const int64_t e = ep[a] < 0 ? 0 : (ep[a] >= E ? E - 1 : ep[a]);
+  // rounded inputs: 16-bit integers per block (with AVX2, for bfloat16 activations); else float32
+  const bool integer = kIntegerRows && rounded;
+  static thread_local std::vector<int16_t> q;  // the calling thread's, reused between calls
+  static thread_local std::vector<float> q_scale;
+  if (integer) {
+    q.resize(static_cast<size_t>(A * I));
+    q_scale.resize(static_cast<size_t>(A * NB));
+    QuantizeBlocks(xp, A * NB, q.data(), q_scale.data());
+  }
+  const int16_t* const qp = q.data();  // the threads' own `q` would be theirs, not this one
+  const float* const qsp = q_scale.data();
+  // The assignments grouped by expert (an index out of range clamped, as XLA's gather on the other path does):
+  // each expert's rows are read once per call however many assignments chose it (prefill, evaluation)
+  std::vector<int64_t> start(E + 1, 0), order(A);
+  auto expert = [&](int64_t a) { return ep[a] < 0 ? int64_t{0} : (ep[a] >= E ? E - 1 : int64_t{ep[a]}); };
+  for (int64_t a = 0; a < A; ++a) ++start[expert(a) + 1];
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  for (int64_t a = 0; a < A; ++a) order[next[expert(a)]++] = a;
+  std::vector<int64_t> items;  // (expert, tile of rows) with assignments, as e * tiles + tile
+  const int64_t tiles = (O + kRowTile - 1) / kRowTile;
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t t = 0; start[e + 1] > start[e] && t < tiles; ++t) items.push_back(e * tiles + t);
+  }
+  const int64_t n_items = static_cast<int64_t>(items.size());
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t i = 0; i < n_items; ++i) {
+    const int64_t e = items[i] / tiles, o0 = (items[i] % tiles) * kRowTile, o1 = o0 + kRowTile < O ? o0 + kRowTile : O;
+    for (int64_t o = o0; o < o1; ++o) {
       const int64_t row = e * O + o;
-      yp[a * O + o] = Row(xp + a * I, bp + row * NB * 16, sp + row * NB, NB, half_scale);
+      for (int64_t k0 = start[e]; k0 < start[e + 1]; k0 += kGroup) {
+        const int n = start[e + 1] - k0 < kGroup ? static_cast<int>(start[e + 1] - k0) : kGroup;
+        const int16_t* qs[kGroup];
+        const float* xs[kGroup];
+        const float* q_scales[kGroup];
+        float* outs[kGroup];
+        for (int k = 0; k < n; ++k) {
+          const int64_t a = order[k0 + k];
+          qs[k] = qp + a * I;
+          q_scales[k] = qsp + a * NB;
+          xs[k] = xp + a * I;
+          outs[k] = yp + a * O + o;
+        }
+        const uint8_t *rb = bp + row * NB * 16, *rs = sp + row * NB;
+        if (integer) {
+          switch (n) {
+            case 1: Rows<1>(qs, q_scales, rb, rs, NB, half_scale, outs); break;
+            case 2: Rows<2>(qs, q_scales, rb, rs, NB, half_scale, outs); break;
+            case 3: Rows<3>(qs, q_scales, rb, rs, NB, half_scale, outs); break;
+            default: Rows<4>(qs, q_scales, rb, rs, NB, half_scale, outs);
+          }
+        } else {
+          switch (n) {
+            case 1: FloatRows<1>(xs, rb, rs, NB, half_scale, outs); break;
+            case 2: FloatRows<2>(xs, rb, rs, NB, half_scale, outs); break;
+            case 3: FloatRows<3>(xs, rb, rs, NB, half_scale, outs); break;
+            default: FloatRows<4>(xs, rb, rs, NB, half_scale, outs);
+          }
+        }
+      }
     }
   }
   return ffi::Error::Success();
 }
 
-// Outputs per work item: 512 (1 KB of a row of W). Small enough that the rows' sums, four converted rows of W
-// and the rows of W being read stay in a 32 KB L1 cache, and that a layer's few thousand outputs split evenly
-// over the threads (with 4,096 a work item, a 2,880-output product ran on one thread and a 5,120-output one
-// split 4,096 / 1,024: 4-5 GiB/s on AMD EPYC, where one thread of this loop reads 8-10).
-constexpr int64_t kMaxRows = 16, kTile = 512, kUnroll = 4;
+// Columns per pass for R rows: kSums / R, so that the rows' sums (1 MiB) stay in a core's L2 cache while the
+// thread's rows of W stream past them. Work is split over W's rows (the inner dimension), not its columns: each
+// thread reads one contiguous stretch of W, which the prefetchers follow at the bandwidth (measured on AMD EPYC:
+// the 201,088-wide unembedding 23-33 ms against 40-77 ms for work items of 512-8,192 columns, each of which
+// jumps a whole row of W, a new page, every 1-16 KB); the threads' partial sums are added at the end.
+constexpr int64_t kMaxRows = 16, kSums = int64_t{1} << 18, kTile = 512, kUnroll = 4;
 // Weights of fewer elements run on the calling thread, not worth waking the others for.
-constexpr int64_t kThreadedMin = int64_t{1} << 22;
+constexpr int64_t kThreadedMin = int64_t{1} << 20;
 
 inline float Bf16ToFloat(uint16_t v) {  // bfloat16 -> float32: the upper half of the float's bits
   const uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -113,45 +233,76 @@ inline float Bf16ToFloat(uint16_t v) {  // bfloat16 -> float32: the upper half o
   return f;
 }
 
-// Rows x[0..R) against outputs [o0, o0 + n) of W: kUnroll rows of W converted at a time, each row's sums
-// read and written once per kUnroll of them.
-void Bf16Tile(const float* x, int64_t R, int64_t I, const uint16_t* w, int64_t O, int64_t o0, int64_t n, float* y) {
-  static thread_local float acc[kMaxRows][kTile], wf[kUnroll][kTile];
-  for (int64_t r = 0; r < R; ++r) std::memset(acc[r], 0, n * sizeof(float));
-  int64_t i = 0;
+// acc[r * ld + j] += sum over W's rows [i0, i1) of x[r, i] * W[i, o0 + j], for j < n.
+void Bf16Block(const float* x, int64_t R, int64_t I, int64_t i0, int64_t i1, const uint16_t* w, int64_t O,
+               int64_t o0, int64_t n, float* acc, int64_t ld) {
+  int64_t i = i0;
   if (R == 1) {  // decoding: W's rows converted as they are read, nothing stored between
-    float* a = acc[0];
-    for (; i + kUnroll <= I; i += kUnroll) {
+    for (; i + kUnroll <= i1; i += kUnroll) {
       const uint16_t* w0 = w + i * O + o0;
       const uint16_t *w1 = w0 + O, *w2 = w1 + O, *w3 = w2 + O;
       const float x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
       for (int64_t j = 0; j < n; ++j) {
-        a[j] += x0 * Bf16ToFloat(w0[j]) + x1 * Bf16ToFloat(w1[j]) + x2 * Bf16ToFloat(w2[j]) + x3 * Bf16ToFloat(w3[j]);
+        acc[j] += x0 * Bf16ToFloat(w0[j]) + x1 * Bf16ToFloat(w1[j]) + x2 * Bf16ToFloat(w2[j]) + x3 * Bf16ToFloat(w3[j]);
       }
     }
   }
-  for (; i + kUnroll <= I; i += kUnroll) {
-    for (int64_t k = 0; k < kUnroll; ++k) {
-      const uint16_t* wr = w + (i + k) * O + o0;
-      for (int64_t j = 0; j < n; ++j) wf[k][j] = Bf16ToFloat(wr[j]);
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      const float* xr = x + r * I + i;
-      const float x0 = xr[0], x1 = xr[1], x2 = xr[2], x3 = xr[3];
-      float* a = acc[r];
-      for (int64_t j = 0; j < n; ++j) a[j] += x0 * wf[0][j] + x1 * wf[1][j] + x2 * wf[2][j] + x3 * wf[3][j];
+  static thread_local float wf[kUnroll][kTile];  // kUnroll rows of W converted, a tile of columns at a time
+  for (; i + kUnroll <= i1; i += kUnroll) {
+    for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+      const int64_t m = n - t0 < kTile ? n - t0 : kTile;
+      for (int64_t k = 0; k < kUnroll; ++k) {
+        const uint16_t* wr = w + (i + k) * O + o0 + t0;
+        for (int64_t j = 0; j < m; ++j) wf[k][j] = Bf16ToFloat(wr[j]);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const float* xr = x + r * I + i;
+        const float x0 = xr[0], x1 = xr[1], x2 = xr[2], x3 = xr[3];
+        float* a = acc + r * ld + t0;
+        for (int64_t j = 0; j < m; ++j) a[j] += x0 * wf[0][j] + x1 * wf[1][j] + x2 * wf[2][j] + x3 * wf[3][j];
+      }
     }
   }
-  for (; i < I; ++i) {  // the rows of W left over
+  for (; i < i1; ++i) {  // the rows of W left over
     const uint16_t* wr = w + i * O + o0;
-    for (int64_t j = 0; j < n; ++j) wf[0][j] = Bf16ToFloat(wr[j]);
     for (int64_t r = 0; r < R; ++r) {
       const float xv = x[r * I + i];
-      float* a = acc[r];
-      for (int64_t j = 0; j < n; ++j) a[j] += xv * wf[0][j];
+      float* a = acc + r * ld;
+      for (int64_t j = 0; j < n; ++j) a[j] += xv * Bf16ToFloat(wr[j]);
     }
   }
-  for (int64_t r = 0; r < R; ++r) std::memcpy(y + r * O + o0, acc[r], n * sizeof(float));
+}
+
+// y [R, O] = x [R, I] @ W [I, O]: thread t of T sums W's rows [I t / T, I (t + 1) / T) into y (t = 0) or its
+// own partial [R, O], a pass of kSums / R columns at a time; the partials are then added to y.
+void Bf16Product(const float* x, int64_t R, int64_t I, const uint16_t* w, int64_t O, float* y) {
+  const int64_t C = O < kSums / R ? O : kSums / R;
+  const int threads = I * O >= kThreadedMin ? omp_get_max_threads() : 1;
+  static thread_local std::vector<float> partials;  // the calling thread's, reused between calls
+  partials.resize(static_cast<size_t>((threads - 1) * R * O));
+  float* const part = partials.data();  // the threads' own `partials` would be theirs, not this one
+  int used = 1;
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    if (t == 0) used = T;
+    float* out = t == 0 ? y : part + (t - 1) * R * O;
+    const int64_t i0 = I * t / T, i1 = I * (t + 1) / T;
+    for (int64_t o0 = 0; o0 < O; o0 += C) {
+      const int64_t n = O - o0 < C ? O - o0 : C;
+      for (int64_t r = 0; r < R; ++r) std::memset(out + r * O + o0, 0, n * sizeof(float));
+      Bf16Block(x, R, I, i0, i1, w, O, o0, n, out + o0, O);
+    }
+  }
+  if (used > 1) {
+    const int64_t total = R * O;
+#pragma omp parallel for schedule(static) num_threads(used)
+    for (int64_t k = 0; k < total; ++k) {
+      float s = y[k];
+      for (int p = 0; p + 1 < used; ++p) s += part[p * total + k];
+      y[k] = s;
+    }
+  }
 }
 
 ffi::Error Bf16Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
@@ -163,15 +314,9 @@ ffi::Error Bf16Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi::Re
   if (yd.size() != 2 || yd[0] != xd[0] || yd[1] != wd[1]) {
     return ffi::Error::InvalidArgument("bf16_matvec: want the output [R, O]");
   }
-  const int64_t R = xd[0], I = xd[1], O = wd[1], tiles = (O + kTile - 1) / kTile;
-  const float* xp = x.typed_data();
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
-  float* yp = y->typed_data();
-#pragma omp parallel for schedule(static) if (I * O >= kThreadedMin)
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t o0 = t * kTile;
-    Bf16Tile(xp, R, I, wp, O, o0, O - o0 < kTile ? O - o0 : kTile, yp);
-  }
+  if (xd[0] == 0 || wd[1] == 0) return ffi::Error::Success();  // an empty product
+  Bf16Product(x.typed_data(), xd[0], xd[1], reinterpret_cast<const uint16_t*>(w.untyped_data()), wd[1],
+              y->typed_data());
   return ffi::Error::Success();
 }
 
@@ -189,4 +334,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Matvec, Mxfp4Matvec,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // experts [A]
                                   .Arg<ffi::Buffer<ffi::U8>>()    // blocks [E, O, I / 32, 16]
                                   .Arg<ffi::Buffer<ffi::U8>>()    // scales [E, O, I / 32]
+                                  .Attr<int32_t>("rounded")        // x holds bfloat16 values
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y [A, O]

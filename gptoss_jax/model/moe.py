@@ -100,12 +100,12 @@ def balance_step(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array
   return bias_E + rate * jnp.sign(1.0 / load_E.shape[-1] - load_E)
 
 
-# packed experts on CPU with the kernel: up to this many (token, expert) assignments `selected` reads each
-# one's expert in place, faster than the loop dequantizing every expert (gpt-oss-20b, one layer,
-# benchmarks/packed_dispatch.py: 64 tokens 0.48 s against 3.8 s, 256 tokens 1.6 s against 4.6 s; on a busy
-# machine 256: 3.8 against 9.0, 512: 7.7 against 9.4, 1,024: 12.3 against 8.8): prefill pieces (at most 256
-# tokens) and evaluation batches of up to 512 tokens
-PACKED_SELECTED_MAX = 2048
+# packed experts on CPU with the kernel: up to this many (token, expert) assignments `selected` (the kernel, each
+# expert's rows read once for all its assignments) is faster than the loop dequantizing every expert in XLA
+# (gpt-oss-20b, one layer, benchmarks/packed_dispatch.py, seconds, AMD EPYC: 256 tokens 0.42 against 2.48, 1,024
+# tokens 2.01 against 3.74, 2,048 tokens 4.02 against 4.63, 4,096 tokens 9.17 against 7.40): prefill pieces
+# (at most 256 tokens) and evaluation batches of up to 2,048 tokens
+PACKED_SELECTED_MAX = 8192
 
 
 def resolved_dispatch(cfg: ModelConfig, n_tokens: int) -> str:
