@@ -484,3 +484,17 @@ def test_blocked_rows_stay_within_a_quarter_more_than_the_assignments(n_experts,
     if b >= GMM_ROWS_MIN:  # `gmm` on TPU: its rows rounded up to a tile, and a tile more per expert boundary
       worst = max(worst, (-(-assignments // b) * b + (n_experts - 1) * b) / assignments)
   assert 1.0 <= worst <= 1.25, worst
+
+
+def test_a_bfloat16_models_packed_products_may_round_their_inputs():
+  """A model computing in bfloat16 lets the CPU kernel multiply its (float32 copies of) activations as 16-bit
+  integers; a float32 model gets float32 products."""
+  from gptoss_jax.config_files import load_config_file
+  from gptoss_jax.model import Transformer, cpu_kernels
+  if not cpu_kernels.available():
+    pytest.skip("the CPU kernels could not be built here (no g++?)")
+  for dtype, rounded in (("bfloat16", 1), ("float32", 0)):
+    cfg = ModelConfig.from_dict(load_config_file("gpt_oss:tiny").model).replace(moe_mxfp4=True, dtype=dtype)
+    text = jax.jit(lambda m, t: m(t)).lower(Transformer(cfg, nnx.Rngs(0)), jnp.zeros((1, 1), jnp.int32)).as_text()
+    calls = [line for line in text.splitlines() if cpu_kernels.MXFP4_TARGET in line]
+    assert calls and all(f"rounded = {rounded} : i32" in line for line in calls)

@@ -102,16 +102,18 @@ def mxfp4_reference(x_AxI: jax.Array, experts_A: jax.Array, blocks: jax.Array, s
   return jax.lax.dot_general(x_AxI.astype(jnp.float32), w_AxOxI, (((1,), (2,)), ((0,), (0,))))
 
 
-def mxfp4_matvec(x_AxI: jax.Array, experts_A: jax.Array, blocks: jax.Array, scales: jax.Array) -> jax.Array:
+def mxfp4_matvec(x_AxI: jax.Array, experts_A: jax.Array, blocks: jax.Array, scales: jax.Array,
+                 rounded: bool | None = None) -> jax.Array:
   """y[a] = W[experts[a]] @ x[a] in float32, for packed weights [E, *out, I / 32, 16] and scales
   [E, *out, I / 32] (the output dimensions flattened): the kernel on CPU, `mxfp4_reference` elsewhere or
-  without the kernels. Differentiable in x (the packed weights are never trained). A bfloat16 x (8
-  significant bits) the AVX2 kernel multiplies as 16-bit integers per block of 32 with a power-of-two
-  scale, exact for the values within a factor 128 of their block's largest (cpu_kernels.cc); float32 x in
-  float32."""
+  without the kernels. Differentiable in x (the packed weights are never trained). `rounded` (default:
+  whether x is bfloat16; a model computing in bfloat16 says so for its float32 copies): the AVX2 kernel
+  multiplies x as 16-bit integers per block of 32 with a power-of-two scale, exact for bfloat16 values within
+  a factor 128 of their block's largest, and otherwise off by at most 2^-16 of the power of two above it
+  (cpu_kernels.cc); else in float32."""
   E, nb = blocks.shape[0], blocks.shape[-2]
   blocks, scales = blocks.reshape(E, -1, nb, 16), scales.reshape(E, -1, nb)
-  rounded = x_AxI.dtype == jnp.bfloat16
+  rounded = x_AxI.dtype == jnp.bfloat16 if rounded is None else rounded
   x_AxI, experts_A = x_AxI.astype(jnp.float32), jnp.clip(experts_A.astype(jnp.int32), 0, E - 1)
   if not available():
     return mxfp4_reference(x_AxI, experts_A, blocks, scales)

@@ -183,9 +183,10 @@ def selected(cfg: ModelConfig, p: dict, x_NxD: jax.Array, idx_NxK: jax.Array, w_
     b_in, b_out = p["b_in"][e_A].astype(dt), p["b_out"][e_A].astype(dt)
   else:
     b_in, b_out = jnp.zeros((A, G, F), dt), jnp.zeros((A, D), dt)
-  if cfg.moe_mxfp4:  # stored [E, out, in / 32, 16]
-    h = cpu_kernels.mxfp4_matvec(x_AxD, e_A, p["w_in_blocks"], p["w_in_scales"]).astype(dt)
-    down = lambda a_AxF: cpu_kernels.mxfp4_matvec(a_AxF, e_A, p["w_out_blocks"], p["w_out_scales"]).astype(dt)  # noqa: E731
+  if cfg.moe_mxfp4:  # stored [E, out, in / 32, 16]; a bfloat16 model's inputs may be rounded in the CPU kernel
+    product = functools.partial(cpu_kernels.mxfp4_matvec, experts_A=e_A, rounded=x_NxD.dtype == jnp.bfloat16)
+    h = product(x_AxD, blocks=p["w_in_blocks"], scales=p["w_in_scales"]).astype(dt)
+    down = lambda a_AxF: product(a_AxF, blocks=p["w_out_blocks"], scales=p["w_out_scales"]).astype(dt)  # noqa: E731
   else:  # one matrix-vector product per assignment, the weight as stored ([A, in, out]), its output
     # dimensions flattened (an einsum keeping G and F apart made XLA:CPU copy the weights, 15x slower)
     matvec = lambda x_AxI, w_AxIxO: jax.lax.dot_general(x_AxI, w_AxIxO, (((1,), (1,)), ((0,), (0,))))  # noqa: E731
