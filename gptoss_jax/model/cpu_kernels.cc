@@ -56,11 +56,10 @@ void FloatRows(const float* const* x, const uint8_t* blocks, const uint8_t* scal
 
 #if defined(__AVX2__) && defined(__FMA__)
 constexpr bool kIntegerRows = true;
-// For bfloat16 activations (`rounded`), with AVX2, each block of 32 inputs x is rounded to 16-bit integers q
-// with a power-of-two scale 2^(e - 15),
-// 2^e just above the block's largest |x|, so its products with the codes are integer multiply-adds (two
-// instructions a block; widening every code to float32 took nine and bound the kernel at 10-12 GiB/s on AMD
-// EPYC, 17-19 with integers). Each input's rounding error is at most 2^(e - 16): a bfloat16 activation within
+// For a bfloat16 model's activations (`rounded`), with AVX2, each block of 32 inputs x is rounded to 16-bit
+// integers q with a power-of-two scale 2^(e - 15), 2^e just above the block's largest |x|, so its products
+// with the codes are integer multiply-adds (two instructions a block; widening every code to float32 took nine
+// and bound the kernel at 10-12 GiB/s on AMD EPYC, 16-19 with integers). Each input's rounding error is at most 2^(e - 16): a bfloat16 activation within
 // a factor 128 of its block's largest is exact, and no error exceeds 1/128 of the bfloat16 rounding of that
 // largest (whose step is 2^(e - 8)). q holds a block's even inputs, then its odd ones (the codes' low and high
 // nibbles). A block with a NaN or infinity gets a NaN scale, so its rows are NaN, as the float sums would be.
