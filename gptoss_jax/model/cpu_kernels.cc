@@ -34,6 +34,45 @@ constexpr int8_t kTwiceFp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6
 // 2 ** (s - 127) / 2 for an e8m0 byte s (the / 2 undoes kTwiceFp4's doubling); 255 is NaN.
 float HalfScale(uint8_t s) { return s == 255 ? NAN : std::ldexp(1.0f, static_cast<int>(s) - 128); }
 
+#if defined(__AVX2__) && defined(__FMA__)
+inline float HorizontalSum(__m256 v) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  return _mm_cvtss_f32(sum);
+}
+
+// One row of W against N inputs that chose its expert: out[k] = sum over the row's blocks of scale * (x_k .
+// block), in float32: each block's codes widened to float32 once for all N.
+template <int N>
+void FloatRows(const float* const* x, const uint8_t* blocks, const uint8_t* scales, int64_t n_blocks,
+               const float* half_scale, float* const* out) {
+  const __m128i table = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kTwiceFp4));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  __m256 acc[N];
+  for (int k = 0; k < N; ++k) acc[k] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * b));
+    const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(bytes, low4));
+    const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
+    const __m128i w0 = _mm_unpacklo_epi8(lo, hi), w1 = _mm_unpackhi_epi8(lo, hi);  // the codes in order
+    const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w0));
+    const __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(w0, 8)));
+    const __m256 f2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w1));
+    const __m256 f3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(w1, 8)));
+    const __m256 s = _mm256_set1_ps(half_scale[scales[b]]);
+    for (int k = 0; k < N; ++k) {
+      const float* xb = x[k] + 32 * b;
+      __m256 block = _mm256_mul_ps(f0, _mm256_loadu_ps(xb));
+      block = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xb + 8), block);
+      block = _mm256_fmadd_ps(f2, _mm256_loadu_ps(xb + 16), block);
+      block = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xb + 24), block);
+      acc[k] = _mm256_fmadd_ps(block, s, acc[k]);
+    }
+  }
+  for (int k = 0; k < N; ++k) *out[k] = HorizontalSum(acc[k]);
+}
+#else
 // One row of W against N inputs that chose its expert: out[k] = sum over the row's blocks of scale * (x_k .
 // block), in float32.
 template <int N>
@@ -53,6 +92,7 @@ void FloatRows(const float* const* x, const uint8_t* blocks, const uint8_t* scal
     *out[k] = acc;
   }
 }
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 constexpr bool kIntegerRows = true;
@@ -109,13 +149,7 @@ void Rows(const int16_t* const* q, const float* const* x_scale, const uint8_t* b
       }
     }
   }
-  for (int k = 0; k < N; ++k) {
-    const __m256 acc = _mm256_add_ps(acc0[k], acc1[k]);
-    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-    sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
-    *out[k] = _mm_cvtss_f32(sum);
-  }
+  for (int k = 0; k < N; ++k) *out[k] = HorizontalSum(_mm256_add_ps(acc0[k], acc1[k]));
 }
 #else
 constexpr bool kIntegerRows = false;
