@@ -12,8 +12,9 @@ decode timed with their first compilations, and the whole call: new tokens over 
 again compiled (prefill tokens/s, decode tokens/s), `evaluate`'s loss over one window of --eval-window
 tokens (first and compiled; 0 skips it), and the peak RSS. The bandwidth limit: the bytes one decoded token
 must read (every dense weight, its 4 experts of 32 packed, one embedding row) against a plain streaming read
-of that many bytes on both cores. The compute limit: XLA's float32 matmul rate at a prefill's shapes over 2
-x the active parameters per token (every weight but the embedding table, 4 of the 32 experts).
+of that many bytes on both cores. The compute limit, as benchmarks/harness_speed.py's: XLA's float32 matmul
+rate (train.metrics.measured_matmul_flops) over 2 x the active parameters per token (inspect.stats: every
+weight but the embedding table, 4 of the 32 experts).
 """
 
 from __future__ import annotations
@@ -84,38 +85,6 @@ def bytes_per_token(model) -> int:
   return total
 
 
-def active_params(model) -> int:
-  """The weights one token multiplies: all but the embedding table, top_k / n_experts of the experts (packed:
-  two per byte of codes)."""
-  from flax import nnx
-  from gptoss_jax.model import WEIGHTS
-  cfg, total = model.cfg, 0
-  for path, var in nnx.to_flat_state(nnx.state(model, WEIGHTS)):
-    name, n = "/".join(map(str, path)), var[...].size
-    if name == "embed" or name.endswith("_scales"):
-      continue
-    if "ffn" in name and name.endswith(("w_in_blocks", "w_out_blocks", "b_in", "b_out")):
-      n = n * (2 if name.endswith("_blocks") else 1) * cfg.top_k // cfg.n_experts
-    total += n
-  return total
-
-
-def matmul_flops_per_s(d_model: int) -> float:
-  """XLA's float32 matmul rate (the CPU computes bfloat16 products in float32) at a prefill piece's shapes,
-  [256, d] x [d, 2d], best of 5."""
-  import jax
-  import jax.numpy as jnp
-  a, b = jnp.ones((256, d_model), jnp.float32), jnp.ones((d_model, 2 * d_model), jnp.float32)
-  f = jax.jit(jnp.matmul)
-  f(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(5):
-    began = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - began)
-  return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best
-
-
 def stream_bandwidth(n_bytes: int) -> float:
   """Bytes/s of summing an n_bytes float32 array on both cores (numpy releases the GIL), best of 3, in memory
   allocated as the weights are (`aligned_empty`: huge pages where the kernel gives them)."""
@@ -140,6 +109,8 @@ def measure(folder: str, prompt: int, new: int, eval_window: int) -> None:
   import jax
   from gptoss_jax.evaluate import position_nll
   from gptoss_jax.generate import generate
+  from gptoss_jax.inspect import stats
+  from gptoss_jax.train.metrics import measured_matmul_flops
   from gptoss_jax.weights import load_model
   began = time.perf_counter()
   _, cfg, model = load_model(folder)
@@ -160,7 +131,7 @@ def measure(folder: str, prompt: int, new: int, eval_window: int) -> None:
     row[f"{run}_evaluate_tokens_per_s"] = eval_window / (time.perf_counter() - began)
   row["peak_rss_gib"] = peak_rss_gib()
   row["bytes_per_token_gib"] = bytes_per_token(model) / 2**30
-  row["compute_limit_tokens_per_s"] = matmul_flops_per_s(cfg.d_model) / (2 * active_params(model))
+  row["compute_limit_tokens_per_s"] = measured_matmul_flops() / (2 * stats(cfg).active_params)
   del model
   row["stream_gib_per_s"] = stream_bandwidth(int(row["bytes_per_token_gib"] * 2**30)) / 2**30
   row["limit_tokens_per_s"] = row["stream_gib_per_s"] / row["bytes_per_token_gib"]

@@ -5,7 +5,7 @@ A library user who wants the same behaviour calls them before JAX starts its bac
   runtime.configure()                     # what every command applies
   runtime.reuse_step_memory()             # what `python -m gptoss_jax.train` adds on CPU-only hosts
   runtime.inference_memory()              # what evaluate and generate add: most of an accelerator's memory
-  runtime.cache_compilations()            # and lm_eval: compiled programs kept across runs
+  runtime.cache_compilations()            # what evaluate, generate and lm_eval add: compiled programs kept
 
 The figures behind these choices are in the README (Benchmarks) and `benchmarks/`.
 """

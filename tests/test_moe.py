@@ -1,7 +1,7 @@
 """Routing, dispatch strategies and auxiliary losses against numpy written here; MXFP4 against a
 plain decode and transformers' converter."""
 
-import platform
+from platform import machine
 import re
 import subprocess
 import sys
@@ -355,7 +355,7 @@ def test_mxfp4_matvec_without_avx2_sums_in_float32(rng, tmp_path):
   """The kernel built without AVX2 (the C++ loop other CPUs run, here with -mno-avx2): float32 sums, as
   close to numpy's as float32 rounding allows for any input, an expert's rows shared by several assignments.
   In its own process: a process registers one build of the kernels."""
-  if platform.machine() not in ("x86_64", "AMD64"):
+  if machine() not in ("x86_64", "AMD64"):
     pytest.skip("-mno-avx2 is an x86-64 flag")
   blocks, scales, w = packed_experts(rng)
   experts = np.array([3] * 6 + [1, 0, 3])
