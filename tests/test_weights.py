@@ -79,3 +79,16 @@ def test_a_checkpoint_of_another_shape_or_with_an_array_missing_is_one_clear_err
   (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
   with pytest.raises(ConfigError, match="has no array blocks.2"):
     weights.load_model(tmp_path / "ckpt")
+
+
+def test_host_buffers_are_aligned_for_jax_and_large_ones_for_huge_pages():
+  """Loaded arrays go to the CPU device without a copy (64-byte aligned), and those of a huge page or more
+  start on a huge page's boundary; every byte is writable and reads back."""
+  for shape, dtype, boundary in (((3, 5), np.float32, 64), ((weights.HUGE_PAGE // 2 + 7,), np.uint16, weights.HUGE_PAGE),
+                                 ((3, weights.HUGE_PAGE // 3), jnp.bfloat16, weights.HUGE_PAGE)):
+    host = weights.aligned_empty(shape, dtype)
+    assert host.shape == shape and host.dtype == np.dtype(dtype) and host.ctypes.data % boundary == 0
+    host[...] = np.arange(host.size).reshape(shape).astype(dtype)
+    device = jax.device_put(host, jax.devices("cpu")[0])
+    assert device.unsafe_buffer_pointer() == host.ctypes.data  # taken as it is
+    np.testing.assert_array_equal(np.asarray(device), np.arange(host.size).reshape(shape).astype(dtype))

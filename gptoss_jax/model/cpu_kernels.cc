@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <omp.h>
@@ -99,10 +100,11 @@ constexpr bool kIntegerRows = true;
 // For a bfloat16 model's activations (`rounded`), with AVX2, each block of 32 inputs x is rounded to 16-bit
 // integers q with a power-of-two scale 2^(e - 15), 2^e just above the block's largest |x|, so its products
 // with the codes are integer multiply-adds (two instructions a block; widening every code to float32 took nine
-// and bound the kernel at 10-12 GiB/s on AMD EPYC, 16-19 with integers). Each input's rounding error is at most 2^(e - 16): a bfloat16 activation within
-// a factor 128 of its block's largest is exact, and no error exceeds 1/128 of the bfloat16 rounding of that
-// largest (whose step is 2^(e - 8)). q holds a block's even inputs, then its odd ones (the codes' low and high
-// nibbles). A block with a NaN or infinity gets a NaN scale, so its rows are NaN, as the float sums would be.
+// and bound the kernel at 10-12 GiB/s on AMD EPYC, 16-19 with integers). Each input's rounding error is at
+// most 2^(e - 16): a bfloat16 activation within a factor 128 of its block's largest is exact, and no error
+// exceeds 1/128 of the bfloat16 rounding of that largest (whose step is 2^(e - 8)). q holds a block's even
+// inputs, then its odd ones (the codes' low and high nibbles). A block with a NaN or infinity gets a NaN scale,
+// so its rows are NaN, as the float sums would be.
 void QuantizeBlocks(const float* x, int64_t n_blocks, int16_t* q, float* scale) {
   for (int64_t b = 0; b < n_blocks; ++b, x += 32, q += 32) {
     float m = 0.0f;
@@ -161,6 +163,17 @@ void Rows(const int16_t* const*, const float* const*, const uint8_t*, const uint
 
 // Inputs per decoded row: up to this many assignments of an expert share each block's decoding.
 constexpr int kGroup = 4;
+
+// f(std::integral_constant<int, n>) for a group of n = 1..kGroup inputs: the row functions' N at compile time.
+template <typename F>
+void WithGroupSize(int n, F f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, kGroup>{});
+  }
+}
 // Rows of W per work item.
 constexpr int64_t kRowTile = 64;
 
@@ -229,21 +242,13 @@ ffi::Error Mxfp4Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts, f
           outs[k] = yp + a * O + o;
         }
         const uint8_t *rb = bp + row * NB * 16, *rs = sp + row * NB;
-        if (integer) {
-          switch (n) {
-            case 1: Rows<1>(qs, q_scales, rb, rs, NB, half_scale, outs); break;
-            case 2: Rows<2>(qs, q_scales, rb, rs, NB, half_scale, outs); break;
-            case 3: Rows<3>(qs, q_scales, rb, rs, NB, half_scale, outs); break;
-            default: Rows<4>(qs, q_scales, rb, rs, NB, half_scale, outs);
+        WithGroupSize(n, [&](auto size) {
+          if (integer) {
+            Rows<size()>(qs, q_scales, rb, rs, NB, half_scale, outs);
+          } else {
+            FloatRows<size()>(xs, rb, rs, NB, half_scale, outs);
           }
-        } else {
-          switch (n) {
-            case 1: FloatRows<1>(xs, rb, rs, NB, half_scale, outs); break;
-            case 2: FloatRows<2>(xs, rb, rs, NB, half_scale, outs); break;
-            case 3: FloatRows<3>(xs, rb, rs, NB, half_scale, outs); break;
-            default: FloatRows<4>(xs, rb, rs, NB, half_scale, outs);
-          }
-        }
+        });
       }
     }
   }
