@@ -23,7 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SOURCES = ("shakespeare", "text", "hf")
 TOKENIZERS = ("byte", "gpt2", "o200k_harmony")
 SCHEDULES = ("cosine", "linear", "constant")
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
 class ConfigError(ValueError):

@@ -15,7 +15,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from gptoss_jax.config import MESH_AXES, ConfigError
 
-BATCH_AXES = ("data", "fsdp")  # the batch is split over both: fsdp is data parallel with sharded weights
+BATCH_AXES = ("data", "fsdp", "expert")  # the batch is split over all three: fsdp is data parallel with sharded
+# weights, and expert parallelism data parallel outside the MoE layers (inside, the rows go to their experts)
 
 # logical axis -> mesh axis (None: replicated)
 LOGICAL_RULES: dict[str, str | None] = {

@@ -140,6 +140,57 @@ def test_capacity_factor_drops_overflow(rng):
   np.testing.assert_allclose(y[capacity:], 0.0)
 
 
+def _on_mesh(moe, x, mesh: dict):
+  """The layer's output and gradients (input and parameters) under a mesh of 8 fake devices (or one)."""
+  from gptoss_jax.sharding import make_mesh
+  sizes = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1} | mesh
+  graph, params = nnx.split(moe)
+
+  def loss(params, x):
+    y, aux = nnx.merge(graph, params)(x)
+    return jnp.sum(jnp.sin(y)), (y, aux["moe_aux_loss"])
+  devices = jax.devices()[:int(np.prod(list(sizes.values())))]
+  with jax.set_mesh(make_mesh(sizes, devices)):
+    grads, (y, aux) = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+  return y, aux, grads
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
+@pytest.mark.parametrize("mesh", [dict(expert=8), dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2)])
+def test_expert_parallelism_equals_one_device(rng, platform, mesh):
+  """Experts split over the `expert` mesh axis, the rows sent to them and back (all-to-all): output, load-balancing
+  loss and every gradient equal one device's, dropless, with the platform's own dispatch on each device's experts
+  (the CPU's loop, a GPU's blocks, a TPU's megablox kernels interpreted); one expert takes a third of the
+  assignments (more than balanced routing sends any device)."""
+  cfg = BASE.replace(platform=platform, d_expert=64)
+  moe = _randomized(cfg)
+  moe.router_b[...] = moe.router_b[...].at[3].add(2.0)
+  x = jnp.asarray(rng.normal(size=(4, 32, 32)), jnp.float32)
+  y8, aux8, g8 = _on_mesh(moe, x, mesh)
+  y1, aux1, g1 = _on_mesh(moe, x, {})
+  np.testing.assert_allclose(y8, y1, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(aux8, aux1, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):  # sums over the tokens in another order: float32's
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())  # rounding, relative to the sums
+
+
+@pytest.mark.parametrize("factor, sent", [(1.0, 16), (2.0, 32)])
+def test_expert_parallelism_with_a_capacity_drops_what_a_device_sends_past_it(rng, factor, sent):
+  """With a capacity factor the rows one device sends another are bounded, ceil(factor x its assignments / 4
+  devices on the expert axis) rounded up to 8: every token picks expert 5, so each shard of 64 tokens keeps its
+  first `sent` and the rest come out zero; the kept ones equal the dense layer's."""
+  cfg = BASE.replace(top_k=1, moe_capacity_factor=factor)
+  moe = _randomized(cfg)
+  moe.router_b[...] = jnp.zeros(8).at[5].set(100.0)
+  x = jnp.asarray(rng.normal(size=(8, 64, 32)), jnp.float32)  # 8 shards of 64 tokens
+  y = np.asarray(_on_mesh(moe, x, dict(data=2, expert=4))[0])
+  dense = _randomized(cfg.replace(moe_dispatch="dense", moe_capacity_factor=0.0))
+  dense.router_b[...] = moe.router_b[...]
+  want = np.asarray(dense(x)[0])
+  np.testing.assert_allclose(y[:, :sent], want[:, :sent], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y[:, sent:], 0.0)
+
+
 def test_one_expert_top1_is_the_dense_ffn(rng):
   moe_cfg = ModelConfig(d_model=16, n_experts=1, top_k=1, d_expert=24, ffn="swiglu")
   moe = _randomized(moe_cfg)

@@ -146,6 +146,23 @@ def test_each_device_routes_only_its_own_tokens(text_dataset, platform, mesh):
   assert not [line for line in moe + collectives if whole_batch.search(line)]
 
 
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_expert_parallelism_moves_rows_not_weights(text_dataset, platform):
+  """8 devices on the `expert` axis, one expert each (the compiled program of a training step): the MoE layer's
+  collectives exchange routed rows (all-to-all) and never gather expert weights, and each device holds an
+  eighth of the experts and of their optimizer state (against 8 data shards: all of them)."""
+  config = run_config(MOE, text_dataset, **{"model.n_layers": 2, "model.platform": platform})
+  cfg = config.model
+  expert, data = (_compiled_moe_step(config, mesh) for mesh in (dict(expert=8), dict(data=8)))
+  moe = [line for line in expert.as_text().splitlines() if re.search(r'op_name="[^"]*[/(]moe[/)]', line)]
+  kinds = {m.group(1) for line in moe  # (an all-to-all of several operands: a tuple, its type with spaces)
+           if (m := re.search(r" (all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)\(", line))}
+  assert "all-to-all" in kinds and "all-gather" not in kinds, kinds
+  per_layer = cfg.n_experts * (cfg.d_model * 2 * cfg.d_expert + cfg.d_expert * cfg.d_model) * 4  # float32
+  saved = data.memory_analysis().argument_size_in_bytes - expert.memory_analysis().argument_size_in_bytes
+  assert saved >= 3 * cfg.n_layers * per_layer * 7 / 8  # weights and Adam's two moments
+
+
 def test_per_device_activation_memory_shrinks_with_the_data_shards(text_dataset):
   """A GPU's MoE training step (XLA's memory analysis of its compiled CPU program): on 8 data shards each
   device's temporaries are an eighth of one device's, plus the gradients and updates of its replicated state

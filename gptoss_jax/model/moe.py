@@ -43,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model import cpu_kernels, mxfp4
+from gptoss_jax.model.expert_parallel import expert_parallel
 from gptoss_jax.model.experts import (Take, after, block_rows, block_sparse_dispatch, blocked_experts,
                                      capacity_dispatch, dense_dispatch, dropless_blocks, expert_loop,
                                      grouped_experts, ragged_dispatch, sorted_dispatch)
@@ -197,9 +198,15 @@ def selected(cfg: ModelConfig, p: dict, x_NxD: jax.Array, idx_NxK: jax.Array, w_
 
 
 def dispatch(cfg: ModelConfig, p: dict, x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array,
-             gather: Gather = lambda p, when: p) -> jax.Array:
+             gather: Gather = lambda p, when: p, experts_axis: str | None = None) -> jax.Array:
   """The routed tokens [N, D] through their experts, mixed by their routing weights; p as this device holds
-  it, gather(p, when) the layer's whole weights."""
+  it, gather(p, when) the layer's whole weights, or with `experts_axis` this device's experts whole (expert
+  parallelism over that mesh axis: the rows go to the experts, gptoss_jax.model.expert_parallel)."""
+  if experts_axis:  # here: n_experts / n experts, each row one assignment, dropless (the exchange drops)
+    local = cfg.replace(n_experts=cfg.n_experts // jax.lax.axis_size(experts_axis), top_k=1, moe_capacity_factor=0.0,
+                        moe_dispatch="auto" if cfg.moe_dispatch == "capacity" else cfg.moe_dispatch)
+    run = lambda rows, e_R, w_R: dispatch(local, p, rows, e_R[:, None], w_R[:, None], gather)  # noqa: E731
+    return expert_parallel(x_NxD, idx_NxK, w_NxK, cfg.n_experts, cfg.moe_capacity_factor, experts_axis, run)
   N, E = x_NxD.shape[0], cfg.n_experts
   kind = resolved_dispatch(cfg, N)
   G, F = n_in_proj(cfg), cfg.d_expert
@@ -239,17 +246,17 @@ def dispatch(cfg: ModelConfig, p: dict, x_NxD: jax.Array, idx_NxK: jax.Array, w_
 
 
 def moe_tokens(cfg: ModelConfig, x_NxD: jax.Array, p: dict, axes: tuple[str, ...] = (),
-               gather: Gather = lambda p, when: p) -> tuple[jax.Array, dict]:
+               gather: Gather = lambda p, when: p, experts_axis: str | None = None) -> tuple[jax.Array, dict]:
   """The layer over N tokens (one shard's, `axes` naming the mesh axes the tokens are split over, gather
-  taking its weights whole): router, routing, the experts (under the name scope `experts`), the router's
-  statistics."""
+  taking its weights whole, or its experts split over `experts_axis`): router, routing, the experts (under the
+  name scope `experts`), the router's statistics."""
   router = gather({k: v for k, v in p.items() if k not in EXPERT_WEIGHTS}, x_NxD)
   logits_NxE = x_NxD.astype(jnp.float32) @ router["router_w"].astype(jnp.float32)
   if cfg.router_bias:
     logits_NxE = logits_NxE + router["router_b"].astype(jnp.float32)
   w_NxK, idx_NxK = route(cfg, logits_NxE, router.get("selection_bias"))
   with jax.named_scope("experts"):
-    y_NxD = dispatch(cfg, p, x_NxD, idx_NxK, w_NxK, gather)
+    y_NxD = dispatch(cfg, p, x_NxD, idx_NxK, w_NxK, gather, experts_axis)
   return y_NxD.astype(x_NxD.dtype), aux_losses(logits_NxE, idx_NxK, axes)
 
 
@@ -263,8 +270,10 @@ def token_axes(mesh, n_tokens: int) -> tuple[str, ...]:
 
 
 def on_token_shards(fn: Callable, x_NxD: jax.Array, p: dict, axes_p: dict | None = None) -> tuple[jax.Array, dict]:
-  """fn(x_NxD, p, axes, gather) on each device's shard of the tokens where a mesh is in context (the Trainer's
-  steps set theirs); the tokens replicated where no axis divides them. The weights come in as they are
+  """fn(x_NxD, p, axes, gather, experts_axis) on each device's shard of the tokens where a mesh is in context
+  (the Trainer's steps set theirs); the tokens replicated where no axis divides them. Where the experts are
+  split over the `expert` mesh axis and so are the tokens, experts_axis names it: expert parallelism, the
+  experts never gathered over it (else None, and they are). The weights come in as they are
   sharded (by their logical axes `axes_p`, as the training state is) and fn gathers them whole with
   gather(some of p, when), as fsdp does, once `when` is computed (the layer's input: not hoisted to the step's
   start with every other layer's). The gather's transpose is a reduce-scatter, so each device's weight
@@ -276,21 +285,25 @@ def on_token_shards(fn: Callable, x_NxD: jax.Array, p: dict, axes_p: dict | None
   axes = token_axes(mesh, x_NxD.shape[0])
   tokens = P(axes) if axes else P()
   specs = {k: logical_to_spec((axes_p or {}).get(k), v.shape, mesh) for k, v in p.items()}
+  split = EXPERTS_AXIS in axes and any(spec and spec[0] == EXPERTS_AXIS for spec in specs.values())
+  experts_axis = EXPERTS_AXIS if split else None
 
   def gather(some: dict, when: jax.Array) -> dict:
     def whole(k, w):
       for dim, axis in enumerate(specs[k]):
-        w = w if axis is None else jax.lax.all_gather(w, axis, axis=dim, tiled=True)
+        w = w if axis in (None, experts_axis) else jax.lax.all_gather(w, axis, axis=dim, tiled=True)
       return w
     return {k: whole(k, w) for k, w in after(some, when).items()}
 
   # check_vma off: the dropless loop's carries start invariant and become varying; the weights' gradients
   # are summed over the shards all the same (tested equal to one device's)
-  return jax.shard_map(functools.partial(fn, axes=axes, gather=gather), mesh=mesh, in_specs=(tokens, specs),
+  return jax.shard_map(functools.partial(fn, axes=axes, gather=gather, experts_axis=experts_axis), mesh=mesh,
+                       in_specs=(tokens, specs),
                        out_specs=(tokens, P()), check_vma=False)(x_NxD, p)
 
 
 EXPERT_WEIGHTS = ("w_in", "b_in", "w_out", "b_out")  # unpacked: floating point, trained
+EXPERTS_AXIS = "expert"  # the mesh axis of expert parallelism (the logical axis "expert" maps to it)
 
 
 class MoE(nnx.Module):

@@ -49,7 +49,7 @@ def validate(config: RunConfig) -> tuple[ModelConfig, int]:
   divisor = batch_divisor(mesh) * t.microbatches
   if t.batch_size % divisor:
     raise ConfigError(f"train.batch_size {t.batch_size} does not divide into {t.microbatches} microbatch(es) "
-                      f"over the data x fsdp mesh axes ({batch_divisor(mesh)} shards)")
+                      f"over the data x fsdp x expert mesh axes ({batch_divisor(mesh)} shards)")
   if t.batch_size % jax.process_count():
     raise ConfigError(f"train.batch_size {t.batch_size} does not divide over {jax.process_count()} processes")
   return config.model, t.batch_size // jax.process_count()
