@@ -54,8 +54,9 @@ def largest_runs(scale: str):
     yield run.name, config.replace(model=config.model.replace(n_layers=2))
 
 
-def lowered_train_step(config: RunConfig, platform: str, devices: int):
-  mesh = dict(data=devices, fsdp=1, tensor=1, expert=1)
+def lowered_train_step(config: RunConfig, platform: str, devices: int, mesh: dict | None = None):
+  """The training step lowered for `platform` on `devices` devices: all data shards, or `mesh`."""
+  mesh = dict(data=devices, fsdp=1, tensor=1, expert=1) if mesh is None else mesh
   trainer = Trainer(config.model.replace(platform=PLATFORMS[platform]), config.train, make_mesh(mesh, jax.devices()[:devices]))
   batch = jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len + 1), jnp.int32,
                                sharding=trainer.batch_sharding)
@@ -96,6 +97,27 @@ def test_each_scales_largest_training_step_for_gpu_and_tpu(gpu_host, scale, plat
     T = config.data.seq_len
     if fused:
       assert not re.search(rf"tensor<(\d+x)*{T}x{T}xf32>", text), name  # no [.., T, T] scores
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("factor, most", [(1.0, 1.5), (0.0, 4 * 1.5)])
+def test_expert_parallel_training_step_for_gpu_and_tpu(gpu_host, platform, factor, most, capsys):
+  """The gpu scale's largest MoE (64 experts, top-4) on 8 devices, its experts split over 4 of them (2 data
+  shards): the routed rows go to their experts and back by ragged_all_to_all (each way, forward and backward, in
+  every layer), no expert weight is gathered (no tensor of all 64 experts on a device). With a capacity factor
+  of 1 the expert FLOPs per device stay within 1.5x the active ones; dropless, a device computes the rows its 4
+  devices could send it at most, up to 4x that (printed)."""
+  _, config = list(largest_runs("gpu"))[1]
+  config = config.replace(model=config.model.replace(moe_capacity_factor=factor))
+  cfg, tokens = config.model, config.train.batch_size * config.data.seq_len
+  text = lowered_train_step(config, platform, 8, dict(data=2, expert=4)).as_text(debug_info=True)
+  assert len(re.findall(r"custom_call @ragged_all_to_all\(", text)) == 4 * cfg.n_layers
+  assert not re.search(rf"all_gather.*-> tensor<{cfg.n_experts}x", text)
+  ratio = hlo.scope_flops(text, "experts", platform, 8) / active_expert_flops(cfg, tokens // 8, training=True)
+  with capsys.disabled():
+    print(f"\ngpu {cfg.n_experts} experts split over 4 of 8 {platform} devices, capacity factor {factor}: expert "
+          f"FLOPs per device {ratio:.3f}x the active ones")
+  assert 1.0 <= ratio <= most, ratio
 
 
 def test_cudas_ragged_dot_counts_as_a_dense_dot_over_every_expert():
@@ -220,7 +242,7 @@ def test_a_gpus_training_step_exports_with_its_cudnn_attention(gpu_host):
   config = RunConfig.from_dict(config)
   trainer = Trainer(config.model, config.train, make_mesh(dict(data=2, fsdp=2, tensor=1, expert=2), jax.devices()[:8]))
   batch = jax.ShapeDtypeStruct((8, 65), jnp.int32, sharding=trainer.batch_sharding)
-  allowed = [jax.export.DisabledSafetyCheck.custom_call(c) for c in CUDNN_CALLS]
+  allowed = [jax.export.DisabledSafetyCheck.custom_call(c) for c in CUDNN_CALLS + ("ragged_all_to_all",)]
   exported = jax.export.export(trainer.train_step, platforms=["cuda"], disabled_checks=allowed)(
       trainer.abstract_state(), batch)
   assert exported.platforms == ("cuda",) and exported.nr_devices == 8

@@ -9,6 +9,9 @@ from one pass to the other: one layer's at a time on a device. Nothing global ha
 the batch's routing, no all-reduce of routed rows, no collective inside a loop whose trip count follows the
 routing. The router's statistics
 (load-balancing loss, z-loss, expert load) are averaged over the shards: equal to one device's over the batch.
+With the experts split over the `expert` mesh axis (expert parallelism: gptoss_jax.model.expert_parallel) the
+rows go to their experts instead, by all-to-all, and each device runs its own experts' rows with the dispatch
+below; the experts are never gathered over that axis.
 
 Dispatch strategies (`moe_dispatch`; what `auto` takes for each platform: resolved_dispatch):
 grouped: dropless (moe_capacity_factor = 0): the experts one after another over their expert-sorted rows in

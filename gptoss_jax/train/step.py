@@ -78,7 +78,7 @@ class Trainer:
     return jax.jit(self._init, out_shardings=self.state_shardings)()
 
   def global_batch(self, local_BxT1) -> jax.Array:
-    """This process's rows of the batch -> one array sharded over data x fsdp across all processes."""
+    """This process's rows of the batch -> one array sharded over data x fsdp x expert across all processes."""
     return jax.make_array_from_process_local_data(self.batch_sharding, local_BxT1)
 
   def weights(self, state: TrainState) -> nnx.State:
