@@ -18,9 +18,10 @@ from gptoss_jax.config import MESH_AXES, ConfigError
 BATCH_AXES = ("data", "fsdp", "expert")  # the batch is split over all three: fsdp is data parallel with sharded
 # weights, and expert parallelism data parallel outside the MoE layers (inside, the rows go to their experts)
 
-# logical axis -> mesh axis (None: replicated)
-LOGICAL_RULES: dict[str, str | None] = {
-    "embed": "fsdp",
+# logical axis -> mesh axis, or mesh axes in turn (None: replicated). `embed` is split over `expert` too where
+# the experts do not take it (the weights outside the experts, as MaxText does): that axis is data parallel there
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "embed": ("fsdp", "expert"),
     "mlp": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -58,19 +59,22 @@ def make_mesh(sizes, devices=None) -> Mesh:
 
 
 def logical_to_spec(axes: tuple[str | None, ...] | None, shape: tuple[int, ...], mesh: Mesh,
-                    rules: Mapping[str, str | None] = LOGICAL_RULES) -> P:
-  """PartitionSpec for an array whose dimensions carry logical names; a dimension the mesh axis does
-  not divide, or a mesh axis already used by an earlier dimension, stays replicated."""
+                    rules: Mapping[str, str | tuple[str, ...] | None] = LOGICAL_RULES) -> P:
+  """PartitionSpec for an array whose dimensions carry logical names: each dimension split over its rule's mesh
+  axes of more than one device, in turn, as long as they divide it and no earlier dimension uses them (one
+  axis: its name; several: a tuple; none: replicated)."""
   if not axes:
     return P()
   spec, used = [], set()
   for name, dim in zip(axes, shape):
-    mesh_axis = rules.get(name) if name else None
-    if mesh_axis and mesh_axis not in used and mesh.shape[mesh_axis] > 1 and dim % mesh.shape[mesh_axis] == 0:
-      spec.append(mesh_axis)
-      used.add(mesh_axis)
-    else:
-      spec.append(None)
+    rule = rules.get(name) if name else None
+    taken = []
+    for mesh_axis in (rule,) if isinstance(rule, str) else rule or ():
+      size = mesh.shape[mesh_axis] * math.prod(mesh.shape[a] for a in taken)
+      if mesh_axis not in used and mesh.shape[mesh_axis] > 1 and dim % size == 0:
+        taken.append(mesh_axis)
+    used.update(taken)
+    spec.append(None if not taken else taken[0] if len(taken) == 1 else tuple(taken))
   return P(*spec)
 
 
@@ -85,6 +89,24 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_axes(mesh, n: int) -> tuple[str, ...]:
+  """The batch axes of more than one device that split n rows, as far as they divide them (in order)."""
+  axes = [a for a in BATCH_AXES if mesh.shape[a] > 1]
+  while axes and n % math.prod(mesh.shape[a] for a in axes):
+    axes.pop()
+  return tuple(axes)
+
+
+def batch_split(x_BxN: jax.Array) -> jax.Array:
+  """x [B, ...] held split over the batch axes where a mesh is in context (the residual stream between layers:
+  left free, XLA follows the fsdp split of a projection's `embed` instead, and gathers the whole batch on every
+  device of a data x fsdp group to compute it)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x_BxN
+  return jax.lax.with_sharding_constraint(x_BxN, P(batch_axes(mesh, x_BxN.shape[0]) or None))
 
 
 def batch_divisor(mesh: Mesh) -> int:

@@ -66,7 +66,7 @@ def final_params(config, workdir):
       "blocks.0.ffn.w_in": P("fsdp", None, "tensor"), "blocks.0.attn_norm.scale": P(None)}),
     (MOE, dict(data=2, fsdp=1, tensor=2, expert=2),
      {"blocks.0.ffn.w_in": P("expert", None, None, "tensor"), "blocks.0.ffn.w_out": P("expert", "tensor", None),
-      "blocks.0.attn.wk": P(None, "tensor", None), "unembed": P(None, "tensor")}),
+      "blocks.0.attn.wk": P("expert", "tensor", None), "unembed": P("expert", "tensor")}),  # as fsdp outside
     (MOE, dict(data=2, fsdp=4, tensor=1, expert=1),  # the smoke runs' sharding
      {"blocks.0.ffn.w_in": P(None, "fsdp", None, None), "blocks.0.ffn.w_out": P(None, None, "fsdp")}),
     (MOE + "@gpu", dict(data=2, fsdp=4, tensor=1, expert=1), {}),  # a GPU's program: the blocked dispatch
@@ -132,11 +132,14 @@ def _compiled_moe_step(config, mesh: dict):
 
 
 @pytest.mark.parametrize("platform", ["cpu", "gpu"])
-@pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, fsdp=4), dict(data=2, tensor=2, expert=2)])
+@pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2),
+                                  dict(data=2, tensor=2, expert=2)])
 def test_each_device_routes_only_its_own_tokens(text_dataset, platform, mesh):
   """The compiled program of 8 devices (XLA's partitioning done), 24 x 128 tokens: no op of the MoE layer
   holds a tensor sized by the whole batch's tokens (3,072) or assignments (6,144), and no collective anywhere
-  moves one (the global routing's all-gather of router logits and expert ids, its all-reduce of routed rows)."""
+  moves one (the global routing's all-gather of router logits and expert ids, its all-reduce of routed rows;
+  with fsdp and tensor, the attention's output gathered whole for its projection where the residual stream
+  was left free of the batch's split)."""
   config = run_config(MOE, text_dataset, **{"model.n_layers": 1, "model.platform": platform,
                                             "train.batch_size": 24, "data.seq_len": 128})
   text = _compiled_moe_step(config, mesh).as_text()
@@ -151,15 +154,17 @@ def test_each_device_routes_only_its_own_tokens(text_dataset, platform, mesh):
 @pytest.mark.parametrize("platform", ["cpu", "gpu"])
 def test_expert_parallelism_moves_rows_not_weights(text_dataset, platform):
   """8 devices on the `expert` axis, one expert each (the compiled program of a training step): the MoE layer's
-  collectives exchange routed rows (all-to-all) and never gather expert weights, and each device holds an
-  eighth of the experts and of their optimizer state (against 8 data shards: all of them)."""
+  collectives exchange routed rows (all-to-all) and gather no expert weight (the router's alone: split over
+  `expert` as fsdp would), and each device holds an eighth of the experts and of their optimizer state (against
+  8 data shards: all of them)."""
   config = run_config(MOE, text_dataset, **{"model.n_layers": 2, "model.platform": platform})
   cfg = config.model
   expert, data = (_compiled_moe_step(config, mesh) for mesh in (dict(expert=8), dict(data=8)))
   moe = [line for line in expert.as_text().splitlines() if re.search(r'op_name="[^"]*[/(]moe[/)]', line)]
   kinds = {m.group(1) for line in moe  # (an all-to-all of several operands: a tuple, its type with spaces)
            if (m := re.search(r" (all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)\(", line))}
-  assert "all-to-all" in kinds and "all-gather" not in kinds, kinds
+  gathered = [line for line in moe if re.search(rf"= \w+\[{cfg.n_experts},\S* all-gather\(", line)]
+  assert "all-to-all" in kinds and "all-gather" in kinds and not gathered, kinds
   per_layer = cfg.n_experts * (cfg.d_model * 2 * cfg.d_expert + cfg.d_expert * cfg.d_model) * 4  # float32
   saved = data.memory_analysis().argument_size_in_bytes - expert.memory_analysis().argument_size_in_bytes
   assert saved >= 3 * cfg.n_layers * per_layer * 7 / 8  # weights and Adam's two moments

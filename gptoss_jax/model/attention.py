@@ -24,7 +24,7 @@ from gptoss_jax.model.ffn import init_std_out
 from gptoss_jax.model.linear import FEW_ROWS, project, split
 from gptoss_jax.model.norms import RMSNorm
 from gptoss_jax.model.platform import per_lowering, target
-from gptoss_jax.sharding import BATCH_AXES
+from gptoss_jax.sharding import batch_axes
 from gptoss_jax.model.positions import apply_rope
 
 _MASKED = -1e30
@@ -225,12 +225,9 @@ def on_shards(fn, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *sinks_N) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *sinks_N)
-  batch = [a for a in BATCH_AXES if mesh.shape[a] > 1]
-  while batch and q_BxTxNxH.shape[0] % math.prod(mesh.shape[a] for a in batch):
-    batch.pop()
   t = mesh.shape["tensor"]
   heads = "tensor" if t > 1 and not q_BxTxNxH.shape[2] % t and not k_BxSxKxH.shape[2] % t else None
-  spec = P(tuple(batch) or None, None, heads, None)
+  spec = P(batch_axes(mesh, q_BxTxNxH.shape[0]) or None, None, heads, None)
   return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 3 + (P(heads),) * len(sinks_N), out_specs=spec,
                        check_vma=False)(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *sinks_N)
 

@@ -287,14 +287,17 @@ def on_token_shards(fn: Callable, x_NxD: jax.Array, p: dict, axes_p: dict | None
     return fn(x_NxD, p)
   axes = token_axes(mesh, x_NxD.shape[0])
   tokens = P(axes) if axes else P()
-  specs = {k: logical_to_spec((axes_p or {}).get(k), v.shape, mesh) for k, v in p.items()}
-  split = EXPERTS_AXIS in axes and any(spec and spec[0] == EXPERTS_AXIS for spec in specs.values())
+  logical = {k: (axes_p or {}).get(k) or () for k in p}
+  specs = {k: logical_to_spec(logical[k], v.shape, mesh) for k, v in p.items()}
+  split = EXPERTS_AXIS in axes and any(name == "expert" and axis == EXPERTS_AXIS  # the experts' own dimension
+                                       for k in p for name, axis in zip(logical[k], specs[k]))
   experts_axis = EXPERTS_AXIS if split else None
 
   def gather(some: dict, when: jax.Array) -> dict:
-    def whole(k, w):
+    def whole(k, w):  # (with the experts split: this device's experts whole)
       for dim, axis in enumerate(specs[k]):
-        w = w if axis in (None, experts_axis) else jax.lax.all_gather(w, axis, axis=dim, tiled=True)
+        own = split and logical[k][dim] == "expert"
+        w = w if axis is None or own else jax.lax.all_gather(w, axis, axis=dim, tiled=True)
       return w
     return {k: whole(k, w) for k, w in after(some, when).items()}
 

@@ -16,6 +16,7 @@ from gptoss_jax.model.moe import MoE, SelectionBias
 from gptoss_jax.model.norms import make_norm
 from gptoss_jax.model.platform import target
 from gptoss_jax.model.positions import LearnedPositions, rope_cos_sin
+from gptoss_jax.sharding import batch_split
 
 
 VOCAB_CHUNK = 32768  # unembedding columns per matmul
@@ -81,9 +82,9 @@ class Block(nnx.Module):
 
   def __call__(self, x_BxTxD, positions_BxT, rope, cache):
     h, cache = self.attn(self.attn_norm(x_BxTxD), positions_BxT, rope, cache)
-    x_BxTxD = x_BxTxD + self.dropout(h)
+    x_BxTxD = batch_split(x_BxTxD + self.dropout(h))
     h, aux = self.ffn(self.ffn_norm(x_BxTxD))
-    return x_BxTxD + self.dropout(h), aux, cache
+    return batch_split(x_BxTxD + self.dropout(h)), aux, cache
 
 
 class Transformer(nnx.Module):
