@@ -99,8 +99,7 @@ def test_each_scales_largest_training_step_for_gpu_and_tpu(gpu_host, scale, plat
       assert not re.search(rf"tensor<(\d+x)*{T}x{T}xf32>", text), name  # no [.., T, T] scores
 
 
-@pytest.mark.parametrize("platform", ["cuda", "tpu"])
-@pytest.mark.parametrize("factor, most", [(1.0, 1.5), (0.0, 4 * 1.5)])
+@pytest.mark.parametrize("platform, factor, most", [("cuda", 1.0, 1.5), ("tpu", 1.0, 1.5), ("cuda", 0.0, 4 * 1.5)])
 def test_expert_parallel_training_step_for_gpu_and_tpu(gpu_host, platform, factor, most, capsys):
   """The gpu scale's largest MoE (64 experts, top-4) on 8 devices, its experts split over 4 of them (2 data
   shards): the routed rows go to their experts and back by ragged_all_to_all (each way, forward and backward, in

@@ -155,8 +155,8 @@ def _on_mesh(moe, x, mesh: dict):
   return y, aux, grads
 
 
-@pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
-@pytest.mark.parametrize("mesh", [dict(expert=8), dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2)])
+@pytest.mark.parametrize("platform, mesh", [("cpu", dict(expert=8)), ("gpu", dict(expert=8)),
+                                            ("gpu", dict(data=2, expert=4)), ("tpu", dict(fsdp=2, expert=2, tensor=2))])
 def test_expert_parallelism_equals_one_device(rng, platform, mesh):
   """Experts split over the `expert` mesh axis, the rows sent to them and back (all-to-all): output, load-balancing
   loss and every gradient equal one device's, dropless, with the platform's own dispatch on each device's experts

@@ -38,24 +38,24 @@ def region_rows(assignments: int, devices: int, capacity_factor: float) -> int:
   return min(assignments, math.ceil(capacity_factor * assignments / devices / 8) * 8)
 
 
-def exchange(rows_RxD: jax.Array, sizes_S: jax.Array, axis: str) -> jax.Array:
-  """Region s of this device's rows (R / n rows each, its first sizes_S[s] in use, the rest zeros) to device
-  s, which receives it as its region for this device; this device's regions likewise from every device."""
-  n = sizes_S.shape[0]
+def exchange(rows_RxD: jax.Array, sent_S: jax.Array, received_S: jax.Array, axis: str) -> jax.Array:
+  """Region s of this device's rows (R / n rows each, its first sent_S[s] in use, the rest zeros) to device s,
+  which receives it as its region for this device; this device's regions likewise from every device (received_S
+  of them in use: what each device sends it)."""
+  n = sent_S.shape[0]
   R, D = rows_RxD.shape
   C = R // n
 
-  def whole_regions(rows, sizes):
+  def whole_regions(rows, sent, received):
     return jax.lax.all_to_all(rows.reshape(n, C, D), axis, 0, 0, tiled=True).reshape(R, D)
 
-  def rows_in_use(rows, sizes):
-    received = jax.lax.all_to_all(sizes, axis, 0, 0, tiled=True)
-    here = jnp.full((n,), jax.lax.axis_index(axis) * C, jnp.int32)
-    return jax.lax.ragged_all_to_all(rows, jnp.zeros_like(rows), jnp.arange(n, dtype=jnp.int32) * C, sizes, here,
+  def rows_in_use(rows, sent, received):
+    here = jnp.full((n,), jax.lax.axis_index(axis) * C, jnp.int32)  # where this device's rows land, on each
+    return jax.lax.ragged_all_to_all(rows, jnp.zeros_like(rows), jnp.arange(n, dtype=jnp.int32) * C, sent, here,
                                      received, axis_name=axis)
 
-  return per_lowering(rows_RxD, sizes_S.astype(jnp.int32), default=whole_regions, cuda=rows_in_use,
-                      rocm=rows_in_use, tpu=rows_in_use)
+  return per_lowering(rows_RxD, sent_S.astype(jnp.int32), received_S.astype(jnp.int32), default=whole_regions,
+                      cuda=rows_in_use, rocm=rows_in_use, tpu=rows_in_use)
 
 
 def expert_parallel(x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array, n_experts: int, capacity_factor: float,
@@ -75,16 +75,15 @@ def expert_parallel(x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array, n_ex
   slot_A = jnp.where(rank_A < C, device_A * C + rank_A, n * C)  # n * C: dropped
   sent_S = jnp.minimum(to_S, C)
 
-  def in_slots(values_A, fill):  # [n * C]: each slot's value, `fill` where no assignment is
-    return jnp.full((n * C + 1,), fill, values_A.dtype).at[slot_A].set(values_A)[:-1]
+  def received(values_A):  # each slot's value (0 where no assignment is) in the region of the device holding it
+    slots = jnp.zeros((n * C + 1,), values_A.dtype).at[slot_A].set(values_A)[:-1]
+    return jax.lax.all_to_all(slots.reshape(n, C), axis, 0, 0, tiled=True).reshape(-1)
 
-  by_region = lambda v: jax.lax.all_to_all(v.reshape(n, C), axis, 0, 0, tiled=True).reshape(-1)  # noqa: E731
-  expert_R = by_region(in_slots(e_sorted_A % E_l, 0))
-  weight_R = by_region(in_slots(jnp.ones((A,), x_NxD.dtype), 0))
+  expert_R, weight_R = received(e_sorted_A % E_l), received(jnp.ones((A,), x_NxD.dtype))
   received_S = jax.lax.all_to_all(sent_S, axis, 0, 0, tiled=True)
 
   def through_experts(rows_RxD):
-    y_RxD = local(exchange(rows_RxD, sent_S, axis), expert_R, weight_R)
-    return exchange(y_RxD, received_S, axis)
+    y_RxD = local(exchange(rows_RxD, sent_S, received_S, axis), expert_R, weight_R)
+    return exchange(y_RxD, received_S, sent_S, axis)
 
   return through_rows(x_NxD, w_NxK, order_A, slot_A, n * C, through_experts)
