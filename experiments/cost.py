@@ -6,6 +6,7 @@ does not fit, and the disk its checkpoints take. `python -m experiments.run <swe
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from experiments.description import SweepDescription
 from experiments.sweeps import Sweep
@@ -35,13 +36,21 @@ def device(name: str) -> Device:
   return DEVICES[name]
 
 
+def state_shards(config: RunConfig, devices: int) -> int:
+  """The devices a training's state is split over: fsdp x expert (`embed` over both outside the experts, the
+  experts over `expert`), either -1 taking the rest of `devices`."""
+  sizes = dataclasses.asdict(config.mesh)
+  rest = max(1, devices // math.prod(n for n in sizes.values() if n != -1))
+  return math.prod(rest if sizes[axis] == -1 else sizes[axis] for axis in ("fsdp", "expert"))
+
+
 def memory_gib(config: RunConfig, devices: int = 1, microbatches: int = 0, remat: bool | None = None) -> float:
-  """One device's estimated peak in a training of `config` spread over `devices` (data parallel; fsdp
-  shards the state when the mesh asks for it)."""
-  t, mesh = config.train, config.mesh
+  """One device's estimated peak in a training of `config` spread over `devices` (data parallel; fsdp and
+  expert parallelism shard the state when the mesh asks for them)."""
+  t = config.train
   microbatches = microbatches or t.microbatches
   tokens = t.batch_size * config.data.seq_len // (devices * microbatches)
-  shards = devices if mesh.fsdp == -1 else mesh.fsdp
+  shards = state_shards(config, devices)
   return train_memory_bytes(config.model, config.data.seq_len, tokens, t.remat if remat is None else remat,
                             shards) / 2**30
 
@@ -85,7 +94,7 @@ def program_costs(config: RunConfig, platform: str, devices: int = 1) -> tuple[f
                       "kernel that declares no cost): leave out --from-program")
   m = traced.lower().compile().memory_analysis()
   state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state()))
-  shards = devices if config.mesh.fsdp == -1 else config.mesh.fsdp
+  shards = state_shards(config, devices)
   peak = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
   return sum(x.flops for x in found) / (batch * seq_len), (peak - state * (1 - 1 / shards)) / 2**30
 

@@ -91,9 +91,9 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def batch_axes(mesh, n: int) -> tuple[str, ...]:
-  """The batch axes of more than one device that split n rows, as far as they divide them (in order)."""
-  axes = [a for a in BATCH_AXES if mesh.shape[a] > 1]
+def batch_axes(mesh, n: int, among: tuple[str, ...] = BATCH_AXES) -> tuple[str, ...]:
+  """The axes (of `among`, in order) of more than one device that split n rows, as many as divide them."""
+  axes = [a for a in among if mesh.shape[a] > 1]
   while axes and n % math.prod(mesh.shape[a] for a in axes):
     axes.pop()
   return tuple(axes)

@@ -235,6 +235,25 @@ def test_costs_read_from_a_gpus_program_agree_with_the_formulas():
     cost.program_costs(config, "cpu")
 
 
+@pytest.mark.parametrize("mesh, devices, shards", [({}, 8, 1), (dict(data=1, fsdp=-1), 8, 8),
+                                                    (dict(data=1, fsdp=2, expert=4), 8, 8),
+                                                    (dict(data=2, fsdp=1, expert=-1), 8, 4),
+                                                    (dict(data=2, fsdp=2, tensor=2, expert=1), 8, 2)])
+def test_the_memory_estimate_splits_the_state_over_fsdp_and_expert(mesh, devices, shards):
+  """The estimate's state on a device: its whole size over fsdp x expert (-1: the devices the other axes leave),
+  the weights' and optimizer's share of train_memory_bytes."""
+  from gptoss_jax.inspect import train_memory_bytes
+  config = load_config_file("gpt_oss:tiny")
+  config.mesh.data = -1 if "data" not in mesh else mesh["data"]
+  for axis, n in mesh.items():
+    setattr(config.mesh, axis, n)
+  config = RunConfig.from_dict(config)
+  T = config.data.seq_len
+  tokens = config.train.batch_size * T // devices
+  want = train_memory_bytes(config.model, T, tokens, config.train.remat, shards) / 2**30
+  assert cost.memory_gib(config, devices) == pytest.approx(want)
+
+
 def test_bad_sweep_arguments_get_one_line_and_status_2(capsys):
   assert run.main(["nope"]) == 2
   assert run.main(["ladder", "--runs", "gpt2,nope"]) == 2

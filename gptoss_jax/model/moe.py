@@ -53,7 +53,7 @@ from gptoss_jax.model.experts import (Take, after, block_rows, block_sparse_disp
 from gptoss_jax.model.ffn import activate, ffn_init_std_out, n_in_proj
 from gptoss_jax.model.linear import project_batched
 from gptoss_jax.model.platform import target
-from gptoss_jax.sharding import logical_to_spec
+from gptoss_jax.sharding import batch_axes, logical_to_spec
 
 Gather = Callable[[dict, jax.Array], dict]  # (some of a layer's weights as a device holds them, when) -> whole
 
@@ -265,11 +265,8 @@ def moe_tokens(cfg: ModelConfig, x_NxD: jax.Array, p: dict, axes: tuple[str, ...
 
 def token_axes(mesh, n_tokens: int) -> tuple[str, ...]:
   """The mesh axes the MoE splits its tokens over: every axis of more than one device, in the mesh's order
-  (data and fsdp first, as the batch is split), as many as divide the tokens."""
-  axes = [a for a in mesh.axis_names if mesh.shape[a] > 1]
-  while axes and n_tokens % math.prod(mesh.shape[a] for a in axes):
-    axes.pop()
-  return tuple(axes)
+  (data, fsdp and expert first, as the batch is split), as many as divide the tokens."""
+  return batch_axes(mesh, n_tokens, mesh.axis_names)
 
 
 def on_token_shards(fn: Callable, x_NxD: jax.Array, p: dict, axes_p: dict | None = None) -> tuple[jax.Array, dict]:
@@ -304,8 +301,7 @@ def on_token_shards(fn: Callable, x_NxD: jax.Array, p: dict, axes_p: dict | None
   # check_vma off: the dropless loop's carries start invariant and become varying; the weights' gradients
   # are summed over the shards all the same (tested equal to one device's)
   return jax.shard_map(functools.partial(fn, axes=axes, gather=gather, experts_axis=experts_axis), mesh=mesh,
-                       in_specs=(tokens, specs),
-                       out_specs=(tokens, P()), check_vma=False)(x_NxD, p)
+                       in_specs=(tokens, specs), out_specs=(tokens, P()), check_vma=False)(x_NxD, p)
 
 
 EXPERT_WEIGHTS = ("w_in", "b_in", "w_out", "b_out")  # unpacked: floating point, trained
