@@ -6,7 +6,7 @@ Inside the MoE's shard_map (gptoss_jax.model.moe.on_token_shards, which splits t
 too): a device orders its A assignments by the device holding their expert, puts those for device s in region s
 of a buffer of n regions of C rows (in token order), and exchanges the buffers, so that region s of what it
 receives holds device s's rows for its own experts, then zeros. Its experts run over those n * C rows
-(each row a single assignment of weight 1; an empty row is expert 0's with weight 0: zeros out, no gradient),
+(each row a single assignment of weight 1; an empty row is expert 0's, its output never read: no gradient),
 and the outputs travel back the same way.
 
 C, the rows a device may send to one device: A without a capacity factor, so that nothing is ever dropped
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from gptoss_jax.model.experts import through_rows
 from gptoss_jax.model.platform import per_lowering
 
-# (rows [R, D], each row's expert among this device's [R], each row's weight [R]) -> [R, D]
-LocalFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# (rows [R, D], each row's expert among this device's [R]) -> [R, D]
+LocalFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def region_rows(assignments: int, devices: int, capacity_factor: float) -> int:
@@ -61,7 +61,7 @@ def exchange(rows_RxD: jax.Array, sent_S: jax.Array, received_S: jax.Array, axis
 def expert_parallel(x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array, n_experts: int, capacity_factor: float,
                     axis: str, local: LocalFn) -> jax.Array:
   """This device's routed tokens [N, D] through experts held across mesh axis `axis` (this device holds
-  experts [i * n_experts / n, (i + 1) * n_experts / n), i its index there; local(rows, expert, weight) runs
+  experts [i * n_experts / n, (i + 1) * n_experts / n), i its index there; local(rows, expert) runs
   them), mixed by their routing weights."""
   n = jax.lax.axis_size(axis)
   E_l, A = n_experts // n, idx_NxK.size
@@ -75,15 +75,13 @@ def expert_parallel(x_NxD: jax.Array, idx_NxK: jax.Array, w_NxK: jax.Array, n_ex
   slot_A = jnp.where(rank_A < C, device_A * C + rank_A, n * C)  # n * C: dropped
   sent_S = jnp.minimum(to_S, C)
 
-  def received(values_A):  # each slot's value (0 where no assignment is) in the region of the device holding it
-    slots = jnp.zeros((n * C + 1,), values_A.dtype).at[slot_A].set(values_A)[:-1]
-    return jax.lax.all_to_all(slots.reshape(n, C), axis, 0, 0, tiled=True).reshape(-1)
-
-  expert_R, weight_R = received(e_sorted_A % E_l), received(jnp.ones((A,), x_NxD.dtype))
+  # each slot's expert among its device's (0 where no assignment is), in the region of the device holding it
+  slots = jnp.zeros((n * C + 1,), jnp.int32).at[slot_A].set(e_sorted_A % E_l)[:-1]
+  expert_R = jax.lax.all_to_all(slots.reshape(n, C), axis, 0, 0, tiled=True).reshape(-1)
   received_S = jax.lax.all_to_all(sent_S, axis, 0, 0, tiled=True)
 
   def through_experts(rows_RxD):
-    y_RxD = local(exchange(rows_RxD, sent_S, received_S, axis), expert_R, weight_R)
+    y_RxD = local(exchange(rows_RxD, sent_S, received_S, axis), expert_R)
     return exchange(y_RxD, received_S, sent_S, axis)
 
   return through_rows(x_NxD, w_NxK, order_A, slot_A, n * C, through_experts)

@@ -208,7 +208,8 @@ def dispatch(cfg: ModelConfig, p: dict, x_NxD: jax.Array, idx_NxK: jax.Array, w_
   if experts_axis:  # here: n_experts / n experts, each row one assignment, dropless (the exchange drops)
     local = cfg.replace(n_experts=cfg.n_experts // jax.lax.axis_size(experts_axis), top_k=1, moe_capacity_factor=0.0,
                         moe_dispatch="auto" if cfg.moe_dispatch == "capacity" else cfg.moe_dispatch)
-    run = lambda rows, e_R, w_R: dispatch(local, p, rows, e_R[:, None], w_R[:, None], gather)  # noqa: E731
+    run = lambda rows, e_R: dispatch(local, p, rows, e_R[:, None], jnp.ones((len(e_R), 1), rows.dtype),  # noqa: E731
+                                     gather)
     return expert_parallel(x_NxD, idx_NxK, w_NxK, cfg.n_experts, cfg.moe_capacity_factor, experts_axis, run)
   N, E = x_NxD.shape[0], cfg.n_experts
   kind = resolved_dispatch(cfg, N)
