@@ -318,24 +318,50 @@ def codes_to_values(codes):
   return codes.astype(np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float32)
 
 
-def packed_experts(rng, E=5, O=3 * 7, I=96):
-  """Packed experts [E, 3, 7, I / 32, 16] (every code), their scales, and their values [E, O, I] in float32."""
+# 19 blocks of 32 a row: AVX-512 takes them 8 at a time (two groups), then a pair, then one unpaired block
+MXFP4_IN = 32 * 19
+
+
+def packed_experts(rng, E=5, O=3 * 7, I=MXFP4_IN):
+  """Packed experts [E, 3, 7, I / 32, 16] (every code), their scales, and their values [E, O, I] in float32.
+  A few scales are the format's extremes, in an 8-block group and after: 0 (2^-127) and 1, and 255 (NaN), in
+  one row of experts 0 and 3 each (the kernel's blocks 5 and 18, where I has 19 blocks)."""
   blocks = rng.integers(0, 256, (E, 3, 7, I // 32, 16), dtype=np.uint8)  # output dimensions [3, 7]
   scales = rng.integers(110, 140, (E, 3, 7, I // 32), dtype=np.uint8)
+  nb = I // 32
+  scales[1, 0, 2, 2], scales[2, 1, 1, nb - 3], scales[4, 2, 6, 0] = 0, 1, 0
+  scales[0, 1, 3, min(5, nb - 1)], scales[3, 0, 0, nb - 1] = 255, 255
   codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(E, O, I // 32, 32)
-  w = (codes_to_values(codes) * 2.0 ** (scales.reshape(E, O, I // 32, 1).astype(np.float32) - 127)).reshape(E, O, I)
-  return blocks, scales, w
+  w = codes_to_values(codes) * np.where(scales == 255, np.nan, 2.0 ** (scales.astype(np.float64) - 127))[..., None].reshape(E, O, I // 32, 1)
+  return blocks, scales, w.reshape(E, O, I)
+
+
+def assert_mxfp4_product(got, x, experts, w, rounded):
+  """got [A, O] against W[experts[a]] @ x[a] in float64: a row is NaN exactly where its expert's row has a NaN
+  scale; the others as float32 sums, or within the integer rounding's bound when the kernel `rounded` x (16-bit
+  integers per block of 32 with a power-of-two scale 2^(e - 15), 2^e just above the block's largest |x|)."""
+  x64, w64 = np.asarray(x, np.float64), w[experts].astype(np.float64)
+  nan_rows = np.isnan(w64).any(-1)
+  w64 = np.nan_to_num(w64)
+  want = np.einsum("ai,aoi->ao", x64, w64)
+  got = np.asarray(got)
+  assert got.shape == want.shape and got.dtype == np.float32
+  np.testing.assert_array_equal(np.isnan(got), nan_rows | np.isnan(x64).any(-1)[:, None])
+  e = np.frexp(np.abs(x64.reshape(len(x64), -1, 32)).max(-1))[1]  # |x| < 2^e in each block
+  rounding = np.einsum("ai,aoi->ao", np.repeat(2.0 ** (e - 16), 32, axis=1), np.abs(w64))
+  ok = ~np.isnan(got)
+  bound = rounding * rounded + 1e-5 * np.abs(want) + 1e-5 * np.abs(want[ok]).max()
+  assert np.all(np.abs(got - want)[ok] <= bound[ok])
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "xla"])
 def test_mxfp4_matvec_equals_a_plain_decode(rng, monkeypatch, kernel):
   """Each assignment's product with its expert's packed weight, against codes decoded by ml_dtypes and
-  numpy's product: the CPU kernel (needs g++) and XLA's path, for every code, experts chosen several times
-  (the kernel reads an expert's rows once for its assignments, four at a time) and several output
-  dimensions; a NaN input stays its assignment's. Float32 x as float32 sums; bfloat16 x the AVX2 kernel
-  rounds to 16-bit integers per block of 32 (a power-of-two scale 2^(e - 15), 2^e just above the block's
-  largest |x|): within that rounding's bound, and as exact as float32 sums for values within a factor 128 of
-  their block's largest."""
+  numpy's product: the CPU kernel as this machine builds it (needs g++) and XLA's path, for every code, the
+  scales' extremes, experts chosen several times (the kernel reads an expert's rows once for its assignments,
+  four at a time) and several output dimensions; a NaN input stays its assignment's. Float32 x as float32
+  sums; bfloat16 x the AVX2 and AVX-512 kernels round (`assert_mxfp4_product`), and as exact as float32 sums
+  for values within a factor 128 of their block's largest."""
   from gptoss_jax.model import cpu_kernels
   monkeypatch.setenv("GPTOSS_JAX_KERNELS", "1" if kernel else "0")
   rounds = kernel and "avx2" in Path("/proc/cpuinfo").read_text()
@@ -344,81 +370,81 @@ def test_mxfp4_matvec_equals_a_plain_decode(rng, monkeypatch, kernel):
   try:
     if kernel and not cpu_kernels.available():
       pytest.skip("the MXFP4 CPU kernel could not be built here (no g++?)")
-    E, O, I, A = 5, 3 * 7, 96, 6
+    E, O, I, A = 5, 3 * 7, MXFP4_IN, 6
     blocks, scales, w = packed_experts(rng, E, O, I)
     experts = np.array([4, 0, 4, 2, 1, 4])
     x = rng.normal(size=(A, I)).astype(np.float32)
     args = jnp.asarray(x), jnp.asarray(experts), jnp.asarray(blocks), jnp.asarray(scales)
     assert (cpu_kernels.MXFP4_TARGET in jax.jit(cpu_kernels.mxfp4_matvec).lower(*args).as_text()) == kernel
-
-    def check(x, experts, dtype=jnp.float32):
-      x = jnp.asarray(x, dtype)
-      x64 = np.asarray(x, np.float64)
-      want = np.einsum("ai,aoi->ao", x64, w[experts].astype(np.float64))
-      got = jax.jit(cpu_kernels.mxfp4_matvec)(x, jnp.asarray(experts), *args[2:])
-      assert got.shape == (len(experts), O) and got.dtype == jnp.float32
-      e = np.frexp(np.abs(x64.reshape(len(x64), I // 32, 32)).max(-1))[1]  # |x| < 2^e in each block
-      rounding = np.einsum("ai,aoi->ao", np.repeat(2.0 ** (e - 16), 32, axis=1), np.abs(w[experts]).astype(np.float64))
-      rounded = rounds and dtype == jnp.bfloat16  # bfloat16 x as 16-bit integers, float32 x in float32
-      assert np.all(np.abs(got - want) <= rounding * rounded + 1e-5 * np.abs(want) + 1e-5 * np.abs(want).max())
+    product = jax.jit(cpu_kernels.mxfp4_matvec)
 
     many = np.array([3] * 10 + [1, 3, 0])  # an expert's rows shared by 11 assignments
     x_many = rng.normal(size=(len(many), I)).astype(np.float32)
     for dtype in (jnp.float32, jnp.bfloat16):
-      check(x, experts, dtype)
-      check(x_many, many, dtype)
+      for xs, es in ((x, experts), (x_many, many)):
+        xs = jnp.asarray(xs, dtype)
+        assert_mxfp4_product(product(xs, jnp.asarray(es), *args[2:]), xs, es, w, rounds and dtype == jnp.bfloat16)
     # bfloat16 values within a factor 128 in every block: as exact as float32 sums
-    check_exact = np.sign(x) * np.clip(np.abs(x), 1 / 16, 7.9)
-    want_exact = np.einsum("ai,aoi->ao", np.asarray(jnp.asarray(check_exact, jnp.bfloat16), np.float64),
-                           w[experts].astype(np.float64))
-    np.testing.assert_allclose(jax.jit(cpu_kernels.mxfp4_matvec)(jnp.asarray(check_exact, jnp.bfloat16), *args[1:]),
-                               want_exact, rtol=1e-5, atol=1e-5 * np.abs(want_exact).max())
+    exact = jnp.asarray(np.sign(x) * np.clip(np.abs(x), 1 / 16, 7.9), jnp.bfloat16)
+    assert_mxfp4_product(product(exact, *args[1:]), exact, experts, w, rounded=False)
     for dtype in (jnp.float32, jnp.bfloat16):  # a NaN stays its assignment's, as in float sums
       nan = np.array(x)
       nan[1, 40] = np.nan
-      y = np.asarray(jax.jit(cpu_kernels.mxfp4_matvec)(jnp.asarray(nan, dtype), *args[1:]))
-      assert np.isnan(y[1]).all() and np.isfinite(np.delete(y, 1, axis=0)).all()
+      nan = jnp.asarray(nan, dtype)
+      assert_mxfp4_product(product(nan, *args[1:]), nan, experts, w, rounds and dtype == jnp.bfloat16)
     dy = rng.normal(size=(A, O)).astype(np.float32)  # the input gradient: W[experts[a]]^T dy[a]
     grad = jax.vjp(lambda x: cpu_kernels.mxfp4_matvec(x, *args[1:]), args[0])[1](jnp.asarray(dy))[0]
-    want_grad = np.einsum("ao,aoi->ai", dy.astype(np.float64), w[experts].astype(np.float64))
-    np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-5 * np.abs(want_grad).max())
+    finite = np.nan_to_num(w[experts].astype(np.float64))
+    want_grad = np.einsum("ao,aoi->ai", dy.astype(np.float64), finite)
+    has_nan = np.isnan(w[experts]).any(axis=(1, 2))  # a NaN weight makes its assignment's gradient NaN
+    np.testing.assert_allclose(np.asarray(grad)[~has_nan], want_grad[~has_nan], rtol=1e-4,
+                               atol=1e-5 * np.abs(want_grad).max())
     outside = jnp.asarray([-1, E, E + 7, 0, -3, 2])  # clamped on both paths: as experts [0, E-1, E-1, 0, 0, 2]
-    np.testing.assert_array_equal(jax.jit(cpu_kernels.mxfp4_matvec)(args[0], outside, *args[2:]),
-                                  jax.jit(cpu_kernels.mxfp4_matvec)(args[0], jnp.asarray([0, 4, 4, 0, 0, 2]), *args[2:]))
+    np.testing.assert_array_equal(product(args[0], outside, *args[2:]),
+                                  product(args[0], jnp.asarray([0, 4, 4, 0, 0, 2]), *args[2:]))
   finally:
     cpu_kernels.available.cache_clear()
     jax.clear_caches()
 
 
-PLAIN_KERNEL = """
+BUILT_WITH = """
 import sys
+import jax.numpy as jnp
 import numpy as np
 from gptoss_jax.model import cpu_kernels
-cpu_kernels.FLAGS = (*cpu_kernels.FLAGS, "-mno-avx2", "-mno-fma")
+cpu_kernels.FLAGS = (*cpu_kernels.FLAGS, *sys.argv[3:])
 if not cpu_kernels.available():
   sys.exit(3)
 case = np.load(sys.argv[1])
-np.save(sys.argv[2], np.asarray(cpu_kernels.mxfp4_matvec(*(case[k] for k in ("x", "experts", "blocks", "scales")))))
+args = [case[k] for k in ("experts", "blocks", "scales")]
+np.savez(sys.argv[2], **{dtype: np.asarray(cpu_kernels.mxfp4_matvec(jnp.asarray(case["x"], dtype), *args))
+                         for dtype in ("float32", "bfloat16")})
 """
 
 
-def test_mxfp4_matvec_without_avx2_sums_in_float32(rng, tmp_path):
-  """The kernel built without AVX2 (the C++ loop other CPUs run, here with -mno-avx2): float32 sums, as
-  close to numpy's as float32 rounding allows for any input, an expert's rows shared by several assignments.
-  In its own process: a process registers one build of the kernels."""
+@pytest.mark.parametrize("build, flags, rounds", [("plain", ["-mno-avx2", "-mno-fma"], False),
+                                                   ("avx2", ["-mno-avx512f"], True)])
+def test_mxfp4_matvec_on_every_instruction_set(rng, tmp_path, build, flags, rounds):
+  """The kernel as other x86-64 CPUs build it, here with flags: the C++ loop of CPUs without AVX2 (float32
+  sums for any input) and the AVX2 one of CPUs without AVX-512 (bfloat16 inputs rounded to 16-bit integers),
+  for the same case as above: an expert's rows shared by several assignments, the scales' extremes, blocks
+  in groups, a pair and an unpaired one. In its own process: a process registers one build of the kernels."""
   if machine() not in ("x86_64", "AMD64"):
-    pytest.skip("-mno-avx2 is an x86-64 flag")
+    pytest.skip("x86-64 flags")
+  if build == "avx2" and "avx2" not in Path("/proc/cpuinfo").read_text():
+    pytest.skip("no AVX2 here")
   blocks, scales, w = packed_experts(rng)
-  experts = np.array([3] * 6 + [1, 0, 3])
+  experts = np.array([3] * 6 + [1, 0, 3, 4])
   x = rng.normal(size=(len(experts), w.shape[2])).astype(np.float32)
   np.savez(tmp_path / "case.npz", x=x, experts=experts, blocks=blocks, scales=scales)
-  out = subprocess.run([sys.executable, "-c", PLAIN_KERNEL, str(tmp_path / "case.npz"), str(tmp_path / "y.npy")],
-                       capture_output=True, text=True)
+  out = subprocess.run([sys.executable, "-c", BUILT_WITH, str(tmp_path / "case.npz"), str(tmp_path / "y.npz"),
+                        *flags], capture_output=True, text=True)
   if out.returncode == 3:
     pytest.skip("the CPU kernels could not be built here (no g++?)")
   assert out.returncode == 0, out.stderr[-2000:]
-  want = np.einsum("ai,aoi->ao", x.astype(np.float64), w[experts].astype(np.float64))
-  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  y = np.load(tmp_path / "y.npz")
+  assert_mxfp4_product(y["float32"], x, experts, w, rounded=False)
+  assert_mxfp4_product(y["bfloat16"], np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), experts, w, rounds)
 
 
 def test_cpu_kernels_refuse_operands_and_outputs_of_the_wrong_shape(monkeypatch):

@@ -107,10 +107,10 @@ def mxfp4_matvec(x_AxI: jax.Array, experts_A: jax.Array, blocks: jax.Array, scal
   """y[a] = W[experts[a]] @ x[a] in float32, for packed weights [E, *out, I / 32, 16] and scales
   [E, *out, I / 32] (the output dimensions flattened): the kernel on CPU, `mxfp4_reference` elsewhere or
   without the kernels. Differentiable in x (the packed weights are never trained). `rounded` (default:
-  whether x is bfloat16; a model computing in bfloat16 says so for its float32 copies): the AVX2 kernel
-  multiplies x as 16-bit integers per block of 32 with a power-of-two scale, exact for bfloat16 values within
-  a factor 128 of their block's largest, and otherwise off by at most 2^-16 of the power of two above it
-  (cpu_kernels.cc); else in float32."""
+  whether x is bfloat16; a model computing in bfloat16 says so for its float32 copies): the AVX2 and
+  AVX-512 kernels multiply x as 16-bit integers per block of 32 with a power-of-two scale, exact for
+  bfloat16 values within a factor 128 of their block's largest, and otherwise off by at most 2^-16 of the
+  power of two above it (cpu_kernels.cc); else in float32."""
   E, nb = blocks.shape[0], blocks.shape[-2]
   blocks, scales = blocks.reshape(E, -1, nb, 16), scales.reshape(E, -1, nb)
   rounded = x_AxI.dtype == jnp.bfloat16 if rounded is None else rounded
