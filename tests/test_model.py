@@ -120,6 +120,22 @@ def test_bf16_matvec_equals_numpy(monkeypatch, kernel):
       x = jnp.asarray(rng.normal(size=(rows, I)), jnp.float32)
       np.testing.assert_allclose(cpu_kernels.bf16_matvec(x, big), np.asarray(x, np.float64) @ np.asarray(big, np.float64),
                                  rtol=1e-5, atol=1e-4)
+    # several weights in one call (decoding's q, k and v), over 2**20 elements together: each its own product,
+    # values and gradients; and attention's q, k and v take one call exactly when the kernel is there
+    ws = [jnp.asarray(rng.normal(size=(I, O)), jnp.bfloat16) for O in (20_000, 77, 5_000)]
+    for rows in (1, 3):
+      x = jnp.asarray(rng.normal(size=(rows, I)), jnp.float32)
+      ys, vjp = jax.vjp(cpu_kernels.bf16_matvecs, x, ws)
+      dys = [jnp.asarray(rng.normal(size=y.shape), jnp.float32) for y in ys]
+      dx, dws = vjp(tuple(dys))
+      x64 = np.asarray(x, np.float64)
+      for y, w, dy, dw in zip(ys, ws, dys, dws):
+        np.testing.assert_allclose(y, x64 @ np.asarray(w, np.float64), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(dw, np.float32), x64.T @ np.asarray(dy, np.float64), rtol=1e-2, atol=5e-2)
+      np.testing.assert_allclose(dx, sum(np.asarray(dy, np.float64) @ np.asarray(w, np.float64).T
+                                         for dy, w in zip(dys, ws)), rtol=1e-4, atol=1e-3)
+      text = jax.jit(lambda x, ws: linear.project_each(x, ws, platform="cpu")).lower(x, ws).as_text()
+      assert text.count(cpu_kernels.BF16_TARGET) == kernel  # one call for the three, or none
   finally:
     cpu_kernels.available.cache_clear()
     jax.clear_caches()

@@ -464,8 +464,9 @@ def test_cpu_kernels_refuse_operands_and_outputs_of_the_wrong_shape(monkeypatch)
     for target, shape, args, message in [
         (cpu_kernels.MXFP4_TARGET, (3, 6), (x, e, blocks, scales), "want the output [A, O]"),
         (cpu_kernels.MXFP4_TARGET, (3, 5), (x[:, :32], e, blocks, scales), "want x [A, I]"),
-        (cpu_kernels.BF16_TARGET, (3, 7), (x, jnp.zeros((64, 8), jnp.bfloat16)), "want the output [R, O]"),
-        (cpu_kernels.BF16_TARGET, (3, 8), (x[:, :10], jnp.zeros((64, 8), jnp.bfloat16)), "want x [R <= 16, I]")]:
+        (cpu_kernels.BF16_TARGET, (3, 7), (x, jnp.zeros((64, 8), jnp.bfloat16)), "want the outputs [R, O_j]"),
+        (cpu_kernels.BF16_TARGET, (3, 8), (x[:, :10], jnp.zeros((64, 8), jnp.bfloat16)), "want x [R <= 16, I]"),
+        (cpu_kernels.BF16_TARGET, (3, 8), (x, jnp.zeros((64, 8), jnp.float32)), "want bfloat16 weights")]:
       with pytest.raises(Exception, match=re.escape(message)):
         jax.block_until_ready(call(target, shape, *args))
   finally:

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from gptoss_jax.config import ModelConfig
 from gptoss_jax.model.ffn import init_std_out
-from gptoss_jax.model.linear import FEW_ROWS, project, split
+from gptoss_jax.model.linear import FEW_ROWS, project, project_each, split
 from gptoss_jax.model.norms import RMSNorm
 from gptoss_jax.model.platform import per_lowering, target
 from gptoss_jax.sharding import batch_axes
@@ -300,7 +300,7 @@ class Attention(nnx.Module):
     N, K = cfg.n_heads, cfg.n_kv_heads
     platform = target(cfg)
     if math.prod(x_BxTxD.shape[:2]) <= FEW_ROWS:  # decoding: each weight read as stored (a concatenation is a copy)
-      q, k, v = (project(x_BxTxD, w[...], platform=platform) for w in (self.wq, self.wk, self.wv))
+      q, k, v = project_each(x_BxTxD, (self.wq[...], self.wk[...], self.wv[...]), platform=platform)
     else:  # one matmul for q, k and v: fewer, larger GEMMs
       qkv = project(x_BxTxD, jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1), platform=platform)
       q, k, v = split(qkv, (N, K, K), axis=2)

@@ -7,8 +7,9 @@
 // share each read of its rows. Three builds: AVX-512 (with VNNI: two blocks a step), AVX2, and plain C++ for
 // other CPUs; the first two multiply a bfloat16 model's activations as 16-bit integers (QuantizeBlocks).
 //
-// GptossBf16Matvec: y[r, o] = sum_i x[r, i] * W[i, o] for a few rows r (<= 16) of float32 x and a bfloat16
-// W stored [in, out], each thread streaming its own contiguous stretch of W's rows.
+// GptossBf16Matvec: y_j[r, o] = sum_i x[r, i] * W_j[i, o] for a few rows r (<= 16) of float32 x and any
+// number of bfloat16 weights W_j stored [in, out], each thread streaming its own contiguous stretch of every
+// W_j's rows.
 //
 // Built at first use by gptoss_jax/model/cpu_kernels.py (g++ -O3 -march=native -fopenmp).
 
@@ -412,50 +413,81 @@ void Bf16Block(const float* x, int64_t R, int64_t I, int64_t i0, int64_t i1, con
   }
 }
 
-// y [R, O] = x [R, I] @ W [I, O]: thread t of T sums W's rows [I t / T, I (t + 1) / T) into y (t = 0) or its
-// own partial [R, O], a pass of kSums / R columns at a time; the partials are then added to y.
-void Bf16Product(const float* x, int64_t R, int64_t I, const uint16_t* w, int64_t O, float* y) {
-  const int64_t C = O < kSums / R ? O : kSums / R;
-  const int threads = I * O >= kThreadedMin ? omp_get_max_threads() : 1;
+// One of the products sharing x: W [I, O] and its output y [R, O].
+struct Product {
+  const uint16_t* w;
+  int64_t O;
+  float* y;
+};
+
+// y_j [R, O_j] = x [R, I] @ W_j [I, O_j] for each product j: thread t of T sums every W_j's rows
+// [I t / T, I (t + 1) / T) into y_j (t = 0) or its own partial [R, O_j], a pass of kSums / R columns at a time;
+// after a barrier the threads add the partials to the outputs, each a slice of them. Products sharing x share
+// one start of the threads (decoding's q, k and v: k's and v's 2.9 MB each ran at 7 GiB/s alone).
+void Bf16Products(const float* x, int64_t R, int64_t I, const std::vector<Product>& products) {
+  int64_t weights = 0, outputs = 0;
+  for (const Product& p : products) weights += I * p.O, outputs += R * p.O;
+  const int threads = weights >= kThreadedMin ? omp_get_max_threads() : 1;
   static thread_local std::vector<float> partials;  // the calling thread's, reused between calls
-  partials.resize(static_cast<size_t>((threads - 1) * R * O));
+  partials.resize(static_cast<size_t>((threads - 1) * outputs));
   float* const part = partials.data();  // the threads' own `partials` would be theirs, not this one
-  int used = 1;
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    if (t == 0) used = T;
-    float* out = t == 0 ? y : part + (t - 1) * R * O;
     const int64_t i0 = I * t / T, i1 = I * (t + 1) / T;
-    for (int64_t o0 = 0; o0 < O; o0 += C) {
-      const int64_t n = O - o0 < C ? O - o0 : C;
-      for (int64_t r = 0; r < R; ++r) std::memset(out + r * O + o0, 0, n * sizeof(float));
-      Bf16Block(x, R, I, i0, i1, w, O, o0, n, out + o0, O);
+    int64_t at = 0;  // where product p's outputs start among all (thread t's partials: the same order)
+    for (const Product& p : products) {
+      float* out = t == 0 ? p.y : part + (t - 1) * outputs + at;
+      const int64_t C = p.O < kSums / R ? p.O : kSums / R;
+      for (int64_t o0 = 0; o0 < p.O; o0 += C) {
+        const int64_t n = p.O - o0 < C ? p.O - o0 : C;
+        for (int64_t r = 0; r < R; ++r) std::memset(out + r * p.O + o0, 0, n * sizeof(float));
+        Bf16Block(x, R, I, i0, i1, p.w, p.O, o0, n, out + o0, p.O);
+      }
+      at += R * p.O;
     }
-  }
-  if (used > 1) {
-    const int64_t total = R * O;
-#pragma omp parallel for schedule(static) num_threads(used)
-    for (int64_t k = 0; k < total; ++k) {
-      float s = y[k];
-      for (int p = 0; p + 1 < used; ++p) s += part[p * total + k];
-      y[k] = s;
+    if (T > 1) {
+#pragma omp barrier
+      const int64_t k0 = outputs * t / T, k1 = outputs * (t + 1) / T;  // this thread's slice of all outputs
+      at = 0;
+      for (const Product& p : products) {
+        const int64_t size = R * p.O, lo = k0 > at ? k0 : at, hi = k1 < at + size ? k1 : at + size;
+        for (int64_t k = lo; k < hi; ++k) {
+          float sum = p.y[k - at];
+          for (int u = 1; u < T; ++u) sum += part[(u - 1) * outputs + k];
+          p.y[k - at] = sum;
+        }
+        at += size;
+      }
     }
   }
 }
 
-ffi::Error Bf16Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || xd[0] > kMaxRows) {
-    return ffi::Error::InvalidArgument("bf16_matvec: want x [R <= 16, I], w [I, O]");
+// x [R, I] against any number of bfloat16 weights W_j [I, O_j], one output [R, O_j] each.
+ffi::Error Bf16Matvec(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::RemainingRets ys) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || xd[0] > kMaxRows || ws.size() == 0 || ws.size() != ys.size()) {
+    return ffi::Error::InvalidArgument("bf16_matvec: want x [R <= 16, I], weights [I, O_j], one output each");
   }
-  const auto yd = y->dimensions();
-  if (yd.size() != 2 || yd[0] != xd[0] || yd[1] != wd[1]) {
-    return ffi::Error::InvalidArgument("bf16_matvec: want the output [R, O]");
+  std::vector<Product> products;
+  for (size_t j = 0; j < ws.size(); ++j) {
+    const auto w = ws.get<ffi::Buffer<ffi::BF16>>(j);
+    auto y = ys.get<ffi::Buffer<ffi::F32>>(j);
+    if (!w.has_value() || !y.has_value()) {
+      return ffi::Error::InvalidArgument("bf16_matvec: want bfloat16 weights and float32 outputs");
+    }
+    const auto wd = w->dimensions(), yd = (*y)->dimensions();
+    if (wd.size() != 2 || wd[0] != xd[1]) {
+      return ffi::Error::InvalidArgument("bf16_matvec: want x [R <= 16, I], weights [I, O_j], one output each");
+    }
+    if (yd.size() != 2 || yd[0] != xd[0] || yd[1] != wd[1]) {
+      return ffi::Error::InvalidArgument("bf16_matvec: want the outputs [R, O_j]");
+    }
+    if (wd[1] > 0) {
+      products.push_back({reinterpret_cast<const uint16_t*>(w->untyped_data()), wd[1], (*y)->typed_data()});
+    }
   }
-  if (xd[0] == 0 || wd[1] == 0) return ffi::Error::Success();  // an empty product
-  Bf16Product(x.typed_data(), xd[0], xd[1], reinterpret_cast<const uint16_t*>(w.untyped_data()), wd[1],
-              y->typed_data());
+  if (xd[0] > 0 && !products.empty()) Bf16Products(x.typed_data(), xd[0], xd[1], products);
   return ffi::Error::Success();
 }
 
@@ -463,9 +495,9 @@ ffi::Error Bf16Matvec(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w, ffi::Re
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossBf16Matvec, Bf16Matvec,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [R, I]
-                                  .Arg<ffi::Buffer<ffi::BF16>>()   // w [I, O]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // y [R, O]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [R, I]
+                                  .RemainingArgs()               // weights W_j [I, O_j]
+                                  .RemainingRets());             // outputs y_j [R, O_j]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptossMxfp4Matvec, Mxfp4Matvec,
                               ffi::Ffi::Bind()

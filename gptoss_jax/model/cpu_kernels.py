@@ -149,26 +149,39 @@ def bf16_matvec(x_RxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
   kernel on CPU (reading the weight once, the rows' products in float32 from the bfloat16 weight),
   `bf16_reference` on other platforms; on CPU without the kernels, the same product in float32 by XLA.
   Differentiable in both."""
+  return bf16_matvecs(x_RxI, (w_IxO,))[0]
+
+
+def bf16_matvecs(x_RxI: jax.Array, ws_IxO: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+  """x @ w for each of several weights, as `bf16_matvec`, in one call of the kernel (decoding's q, k and v:
+  one start of its threads)."""
+  ws_IxO = tuple(ws_IxO)
   if not available():
-    return jax.lax.dot_general(x_RxI.astype(jnp.float32), w_IxO.astype(jnp.float32), (((1,), (0,)), ((), ())))
-  return _bf16(x_RxI, w_IxO)
+    x = x_RxI.astype(jnp.float32)
+    return tuple(jax.lax.dot_general(x, w.astype(jnp.float32), (((1,), (0,)), ((), ()))) for w in ws_IxO)
+  return _bf16(x_RxI, ws_IxO)
+
+
+def _bf16_references(x_RxI, *ws_IxO):
+  return tuple(bf16_reference(x_RxI, w) for w in ws_IxO)
 
 
 @jax.custom_vjp
-def _bf16(x_RxI, w_IxO):
-  out = jax.ShapeDtypeStruct((x_RxI.shape[0], w_IxO.shape[1]), jnp.float32)
-  kernel = lambda x, w: jax.ffi.ffi_call(BF16_TARGET, out)(x.astype(jnp.float32), w)
-  return jax.lax.platform_dependent(x_RxI, w_IxO, cpu=kernel, default=bf16_reference)
+def _bf16(x_RxI, ws_IxO):
+  outs = [jax.ShapeDtypeStruct((x_RxI.shape[0], w.shape[1]), jnp.float32) for w in ws_IxO]
+  kernel = lambda x, *ws: tuple(jax.ffi.ffi_call(BF16_TARGET, outs)(x.astype(jnp.float32), *ws))
+  return jax.lax.platform_dependent(x_RxI, *ws_IxO, cpu=kernel, default=_bf16_references)
 
 
-def _bf16_fwd(x_RxI, w_IxO):
-  return _bf16(x_RxI, w_IxO), (x_RxI, w_IxO)
+def _bf16_fwd(x_RxI, ws_IxO):
+  return _bf16(x_RxI, ws_IxO), (x_RxI, ws_IxO)
 
 
-def _bf16_bwd(residuals, dy_RxO):
-  x_RxI, w_IxO = residuals
-  dx = (dy_RxO @ w_IxO.astype(jnp.float32).T).astype(x_RxI.dtype)
-  return dx, (x_RxI.astype(jnp.float32).T @ dy_RxO).astype(w_IxO.dtype)
+def _bf16_bwd(residuals, dys_RxO):
+  x_RxI, ws_IxO = residuals
+  dx = sum(dy @ w.astype(jnp.float32).T for dy, w in zip(dys_RxO, ws_IxO)).astype(x_RxI.dtype)
+  x = x_RxI.astype(jnp.float32)
+  return dx, tuple((x.T @ dy).astype(w.dtype) for dy, w in zip(dys_RxO, ws_IxO))
 
 
 _bf16.defvjp(_bf16_fwd, _bf16_bwd)

@@ -38,6 +38,16 @@ def project(x: jax.Array, w: jax.Array, n_in: int = 1, *, platform: str) -> jax.
   return y.reshape(*lead, *outs)
 
 
+def project_each(x: jax.Array, ws: tuple[jax.Array, ...], *, platform: str) -> tuple[jax.Array, ...]:
+  """`project(x, w)` for each w (one input axis): in one call of the CPU kernel where it takes them all
+  (decoding's q, k and v, each weight read as stored), else one projection each."""
+  x2 = x.reshape(-1, x.shape[-1])
+  if all(reads_in_place(x2.shape[0], w.reshape(w.shape[0], -1), platform) for w in ws):
+    ys = cpu_kernels.bf16_matvecs(x2, [w.reshape(w.shape[0], -1) for w in ws])
+    return tuple(y.astype(x.dtype).reshape(*x.shape[:-1], *w.shape[1:]) for y, w in zip(ys, ws))
+  return tuple(project(x, w, platform=platform) for w in ws)
+
+
 def reads_in_place(n_rows: int, w: jax.Array, platform: str) -> bool:
   """Whether a product of n_rows rows with w runs in the CPU kernel (a bfloat16 weight, a few rows, on
   CPU): it reads the weight once as stored, where XLA:CPU would write and read a float32 copy of it."""
