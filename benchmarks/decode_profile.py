@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_speed import build, child  # noqa: E402
+from decode_speed import build, child, cpu_name  # noqa: E402
 
 OTHER = "other ops (norms, RoPE, attention over the cache, router, sampling)"
 BETWEEN = "between ops (dispatch, gaps)"
@@ -44,13 +44,15 @@ def products(hlo: str, cfg) -> dict[str, tuple[str, int]]:
     name, target = call.groups()
     operands = line.split("operand_layout_constraints=", 1)[1]
     shapes = [tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"\w+\[([\d,]+)\]", operands)]
-    if target == "gptoss_bf16_matvec":
-      (I, O) = shapes[1]
+    if target == "gptoss_bf16_matvec":  # x [R, I], then one or more weights [I, O_j]
+      weights = shapes[1:]
+      (I, O) = weights[0]
       piece = ("unembedding" if O == cfg.vocab_size else
+               "attention q, k, v" if len(weights) == 3 else
                "attention q" if (I, O) == (cfg.d_model, cfg.n_heads * cfg.head_dim) else
                "attention k, v" if (I, O) == (cfg.d_model, cfg.n_kv_heads * cfg.head_dim) else
                "attention output" if I == cfg.n_heads * cfg.head_dim else f"bf16 product {I}x{O}")
-      out[name] = (piece, 2 * I * O)
+      out[name] = (piece, sum(2 * i * o for i, o in weights))
     else:  # gptoss_mxfp4_matvec: x [A, I], experts [A], blocks [E, O, I / 32, 16], scales [E, O, I / 32]
       (A, _), _, (_, O, NB, _), _ = shapes
       piece = "MoE gate and up (MXFP4)" if O == 2 * cfg.d_ff else "MoE down (MXFP4)"
@@ -119,9 +121,7 @@ def main() -> None:
     else:
       measure(folder, int(rest[0]), int(rest[1]))
     return
-  import platform
-  cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
-  print(f"CPU: {cpu}", flush=True)
+  print(f"CPU: {cpu_name()}", flush=True)
   for layers in args.layers:
     folder = Path(args.workdir) / f"gpt-oss-20b-{layers}-layers"
     shutil.rmtree(folder, ignore_errors=True)

@@ -32,6 +32,15 @@ import numpy as np
 CONFIG = "gpt_oss:20b"
 
 
+def cpu_name() -> str:
+  """The CPU's model name and which build of the kernels it gets (its instruction set)."""
+  import platform
+  from gptoss_jax.model import cpu_kernels
+  name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+              platform.machine())
+  return f"{name}, kernels: {cpu_kernels.instruction_set()}"
+
+
 def model_config(layers: int):
   from gptoss_jax.config_files import model_config_from_file
   return model_config_from_file(CONFIG).replace(n_layers=layers, moe_mxfp4=True, param_dtype="bfloat16",
@@ -165,6 +174,7 @@ def main() -> None:
     kind, folder, *rest = args.child
     build(folder, int(rest[0])) if kind == "build" else measure(folder, *map(int, rest))
     return
+  print(f"CPU: {cpu_name()}", flush=True)
   print("layers  load s  prefill tok/s (first / compiled)  decode tok/s (first / compiled)  peak RSS GiB  "
         "GiB/token  stream GiB/s  limit tok/s", flush=True)
   rows = {}

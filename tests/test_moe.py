@@ -447,6 +447,20 @@ def test_mxfp4_matvec_on_every_instruction_set(rng, tmp_path, build, flags, roun
   assert_mxfp4_product(y["bfloat16"], np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), experts, w, rounds)
 
 
+def test_the_instruction_set_named_is_the_one_the_compiler_builds_for():
+  """cpu_kernels.instruction_set() (what the benchmarks print beside their figures) against the macros g++
+  -march=native defines here, which choose the kernel's build in cpu_kernels.cc."""
+  from gptoss_jax.model import cpu_kernels
+  try:
+    macros = subprocess.run(["g++", "-march=native", "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True,
+                            text=True, check=True).stdout.split()
+  except (OSError, subprocess.CalledProcessError):
+    pytest.skip("no g++ here")
+  avx512 = {"__AVX512F__", "__AVX512BW__", "__AVX512VL__", "__AVX512VNNI__"} <= set(macros)
+  avx2 = {"__AVX2__", "__FMA__"} <= set(macros)
+  assert cpu_kernels.instruction_set() == ("AVX-512" if avx512 else "AVX2" if avx2 else "plain C++")
+
+
 def test_cpu_kernels_refuse_operands_and_outputs_of_the_wrong_shape(monkeypatch):
   from gptoss_jax.model import cpu_kernels
   monkeypatch.setenv("GPTOSS_JAX_KERNELS", "1")

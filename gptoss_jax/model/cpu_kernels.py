@@ -74,6 +74,19 @@ def _build() -> Path:
   return library
 
 
+def instruction_set() -> str:
+  """Which of the kernels' builds this CPU gets (-march=native; cpu_kernels.cc): "AVX-512" (with VNNI),
+  "AVX2", or "plain C++"."""
+  try:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+  except OSError:
+    lines = []
+  flags = {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+  if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+    return "AVX-512"
+  return "AVX2" if {"avx2", "fma"} <= flags else "plain C++"
+
+
 @functools.cache
 def available() -> bool:
   """Whether the kernels are built and registered (for CPU; once per process)."""
