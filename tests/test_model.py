@@ -179,7 +179,7 @@ def test_cpu_kernels_build_once_per_compiler_and_flags_and_once_for_processes_st
   monkeypatch.setattr(cpu_kernels, "_compiler", lambda: "g++ (Debian 12.2.0-14) 12.2.0")
   builds = []
 
-  def compile_(library):
+  def compile_(library, flags):
     builds.append(library.name)
     time.sleep(0.3)
     library.write_bytes(b"built")
@@ -195,5 +195,7 @@ def test_cpu_kernels_build_once_per_compiler_and_flags_and_once_for_processes_st
   newer = cpu_kernels._build()
   monkeypatch.setattr(cpu_kernels, "FLAGS", cpu_kernels.FLAGS + ("-ffast-math",))
   flagged = cpu_kernels._build()
-  assert len(builds) == 3 and len({found[0], newer, flagged}) == 3
+  monkeypatch.setenv("GPTOSS_JAX_KERNELS", "avx2")  # another build asked for
+  avx2 = cpu_kernels._build()
+  assert len(builds) == 4 and len({found[0], newer, flagged, avx2}) == 4
   assert sorted(p.name for p in tmp_path.glob("*.so")) == sorted(builds)  # nothing half-written left

@@ -2,6 +2,7 @@
 plain decode and transformers' converter."""
 
 from platform import machine
+import os
 import re
 import subprocess
 import sys
@@ -407,12 +408,11 @@ def test_mxfp4_matvec_equals_a_plain_decode(rng, monkeypatch, kernel):
     jax.clear_caches()
 
 
-BUILT_WITH = """
+BUILT_AS = """
 import sys
 import jax.numpy as jnp
 import numpy as np
 from gptoss_jax.model import cpu_kernels
-cpu_kernels.FLAGS = (*cpu_kernels.FLAGS, *sys.argv[3:])
 if not cpu_kernels.available():
   sys.exit(3)
 case = np.load(sys.argv[1])
@@ -422,11 +422,11 @@ np.savez(sys.argv[2], **{dtype: np.asarray(cpu_kernels.mxfp4_matvec(jnp.asarray(
 """
 
 
-@pytest.mark.parametrize("build, flags, rounds", [("plain", ["-mno-avx2", "-mno-fma"], False),
-                                                   ("avx2", ["-mno-avx512f"], True)])
-def test_mxfp4_matvec_on_every_instruction_set(rng, tmp_path, build, flags, rounds):
-  """The kernel as other x86-64 CPUs build it, here with flags: the C++ loop of CPUs without AVX2 (float32
-  sums for any input) and the AVX2 one of CPUs without AVX-512 (bfloat16 inputs rounded to 16-bit integers),
+@pytest.mark.parametrize("build, rounds", [("plain", False), ("avx2", True)])
+def test_mxfp4_matvec_on_every_instruction_set(rng, tmp_path, build, rounds):
+  """The kernel as other x86-64 CPUs build it (GPTOSS_JAX_KERNELS=plain or avx2: flags that turn the newer
+  instructions off): the C++ loop of CPUs without AVX2 (float32 sums for any input) and the AVX2 one of CPUs
+  without AVX-512 (bfloat16 inputs rounded to 16-bit integers), which instruction_set() names,
   for the same case as above: an expert's rows shared by several assignments, the scales' extremes, blocks
   in groups, a pair and an unpaired one. In its own process: a process registers one build of the kernels."""
   if machine() not in ("x86_64", "AMD64"):
@@ -437,8 +437,8 @@ def test_mxfp4_matvec_on_every_instruction_set(rng, tmp_path, build, flags, roun
   experts = np.array([3] * 6 + [1, 0, 3, 4])
   x = rng.normal(size=(len(experts), w.shape[2])).astype(np.float32)
   np.savez(tmp_path / "case.npz", x=x, experts=experts, blocks=blocks, scales=scales)
-  out = subprocess.run([sys.executable, "-c", BUILT_WITH, str(tmp_path / "case.npz"), str(tmp_path / "y.npz"),
-                        *flags], capture_output=True, text=True)
+  out = subprocess.run([sys.executable, "-c", BUILT_AS, str(tmp_path / "case.npz"), str(tmp_path / "y.npz")],
+                       capture_output=True, text=True, env=os.environ | {"GPTOSS_JAX_KERNELS": build})
   if out.returncode == 3:
     pytest.skip("the CPU kernels could not be built here (no g++?)")
   assert out.returncode == 0, out.stderr[-2000:]
@@ -447,9 +447,10 @@ def test_mxfp4_matvec_on_every_instruction_set(rng, tmp_path, build, flags, roun
   assert_mxfp4_product(y["bfloat16"], np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), experts, w, rounds)
 
 
-def test_the_instruction_set_named_is_the_one_the_compiler_builds_for():
+def test_the_instruction_set_named_is_the_one_the_compiler_builds_for(monkeypatch):
   """cpu_kernels.instruction_set() (what the benchmarks print beside their figures) against the macros g++
-  -march=native defines here, which choose the kernel's build in cpu_kernels.cc."""
+  -march=native defines here, which choose the kernel's build in cpu_kernels.cc; GPTOSS_JAX_KERNELS=avx2 and
+  plain lower it, and a value it does not know is refused in one line naming it."""
   from gptoss_jax.model import cpu_kernels
   try:
     macros = subprocess.run(["g++", "-march=native", "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True,
@@ -459,6 +460,13 @@ def test_the_instruction_set_named_is_the_one_the_compiler_builds_for():
   avx512 = {"__AVX512F__", "__AVX512BW__", "__AVX512VL__", "__AVX512VNNI__"} <= set(macros)
   avx2 = {"__AVX2__", "__FMA__"} <= set(macros)
   assert cpu_kernels.instruction_set() == ("AVX-512" if avx512 else "AVX2" if avx2 else "plain C++")
+  monkeypatch.setenv("GPTOSS_JAX_KERNELS", "avx2")
+  assert cpu_kernels.instruction_set() == ("AVX2" if avx2 else "plain C++")
+  monkeypatch.setenv("GPTOSS_JAX_KERNELS", "plain")
+  assert cpu_kernels.instruction_set() == "plain C++"
+  monkeypatch.setenv("GPTOSS_JAX_KERNELS", "avx512")
+  with pytest.raises(ValueError, match="GPTOSS_JAX_KERNELS='avx512': want 1"):
+    cpu_kernels.instruction_set()
 
 
 def test_cpu_kernels_refuse_operands_and_outputs_of_the_wrong_shape(monkeypatch):

@@ -5,7 +5,9 @@ copy of the weight and reading it back, which bounds decoding (a packed expert: 
 cores); the kernels read the weight once. They are compiled with the system's g++ against the XLA FFI
 headers jaxlib ships, into a cache folder ($GPTOSS_JAX_CACHE, else ~/.cache/gptoss_jax), once per source,
 jaxlib version, CPU, compiler version and flags, under a file lock (processes starting together build it
-once). Without a compiler, or with GPTOSS_JAX_KERNELS=0, the same products run in XLA.
+once). Without a compiler, or with GPTOSS_JAX_KERNELS=0, the same products run in XLA;
+GPTOSS_JAX_KERNELS=avx2 or plain builds them as a CPU without AVX-512 or without AVX2 would (x86-64), to
+compare the builds on one machine.
 Which one runs is chosen when a program is lowered, so programs for GPU and TPU never hold a CPU call.
 
 The contract, the same for both products: call them anywhere; each runs its kernel on CPU where the kernels
@@ -39,6 +41,15 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 MXFP4_TARGET, BF16_TARGET = "gptoss_mxfp4_matvec", "gptoss_bf16_matvec"
 MAX_ROWS = 16  # bf16_matvec's rows at most
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-w")
+# GPTOSS_JAX_KERNELS: 1 the CPU's own build, avx2 / plain as a CPU without AVX-512 / AVX2 builds it, 0 none
+BUILDS = {"1": (), "avx2": ("-mno-avx512f",), "plain": ("-mno-avx2", "-mno-fma")}
+
+
+def _choice() -> str:
+  choice = os.environ.get("GPTOSS_JAX_KERNELS", "1")
+  if choice not in (*BUILDS, "0"):
+    raise ValueError(f"GPTOSS_JAX_KERNELS={choice!r}: want 1 (this CPU's build), avx2, plain (x86-64) or 0 (none)")
+  return choice
 
 
 def _cpu_id() -> str:
@@ -54,13 +65,14 @@ def _compiler() -> str:
   return subprocess.run(["g++", "--version"], check=True, capture_output=True, text=True).stdout.split("\n")[0]
 
 
-def _compile(library: Path) -> None:
-  subprocess.run(["g++", *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(library)],
+def _compile(library: Path, flags: tuple[str, ...]) -> None:
+  subprocess.run(["g++", *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(library)],
                  check=True, capture_output=True, text=True)
 
 
 def _build() -> Path:
-  parts = (SOURCE.read_text(), jaxlib.__version__, _cpu_id(), _compiler(), *FLAGS)
+  flags = (*FLAGS, *BUILDS[_choice()])
+  parts = (SOURCE.read_text(), jaxlib.__version__, _cpu_id(), _compiler(), *flags)
   key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
   cache = cache_dir()
   cache.mkdir(parents=True, exist_ok=True)
@@ -69,28 +81,29 @@ def _build() -> Path:
     fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait, then find the library
     if not library.is_file():
       with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then moved in whole: never half-written
-        _compile(Path(tmp) / library.name)
+        _compile(Path(tmp) / library.name, flags)
         os.replace(Path(tmp) / library.name, library)
   return library
 
 
 def instruction_set() -> str:
-  """Which of the kernels' builds this CPU gets (-march=native; cpu_kernels.cc): "AVX-512" (with VNNI),
-  "AVX2", or "plain C++"."""
+  """Which of the kernels' builds this CPU gets (-march=native, as GPTOSS_JAX_KERNELS limits it;
+  cpu_kernels.cc): "AVX-512" (with VNNI), "AVX2", or "plain C++"."""
   try:
     lines = Path("/proc/cpuinfo").read_text().splitlines()
   except OSError:
     lines = []
   flags = {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-  if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+  choice = _choice()
+  if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags and choice == "1":
     return "AVX-512"
-  return "AVX2" if {"avx2", "fma"} <= flags else "plain C++"
+  return "AVX2" if {"avx2", "fma"} <= flags and choice in ("1", "avx2") else "plain C++"
 
 
 @functools.cache
 def available() -> bool:
   """Whether the kernels are built and registered (for CPU; once per process)."""
-  if os.environ.get("GPTOSS_JAX_KERNELS", "1") == "0":
+  if _choice() == "0":
     return False
   try:
     library = ctypes.cdll.LoadLibrary(str(_build()))
