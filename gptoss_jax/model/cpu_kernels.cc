@@ -116,7 +116,7 @@ constexpr bool kIntegerRows = true;
 inline int64_t EvenAt(int64_t b) { return 32 * b - 16 * (b & 1); }
 inline int64_t OddAt(int64_t b, int64_t n_blocks) { return EvenAt(b) + ((b ^ 1) < n_blocks ? 32 : 16); }
 
-// For a bfloat16 model's activations (`rounded`), with AVX2, each block of 32 inputs x is rounded to 16-bit
+// For a bfloat16 model's activations (`rounded`), with AVX2 or AVX-512, each block of 32 inputs x is rounded to 16-bit
 // integers q with a power-of-two scale 2^(e - 15), 2^e just above the block's largest |x|, so its products
 // with the codes are integer multiply-adds (two instructions a block; widening every code to float32 took nine
 // and bound the kernel at 10-12 GiB/s on AMD EPYC, 16-19 with integers). Each input's rounding error is at
@@ -179,9 +179,9 @@ void Rows(const int16_t* const* q, const float* const* x_scale, const uint8_t* b
   const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   __m512 acc0[N], acc1[N];  // two chains each: even and odd pairs
   for (int k = 0; k < N; ++k) acc0[k] = acc1[k] = _mm512_setzero_ps();
-  // pairs [p0, p1) of the 8 blocks from b0, their scales sc[k] (lane j: block b0 + j)
-  auto pairs = [&](int64_t b0, int p0, int p1, const __m256* sc) {
-    for (int p = p0; p < p1; ++p) {
+  // the first n pairs of the 8 blocks from b0, their scales sc[k] (lane j: block b0 + j)
+  auto pairs = [&](int64_t b0, int n, const __m256* sc) {
+    for (int p = 0; p < n; ++p) {
       const int64_t b = b0 + 2 * p;
       const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blocks + 16 * b));
       const __m512i even = _mm512_cvtepi8_epi16(_mm256_shuffle_epi8(table, _mm256_and_si256(bytes, low4)));
@@ -207,7 +207,7 @@ void Rows(const int16_t* const* q, const float* const* x_scale, const uint8_t* b
     Prefetch(blocks + 16 * b0);
     Prefetch(blocks + 16 * b0 + 64);
     for (int k = 0; k < N; ++k) sc[k] = EightScales(scales + b0, x_scale[k] + b0);
-    pairs(b0, 0, 4, sc);
+    pairs(b0, 4, sc);
   }
   if (b0 < n_blocks) {  // under 8 blocks left
     alignas(32) float left[N][8];
@@ -215,7 +215,7 @@ void Rows(const int16_t* const* q, const float* const* x_scale, const uint8_t* b
       for (int64_t b = b0; b < n_blocks; ++b) left[k][b - b0] = half_scale[scales[b]] * x_scale[k][b];
       sc[k] = _mm256_load_ps(left[k]);
     }
-    pairs(b0, 0, static_cast<int>(n_blocks - b0) / 2, sc);
+    pairs(b0, static_cast<int>(n_blocks - b0) / 2, sc);
   }
   float last[N] = {};
   if (n_blocks & 1) {  // the last block, unpaired
