@@ -1,6 +1,8 @@
+import atexit
 import contextlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,8 +19,11 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), COMPILE_FLA
                                     "--xla_cpu_collective_call_terminate_timeout_seconds=600"]).strip()
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # one compilation cache for the session and every command it starts: the many short runs of the same tiny
-# configs (resumes, faults, sweeps) compile their programs once
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gptoss_jax_test_cache_"))
+# configs (resumes, faults, sweeps) compile their programs once; the process that made it (pytest's, whose
+# workers inherit it) removes it at exit
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gptoss_jax_test_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 sys.path.insert(0, os.path.dirname(__file__))
 
