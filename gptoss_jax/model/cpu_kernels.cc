@@ -245,7 +245,7 @@ void Rows(const int16_t* const* q, const float* const* x_scale, const uint8_t* b
       acc[k] = _mm256_fmadd_ps(sums, _mm256_set1_ps(w_scale * x_scale[k][b]), acc[k]);
     }
   };
-  int64_t b = 0;
+  int64_t b = 0;  // the offsets below are EvenAt and OddAt's, for a pair and for a last unpaired block
   for (; b + 2 <= n_blocks; b += 2) {
     if ((b & 3) == 0) Prefetch(blocks + 16 * b);
     block(b, 32 * b, 32 * b + 32, acc0);

@@ -52,10 +52,16 @@ def _choice() -> str:
   return choice
 
 
-def _cpu_id() -> str:
+def _cpuinfo() -> list[str]:
   try:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    return Path("/proc/cpuinfo").read_text().splitlines()
   except OSError:
+    return []
+
+
+def _cpu_id() -> str:
+  lines = _cpuinfo()
+  if not lines:
     return platform.processor()
   return "".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
 
@@ -89,11 +95,7 @@ def _build() -> Path:
 def instruction_set() -> str:
   """Which of the kernels' builds this CPU gets (-march=native, as GPTOSS_JAX_KERNELS limits it;
   cpu_kernels.cc): "AVX-512" (with VNNI), "AVX2", or "plain C++"."""
-  try:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-  except OSError:
-    lines = []
-  flags = {flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+  flags = {flag for line in _cpuinfo() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
   choice = _choice()
   if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags and choice == "1":
     return "AVX-512"
